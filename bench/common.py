@@ -1,0 +1,95 @@
+"""Shared machinery of the benchmark runners: a resumable cell store and table writers.
+
+Each finished cell (one model / method / bits / n / seed run) is appended as one JSON
+line to ``bench/results/<grid>.cells.jsonl`` the moment it ends, so a killed runner
+loses at most the cell in flight and a rerun skips everything already measured. The
+committed JSONL is what lets a grid span several sessions on a small machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cell_key(cell: dict) -> str:
+    return json.dumps(cell, sort_keys=True)
+
+
+class CellStore:
+    def __init__(self, grid: str) -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.path = RESULTS / f"{grid}.cells.jsonl"
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[cell_key(row["cell"])] = row
+
+    def done(self, cell: dict) -> bool:
+        return cell_key(cell) in self.rows
+
+    def add(self, cell: dict, metrics: dict) -> None:
+        row = {"cell": cell, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows[cell_key(cell)] = row
+
+
+def summarize(values: Sequence[float]) -> dict:
+    vals = list(values)
+    return {
+        "mean": round(statistics.fmean(vals), 2),
+        "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0,
+        "min": round(min(vals), 2),
+        "max": round(max(vals), 2),
+    }
+
+
+def group_rows(rows: Iterable[dict], by: Sequence[str]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row["cell"][k] for k in by), []).append(row)
+    return groups
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def fmt(x: object) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.2f}"
+    return str(x)
+
+
+def write_tables(
+    name: str, title: str, command: str, rows: list[dict], columns: Sequence[str], notes: str = ""
+) -> None:
+    """Write ``bench/results/NAME.json`` and ``NAME.md`` (a Markdown table of ``rows``)."""
+    payload = {"title": title, "command": command, "machine": machine(), "rows": rows}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    lines = [f"# {title}", "", f"Command: `{command}`", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")

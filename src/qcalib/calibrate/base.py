@@ -1,0 +1,161 @@
+"""Calibrator registry and the observer-based calibrators (min-max, percentile, MSE).
+
+A calibrator takes a :class:`~qcalib.model.wrap.QuantModel` whose quantizers exist but
+have no parameters yet, plus a calibration batch, and sets every scale / zero point.
+Observer calibrators attach observers, run one forward pass, and detach them again so
+the calibrated model carries no statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qcalib.config import CalibConfig
+from qcalib.model.wrap import QuantModel
+from qcalib.quant.observers import make_observer
+from qcalib.quant.quantizer import UniformQuantizer
+from qcalib.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class Calibrator(ABC):
+    """Sets the quantization parameters of a QuantModel from calibration data."""
+
+    def __init__(self, cfg: CalibConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def calibrate(
+        self,
+        qmodel: QuantModel,
+        calib_data: torch.Tensor,
+        seed: int = 0,
+        progress: bool = True,
+        work_dir: Path | None = None,
+    ) -> None:
+        """Set every quantizer's parameters. ``work_dir``, when given, is where a long
+        calibrator keeps resumable state (a rerun with the same config continues there)."""
+
+
+CALIBRATORS: Registry[type[Calibrator]] = Registry("calibrator")
+
+
+def _quantizers(qmodel: QuantModel) -> tuple[list[UniformQuantizer], list[UniformQuantizer]]:
+    weights, acts = [], []
+    for _, m in qmodel.quant_modules():
+        weights.append(m.weight_quantizer)
+        if m.act_quantizer is not None:
+            acts.append(m.act_quantizer)
+    return weights, acts
+
+
+@torch.no_grad()
+def calibrate_weights(qmodel: QuantModel, observer: str, **params) -> None:
+    """Weight ranges depend only on the weights: one observer call per layer."""
+    for _, m in qmodel.quant_modules():
+        q = m.weight_quantizer
+        q.observer = make_observer(
+            observer, per_channel=q.spec.per_channel, ch_axis=q.spec.ch_axis, **params
+        )
+        q.observer(m.weight.detach())
+        q.compute_qparams()
+        q.observer = None
+
+
+@torch.no_grad()
+def calibrate_activations(
+    qmodel: QuantModel,
+    calib_data: torch.Tensor,
+    observer: str,
+    batch_size: int,
+    progress: bool = True,
+    **params,
+) -> None:
+    """One pass over the calibration set with float activations and quantized weights.
+
+    Weights are already quantized during the pass, so the observed activation ranges are
+    those the quantized network really produces upstream of each layer.
+    """
+    _, acts = _quantizers(qmodel)
+    for q in acts:
+        q.observer = make_observer(observer, per_channel=False, ch_axis=q.spec.ch_axis, **params)
+    qmodel.set_quant_state(weight=True, act=False)
+    qmodel.set_observing(True)
+    try:
+        chunks = torch.split(calib_data, batch_size)
+        for x in tqdm(chunks, desc="observe activations", leave=False, disable=not progress):
+            qmodel(x)
+        for q in acts:
+            q.compute_qparams()
+    finally:
+        qmodel.set_observing(False)
+        for q in acts:
+            q.observer = None
+    qmodel.set_quant_state(weight=True, act=True)
+
+
+class ObserverCalibrator(Calibrator):
+    """Ranges from observers; subclasses name the weight and activation observers."""
+
+    weight_observer = "minmax"
+    act_observer = "minmax"
+
+    def observer_params(self, name: str, seed: int) -> dict:
+        # Only the sampling observers take a seed: it decides their subsample.
+        c = self.cfg
+        if name == "percentile":
+            return {
+                "percentile": c.percentile,
+                "max_samples": c.percentile_max_samples,
+                "seed": seed,
+            }
+        if name == "mse":
+            return {
+                "num_candidates": c.mse_candidates,
+                "p": c.mse_norm,
+                "max_samples": c.mse_max_samples,
+                "seed": seed,
+            }
+        return {}
+
+    def calibrate(
+        self,
+        qmodel: QuantModel,
+        calib_data: torch.Tensor,
+        seed: int = 0,
+        progress: bool = True,
+        work_dir: Path | None = None,
+    ) -> None:
+        w_obs, a_obs = self.weight_observer, self.act_observer
+        calibrate_weights(qmodel, w_obs, **self.observer_params(w_obs, seed))
+        calibrate_activations(
+            qmodel, calib_data, a_obs, self.cfg.batch_size, progress,
+            **self.observer_params(a_obs, seed),
+        )  # fmt: skip
+
+
+@CALIBRATORS.register("minmax")
+class MinMaxCalibrator(ObserverCalibrator):
+    """Full observed range for weights (per channel) and activations."""
+
+
+@CALIBRATORS.register("percentile")
+class PercentileCalibrator(ObserverCalibrator):
+    """Activation ranges clipped at a percentile; weights keep their full range (a
+    percentile of a few hundred weights per channel would clip real values)."""
+
+    act_observer = "percentile"
+
+
+@CALIBRATORS.register("mse")
+class MSECalibrator(ObserverCalibrator):
+    """Clipping searched to minimize the Lp quantization error, weights and activations."""
+
+    weight_observer = "mse"
+    act_observer = "mse"

@@ -1,0 +1,30 @@
+"""Top-1 accuracy of a classifier on a labeled dataset."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qcalib.data.pool import iterate_labeled
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module,
+    dataset,  # noqa: ANN001
+    batch_size: int = 500,
+    progress: bool = False,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = total = 0
+    batches = iterate_labeled(dataset, batch_size)
+    if progress:
+        batches = tqdm(batches, total=-(-len(dataset) // batch_size), desc="eval", leave=False)
+    for x, y in batches:
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += (pred == y).sum().item()
+        total += y.numel()
+    return 100.0 * correct / total

@@ -1,0 +1,161 @@
+"""End-to-end runs: load model and data, select, calibrate, evaluate, save.
+
+:class:`Workbench` holds what stays fixed across runs (FP model, pool, test set, FP
+accuracy) so a benchmark grid reuses it; :func:`quantize` is one run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcalib.calibrate import CALIBRATORS
+from qcalib.config import QuantConfig, RunConfig
+from qcalib.data.registry import load_dataset, load_pool
+from qcalib.evaluate import accuracy
+from qcalib.measure import Measure
+from qcalib.model.wrap import QuantModel, quantize_model
+from qcalib.quant.quantizer import QuantSpec
+from qcalib.select import SELECTORS
+from qcalib.zoo.external import load_model
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Workbench:
+    """The fixed parts of a run: FP model, calibration pool, labeled test set."""
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        data: str,
+        data_root: str | None = None,
+        weights: str | None = None,
+        device: str = "cpu",
+        eval_batch_size: int = 500,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model_name = model if isinstance(model, str) else type(model).__name__
+        if isinstance(model, str):
+            model = load_model(model, weights)
+        self.model = model.eval().to(self.device)
+        self.pool = load_pool(data, data_root, split="train")
+        self.test_set = load_dataset(data, "test", data_root)
+        self.eval_batch_size = eval_batch_size
+        self._fp_top1: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Workbench:
+        return cls(cfg.model, cfg.data, cfg.data_root, cfg.weights, cfg.device, cfg.eval_batch_size)
+
+    def accuracy(self, model: nn.Module, progress: bool = False) -> float:
+        return accuracy(model, self.test_set, self.eval_batch_size, progress, self.device)
+
+    @property
+    def fp_top1(self) -> float:
+        if self._fp_top1 is None:
+            self._fp_top1 = self.accuracy(self.model)
+        return self._fp_top1
+
+    def example_input(self) -> torch.Tensor:
+        return self.pool.example().to(self.device)
+
+
+def build_quant_model(model: nn.Module, q: QuantConfig, example_input: torch.Tensor) -> QuantModel:
+    """Wrap ``model`` with quantizers (no parameters yet) as the config says."""
+    return quantize_model(
+        model,
+        QuantSpec(q.wbits, q.w_symmetric, q.w_per_channel, ch_axis=0),
+        QuantSpec(q.abits, q.a_symmetric, per_channel=False),
+        first_last_bits=q.first_last_bits,
+        example_input=example_input,
+        fold=q.fold_bn,
+    )
+
+
+@dataclass
+class RunResult:
+    config: dict[str, Any]
+    model: str
+    fp_top1: float
+    quant_top1: float
+    calib_indices: list[int]
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        q = self.config["quant"]
+        return (
+            f"{self.model} W{q['wbits']}A{q['abits']} {self.config['calib']['calibrator']} "
+            f"({self.config['select']['selector']}, n={len(self.calib_indices)}): "
+            f"FP {self.fp_top1:.2f}% -> quantized {self.quant_top1:.2f}%"
+        )
+
+
+def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> torch.Tensor:
+    selector = SELECTORS.get(cfg.select.selector)(seed=cfg.seed, **cfg.select.kwargs())
+    if getattr(selector, "needs_model", False):
+        selector.fit(bench.pool, model=bench.model)
+    else:
+        selector.fit(bench.pool)
+    return selector.select(cfg.calib.num_calib)
+
+
+def quantize(
+    cfg: RunConfig,
+    bench: Workbench | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[QuantModel, RunResult]:
+    """One PTQ run. With ``out``, each finished stage is written at once."""
+    from qcalib.artifact import save_indices, save_run
+
+    bench = bench or Workbench.from_config(cfg)
+    torch.manual_seed(cfg.seed)
+    seconds, rss = {}, {}
+    calibrator = CALIBRATORS.get(cfg.calib.calibrator)(cfg.calib)
+
+    with Measure() as m:
+        indices = select_indices(cfg, bench, progress)
+    seconds["select"], rss["select"] = m.seconds, m.peak_rss_mb
+    if out is not None:
+        save_indices(Path(out), indices)
+
+    with Measure() as m:
+        qmodel = build_quant_model(bench.model, cfg.quant, bench.example_input())
+        calib = bench.pool.get(indices).to(bench.device)
+        work_dir = Path(out) / "calib_state" if out is not None else None
+        calibrator.calibrate(qmodel, calib, seed=cfg.seed, progress=progress, work_dir=work_dir)
+    seconds["calibrate"], rss["calibrate"] = m.seconds, m.peak_rss_mb
+
+    t0 = time.perf_counter()
+    fp = bench.fp_top1
+    with Measure() as m:
+        q_top1 = bench.accuracy(qmodel, progress)
+    seconds["eval"], rss["eval"] = m.seconds, m.peak_rss_mb
+    log.debug("FP accuracy took %.1fs", time.perf_counter() - t0 - m.seconds)
+
+    result = RunResult(
+        config=cfg.to_dict(),
+        model=bench.model_name,
+        fp_top1=fp,
+        quant_top1=q_top1,
+        calib_indices=indices.tolist(),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        peak_rss_mb={k: round(v, 1) for k, v in rss.items()},
+    )
+    if out is not None:
+        save_run(Path(out), result, qmodel)
+    return qmodel, result

@@ -1,0 +1,110 @@
+"""End-to-end runs through the API and the CLI on scikit-learn digits (no downloads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qcalib.artifact import load_run
+from qcalib.cli import main
+from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
+from qcalib.errors import QCalibError
+from qcalib.pipeline import Workbench, quantize
+from qcalib.select import SELECTORS
+
+
+@pytest.fixture(scope="module")
+def bench(trained_tiny):
+    return Workbench(trained_tiny, "digits")
+
+
+def _cfg(**kw) -> RunConfig:
+    calib = kw.pop("calib", CalibConfig(num_calib=32))
+    quant = kw.pop("quant", QuantConfig(wbits=4, abits=4))
+    return RunConfig(model="api", data="digits", calib=calib, quant=quant, **kw)
+
+
+def test_fp_model_is_accurate_enough_to_measure_quantization(bench):
+    assert bench.fp_top1 > 85.0
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "mse"])
+def test_w8a8_is_close_to_fp_and_w2a2_is_worse(bench, calibrator):
+    cal = CalibConfig(calibrator=calibrator, num_calib=64)
+    _, r8 = quantize(_cfg(quant=QuantConfig(8, 8), calib=cal), bench, progress=False)
+    _, r2 = quantize(
+        _cfg(quant=QuantConfig(2, 2, first_last_bits=None), calib=cal), bench, progress=False
+    )
+    assert abs(r8.quant_top1 - bench.fp_top1) <= 1.5
+    assert r2.quant_top1 < r8.quant_top1
+
+
+def test_run_is_reproducible_and_artifact_round_trips(bench, tmp_path, trained_tiny):
+    cfg = _cfg(seed=3)
+    q1, r1 = quantize(cfg, bench, out=tmp_path / "run", progress=False)
+    _, r2 = quantize(cfg, bench, progress=False)
+    assert r1.calib_indices == r2.calib_indices
+    assert r1.quant_top1 == r2.quant_top1
+
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["quant_top1"] == r1.quant_top1
+    assert json.loads((tmp_path / "run" / "calib_indices.json").read_text()) == r1.calib_indices
+    layers = json.loads((tmp_path / "run" / "quant_layers.json").read_text())
+    assert [row["wbits"] for row in layers] == [8, 4, 8]  # first/last at 8 bits
+
+    cfg2, q2, _ = load_run(tmp_path / "run", model=trained_tiny)
+    assert cfg2 == cfg
+    x = bench.pool.get(list(range(16)))
+    assert torch.equal(q1(x), q2(x))
+    assert bench.accuracy(q2) == r1.quant_top1
+
+
+def test_random_selector_is_seeded_sorted_unique(bench):
+    a = SELECTORS.get("random")(seed=1).fit(bench.pool).select(50)
+    b = SELECTORS.get("random")(seed=1).fit(bench.pool).select(50)
+    c = SELECTORS.get("random")(seed=2).fit(bench.pool).select(50)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, a.sort().values) and a.unique().numel() == 50
+
+
+def test_num_calib_larger_than_pool_is_a_clear_error(bench):
+    with pytest.raises(QCalibError, match="larger than the pool"):
+        quantize(_cfg(calib=CalibConfig(num_calib=10**6)), bench, progress=False)
+
+
+def test_unknown_selector_lists_choices(bench):
+    with pytest.raises(QCalibError, match="random"):
+        quantize(_cfg(select=SelectConfig("nope")), bench, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--wbits", "9"], "bits must be an integer from 2 to 8"),
+        (["--abits", "1"], "bits must be an integer from 2 to 8"),
+        (["--model", "zoo:nope"], "unknown"),
+        (["--data", "nope", "--model", "torchvision:resnet18"], "unknown"),
+        (
+            ["--data", "digits", "--num-calib", "100000", "--model", "torchvision:resnet18"],
+            "larger than the pool",
+        ),  # fmt: skip
+        (["--data", "fashion-mnist", "--data-root", "/nonexistent"], "dataset-fashion-mnist"),
+    ],
+)
+def test_cli_bad_input_is_one_line_error(capsys, argv, message):
+    assert main(["quantize", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qcalib: error:") and message in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_cli_model_without_quantizable_layer(tmp_path, capsys, monkeypatch):
+    import qcalib.pipeline as pipeline
+
+    monkeypatch.setattr(
+        pipeline, "load_model", lambda *a, **k: torch.nn.Sequential(torch.nn.ReLU())
+    )
+    assert main(["quantize", "--no-progress", "--data", "digits", "--model", "x:y"]) == 2
+    assert "no quantizable layer" in capsys.readouterr().err
