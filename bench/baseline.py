@@ -60,21 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrators", nargs="+", default=list(CALIBRATORS))
     p.add_argument("--seeds", type=int, default=len(SEEDS))
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     store = CellStore(GRID)
     start = time.time()
     benches: dict[str, Workbench] = {}
     todo = [c for c in cells(args.models, args.calibrators, BITS, NS, range(args.seeds))
-            if not store.done(c)]  # fmt: skip
+            if not store.done(c) and not args.report_only]  # fmt: skip
     logging.info("%d cells to run (%d already done)", len(todo), len(store.rows))
     for i, c in enumerate(todo):
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
             logging.info("time budget reached; rerun to continue")
             break
-        bench = benches.get(c["model"]) or benches.setdefault(
-            c["model"], Workbench(c["model"], "fashion-mnist")
-        )
+        if c["model"] not in benches:
+            benches[c["model"]] = Workbench(c["model"], "fashion-mnist")
+        bench = benches[c["model"]]
         cfg = RunConfig(
             model=c["model"],
             quant=QuantConfig(wbits=c["wbits"], abits=c["abits"]),

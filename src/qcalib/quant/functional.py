@@ -71,6 +71,20 @@ def fake_quantize(
     z = broadcast_param(zero_point, x, ch_axis)
     v = x / s
     lo, hi = qmin - z, qmax - z
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or scale.requires_grad or zero_point.requires_grad
+    )
+    if not needs_grad:
+        # Inference path (evaluation dominates benchmark time): the same values in three
+        # in-place passes instead of ~nine allocating ones. Rounding before clipping is
+        # identical here because the bounds are integers.
+        v.round_()
+        if isinstance(lo, torch.Tensor):
+            v = torch.maximum(v, lo, out=v) if lo.dim() else v.clamp_(min=float(lo))
+            v = torch.minimum(v, hi, out=v) if hi.dim() else v.clamp_(max=float(hi))
+        else:
+            v.clamp_(lo, hi)
+        return v.mul_(s)
     v = torch.where(v < lo, lo, torch.where(v > hi, hi, v))
     return round_ste(v) * s
 

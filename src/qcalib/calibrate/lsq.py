@@ -1,0 +1,83 @@
+"""Activation quantizers during reconstruction: learned step sizes and QDrop.
+
+:class:`ReconActQuantizer` stands in for a layer's :class:`~qcalib.quant.ActQuantizer`
+while a block is reconstructed:
+
+* **Learned step size** (LSQ-style, as BRECQ and QDrop do it): the scale becomes a
+  parameter trained by the straight-through gradient of
+  :func:`~qcalib.quant.functional.fake_quantize`; the zero point stays fixed. The BRECQ /
+  QDrop code uses no LSQ gradient scaling (its own learning rate of 4e-5 plays that
+  part), neither do we. After each optimizer step :meth:`project` keeps the scale
+  positive (``abs`` then ``clamp(min=1e-8)``, as the QDrop code does).
+* **Drop** (QDrop): with ``drop_prob = p`` each element is fake-quantized with
+  probability ``p`` and passed in float otherwise; ``p = 0`` is exactly the float input,
+  ``p = 1`` exactly the plain quantizer's output (no random numbers are drawn for those).
+
+:meth:`commit` writes the learned scale back into the original quantizer and returns it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qcalib.quant.functional import fake_quantize
+from qcalib.quant.quantizer import UniformQuantizer
+
+__all__ = ["ReconActQuantizer"]
+
+_EPS = 1e-8
+
+
+class ReconActQuantizer(nn.Module):
+    def __init__(
+        self,
+        base: UniformQuantizer,
+        learn_scale: bool = False,
+        drop_prob: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob <= 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
+        self.base = [base]  # kept out of children / state_dict
+        self.spec = base.spec
+        self.active = bool(base.initialized)  # an uncalibrated quantizer passes through
+        self.learn_scale = learn_scale and self.active
+        self.scale = nn.Parameter(base.scale.detach().clone(), requires_grad=self.learn_scale)
+        self.register_buffer("zero_point", base.zero_point.detach().clone())
+        self.drop_prob = float(drop_prob)
+        self.generator = generator
+        # QuantModule._apply reads these when the quantizer is switched off.
+        self.observer = None
+        self.observer_enabled = False
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(
+            x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.spec.ch_axis
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active or self.drop_prob == 0.0:
+            return x
+        xq = self.quantize(x)
+        if self.drop_prob == 1.0:
+            return xq
+        keep_q = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
+        return torch.where(keep_q, xq, x)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        if self.learn_scale:
+            self.scale.abs_().clamp_(min=_EPS)
+
+    @torch.no_grad()
+    def commit(self) -> UniformQuantizer:
+        """The original quantizer, holding the learned scale when it was learned."""
+        base = self.base[0]
+        if self.learn_scale:
+            base.set_qparams(self.scale.detach().clamp(min=_EPS), base.zero_point)
+        return base
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, learn_scale={self.learn_scale}, drop_prob={self.drop_prob}"

@@ -1,0 +1,740 @@
+"""The block-reconstruction engine behind AdaRound, BRECQ and QDrop (and CL-Calib later).
+
+:class:`BlockReconstructor` walks a list of blocks in execution order. For each block it
+
+1. **caches** the calibration set's block inputs and FP block outputs once, with hooks:
+   the *inputs* come from the quantized model in its deployment state (finished blocks
+   hard-rounded with their learned activation steps, activation quantization on), the
+   *targets* from an FP copy of the network taken before any block changed. This is the
+   "asymmetric" reconstruction of AdaRound / BRECQ (``asym=True`` in the BRECQ code) and
+   QDrop's "block inputs from the already-quantized model". BRECQ's code makes one sweep
+   for the weights with activation quantization off everywhere and a second sweep for
+   the activation steps; we make one sweep whose inputs are always the fully quantized
+   upstream, so the cache is built once per block and every method sees the inputs the
+   deployed network will see.
+2. runs the method's **stages** (:class:`Stage`): Adam on the AdaRound variables
+   (``w_lr``) and/or on the activation step sizes (``a_lr``, cosine-annealed to 0 as in
+   the BRECQ / QDrop code), with the activations inside the block quantized per element
+   with probability ``drop_prob`` (0: float, 1: all quantized, QDrop: 0.5). Each
+   iteration draws ``batch_size`` cached samples without replacement.
+3. minimizes a **sum of loss terms** (:class:`LossTerm`: any callable taking a
+   :class:`LossContext` and returning a scalar). The defaults are
+   :class:`ReconstructionLoss` (optionally Fisher-weighted) and
+   :class:`RoundingRegularizer`; further terms (the contrastive CL-Calib term) are passed
+   as ``extra_terms`` without touching the engine. A term may also define
+   ``begin_block(info)`` / ``end_block(info)`` (:class:`BlockInfo`: the block, its cache
+   and the FP model, e.g. to build a frozen head) and ``param_groups()`` (extra trainable
+   parameters, optimized with Adam).
+4. **hardens** the rounding into the weights, writes the learned steps into the
+   quantizers, and **checkpoints** the whole model state to ``work_dir/recon_state.pt``
+   (atomic write) with the number of finished blocks and a fingerprint of everything the
+   result depends on (method, stages, config, seed, calibration data, initial model
+   state, extra terms, device type).
+
+Resuming: a rerun with the same ``work_dir`` and fingerprint loads the state and starts
+at the first unfinished block; a block interrupted half-way restarts from its beginning.
+Randomness is drawn from generators seeded from ``(seed, block index, stage index)``
+only, and the optimizers are created fresh per stage, so no RNG or optimizer state has
+to be carried over: a resumed run ends bit-identical to an uninterrupted one (same
+device and torch build). A state with another fingerprint is ignored with a warning.
+
+Fisher weighting (BRECQ's ``fisher_diag``): the squared output error is weighted by
+``(|g| + 1)^2`` where ``g`` is the gradient of ``KL(softmax(FP logits) || softmax(Q
+logits))`` (batch mean) w.r.t. the block output, taken with the network quantized up to
+and including this block and float after it. Calibration data is unlabeled, so the FP
+model's own predictions serve as (soft) labels, exactly as in the BRECQ code. The
+gradients come from the same forward pass that captures the block inputs.
+
+Loss normalization follows the BRECQ / QDrop ``lp_loss``: the error is summed over
+dimension 1 (channels / features) and averaged over the batch and the remaining
+dimensions; this sets the balance with the regularizer weight 0.01.
+
+Device: everything (caches, generators, optimizers) lives on the device of the model's
+parameters and the calibration tensor; nothing is hard-coded. The cache holds one block's
+inputs and outputs for the whole calibration set on that device (BRECQ / QDrop's
+``keep_gpu``). Block inputs must be batch-first tensors (or values equal in every batch);
+a block called several times in one forward pass is reconstructed for its first call; a
+block the forward pass never reaches is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from qcalib.calibrate.lsq import ReconActQuantizer
+from qcalib.calibrate.rounding import (
+    AdaRoundQuantizer,
+    BetaSchedule,
+    harden,
+    install_adaround,
+    restore,
+)
+from qcalib.config import ReconConfig
+from qcalib.errors import QCalibError
+from qcalib.model.partition import Block
+from qcalib.model.qmodules import QuantModule
+from qcalib.model.wrap import QuantModel
+
+__all__ = [
+    "STATE_FILE",
+    "BlockNotReached",
+    "BlockCache",
+    "BlockInfo",
+    "BlockReconstructor",
+    "LossContext",
+    "LossTerm",
+    "ReconstructionLoss",
+    "RoundingRegularizer",
+    "Stage",
+    "block_layers",
+    "stage_quantizers",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "recon_state.pt"
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One optimization run over a block.
+
+    ``drop_prob`` is the probability that an activation element *inside* the block is
+    fake-quantized (QDrop); 0 keeps activations float, 1 quantizes all of them.
+    ``rec_p`` is the norm of the reconstruction error (2: MSE).
+    """
+
+    name: str
+    iters: int
+    learn_weights: bool
+    learn_act: bool
+    drop_prob: float
+    rec_p: float = 2.0
+
+
+@dataclass
+class BlockCache:
+    """A block's cached inputs (batch-first tensors or constants) and FP outputs."""
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    batched_args: list[bool]
+    batched_kwargs: dict[str, bool]
+    fp_out: torch.Tensor
+    fisher: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.fp_out.shape[0]
+
+    def inputs(self, idx: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args = tuple(a[idx] if b else a for a, b in zip(self.args, self.batched_args, strict=True))
+        kwargs = {k: (v[idx] if self.batched_kwargs[k] else v) for k, v in self.kwargs.items()}
+        return args, kwargs
+
+
+@dataclass
+class BlockInfo:
+    """What a loss term's ``begin_block`` / ``end_block`` hook gets."""
+
+    block: Block
+    index: int
+    num_blocks: int
+    cache: BlockCache
+    qmodel: QuantModel
+    fp_model: QuantModel
+    fp_block: nn.Module
+
+
+@dataclass
+class LossContext:
+    """Everything a loss term may read at one iteration."""
+
+    q_out: torch.Tensor
+    fp_out: torch.Tensor
+    fisher: torch.Tensor | None
+    inputs: tuple[tuple[Any, ...], dict[str, Any]]
+    batch_indices: torch.Tensor
+    block: Block
+    block_index: int
+    stage: Stage
+    iteration: int  # 0-based within the stage
+    rounding: list[AdaRoundQuantizer]
+    act_quantizers: list[ReconActQuantizer]
+    info: BlockInfo
+
+    @property
+    def step(self) -> int:
+        """1-based iteration count (what the BRECQ / QDrop schedules count)."""
+        return self.iteration + 1
+
+
+@runtime_checkable
+class LossTerm(Protocol):
+    """A composable term of the reconstruction loss: ``term(ctx) -> scalar tensor``."""
+
+    name: str
+
+    def __call__(self, ctx: LossContext) -> torch.Tensor: ...
+
+
+def _channel_sum_mean(err: torch.Tensor) -> torch.Tensor:
+    # BRECQ / QDrop lp_loss(reduction="none"): sum over dim 1, mean over the rest.
+    return err.sum(1).mean() if err.dim() >= 2 else err.mean()
+
+
+@dataclass(frozen=True)
+class ReconstructionLoss:
+    """``|q_out - fp_out|^p`` (or ``(q_out - fp_out)^2 (|g| + 1)^2`` with ``fisher``)."""
+
+    p: float = 2.0
+    fisher: bool = False
+    name: str = "rec"
+
+    def __call__(self, ctx: LossContext) -> torch.Tensor:
+        diff = ctx.q_out - ctx.fp_out
+        if self.fisher:
+            if ctx.fisher is None:
+                raise QCalibError("Fisher-weighted loss without cached gradients")
+            return _channel_sum_mean(diff.square() * ctx.fisher.square())
+        err = diff.square() if self.p == 2.0 else diff.abs().pow(self.p)
+        return _channel_sum_mean(err)
+
+
+@dataclass(frozen=True)
+class RoundingRegularizer:
+    """``weight * sum(1 - |2 h(V) - 1|^beta)`` over the block's AdaRound quantizers;
+    0 during the warm-up (as in the BRECQ / QDrop code)."""
+
+    weight: float
+    schedule: BetaSchedule
+    name: str = "round"
+
+    def __call__(self, ctx: LossContext) -> torch.Tensor:
+        if not ctx.rounding or self.weight == 0 or not self.schedule.active(ctx.step):
+            return ctx.q_out.new_zeros(())
+        beta = self.schedule(ctx.step)
+        return self.weight * sum(q.regularization(beta) for q in ctx.rounding)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+class BlockNotReached(QCalibError):
+    """The forward pass on the calibration data never calls the block."""
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the block's data is captured."""
+
+
+def _first_tensor(out: Any, what: str = "block output") -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise QCalibError(f"{what} is a {type(out).__name__}, not a tensor; cannot reconstruct it")
+
+
+def _replace_first(out: Any, new: torch.Tensor) -> Any:
+    if isinstance(out, torch.Tensor):
+        return new
+    return type(out)([new, *out[1:]])
+
+
+def _logits(out: Any) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    return _first_tensor(out, "model output")
+
+
+def _clone(x: Any) -> Any:
+    return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and bool(torch.equal(a, b))
+        )
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+def _collate(items: list[Any], sizes: list[int], what: str) -> tuple[Any, bool]:
+    """Concatenate batch-first tensors; keep a value that is the same in every batch."""
+    if all(
+        isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n
+        for t, n in zip(items, sizes, strict=True)
+    ):
+        return torch.cat(items), True
+    if all(_same(items[0], t) for t in items[1:]):
+        return items[0], False
+    raise QCalibError(
+        f"{what} is neither a batch-first tensor nor the same in every batch; block "
+        "reconstruction needs batch-first block inputs"
+    )
+
+
+def block_layers(block: Block) -> list[QuantModule]:
+    """The quantized layers of a block."""
+    return [m for _, m in block.layers() if isinstance(m, QuantModule)]
+
+
+def _derive_seed(seed: int, *parts: int) -> int:
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
+
+
+def _term_id(term: Any) -> str:
+    ident = getattr(term, "fingerprint", None)
+    text = ident() if callable(ident) else (ident if ident is not None else repr(term))
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(text))
+
+
+# -- the engine ------------------------------------------------------------------------
+
+
+class BlockReconstructor:
+    """Reconstruct ``blocks`` of ``qmodel`` one after the other (see the module docs).
+
+    ``stages(block)`` gives the optimization stages of a block. ``qmodel``'s quantizers
+    must be initialized (weights and activations) before :meth:`run`.
+    ``on_block_end(index, block)`` runs after each block's checkpoint and
+    ``on_iteration(block_index, stage_index, iteration)`` after each optimizer step
+    (progress reporting, tests that simulate an interruption).
+    """
+
+    def __init__(
+        self,
+        qmodel: QuantModel,
+        blocks: Sequence[Block],
+        stages: Callable[[Block], Sequence[Stage]],
+        calib_data: torch.Tensor,
+        cfg: ReconConfig,
+        *,
+        seed: int = 0,
+        capture_batch_size: int = 64,
+        extra_terms: Sequence[LossTerm] = (),
+        progress: bool = True,
+        work_dir: str | Path | None = None,
+        method: str = "",
+        fingerprint_extra: dict[str, Any] | None = None,
+        on_block_end: Callable[[int, Block], None] | None = None,
+        on_iteration: Callable[[int, int, int], None] | None = None,
+    ) -> None:
+        if len(calib_data) == 0:
+            raise QCalibError("block reconstruction needs at least one calibration sample")
+        self.qmodel = qmodel
+        self.blocks = list(blocks)
+        self.stages = stages
+        self.calib_data = calib_data
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.capture_batch_size = int(capture_batch_size)
+        self.extra_terms = list(extra_terms)
+        self.progress = progress
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.method = method
+        self.fingerprint_extra = fingerprint_extra or {}
+        self.on_block_end = on_block_end
+        self.on_iteration = on_iteration
+        self.fp_model: QuantModel | None = None
+        self.history: list[dict[str, Any]] = []
+        self.resumed_from = 0
+
+    # -- public -------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.qmodel.parameters(), None)
+        return p.device if p is not None else self.calib_data.device
+
+    @property
+    def state_path(self) -> Path | None:
+        return self.work_dir / STATE_FILE if self.work_dir is not None else None
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        meta = {
+            "engine": _STATE_VERSION,
+            "method": self.method,
+            "recon": asdict(self.cfg),
+            "seed": self.seed,
+            "capture_batch_size": self.capture_batch_size,
+            "blocks": [[b.name, b.kind, [asdict(s) for s in self.stages(b)]] for b in self.blocks],
+            "extra_terms": [_term_id(t) for t in self.extra_terms],
+            "device": self.device.type,
+            "extra": self.fingerprint_extra,
+        }
+        h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+        h.update(str(tuple(self.calib_data.shape)).encode())
+        h.update(_tensor_bytes(self.calib_data))
+        for key, value in sorted(self.qmodel.state_dict().items()):
+            h.update(key.encode())
+            h.update(str((tuple(value.shape), value.dtype)).encode())
+            h.update(_tensor_bytes(value))
+        return h.hexdigest()
+
+    def run(self) -> None:
+        qmodel = self.qmodel
+        modes = [(m, m.training) for m in qmodel.modules()]
+        grads = [(p, p.requires_grad) for p in qmodel.parameters()]
+        fingerprint = self.fingerprint()  # of the initial state, before anything loads
+        self.fp_model = copy.deepcopy(qmodel).eval()
+        self.fp_model.set_quant_state(False, False)
+        for p in self.fp_model.parameters():
+            p.requires_grad_(False)
+        qmodel.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        try:
+            done = self._load(fingerprint)
+            self.resumed_from = done
+            if done:
+                log.info("resuming reconstruction at block %d/%d", done + 1, len(self.blocks))
+            for index in range(done, len(self.blocks)):
+                self._reconstruct_block(index)
+                self._save(fingerprint, index + 1)
+                if self.on_block_end is not None:
+                    self.on_block_end(index, self.blocks[index])
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            for p, flag in grads:
+                p.requires_grad_(flag)
+            self.fp_model = None
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def _save(self, fingerprint: str, done: int) -> None:
+        path = self.state_path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "version": _STATE_VERSION,
+            "fingerprint": fingerprint,
+            "method": self.method,
+            "done": done,
+            "blocks": [b.name for b in self.blocks],
+            "seed": self.seed,
+            "model": {k: v.detach().cpu() for k, v in self.qmodel.state_dict().items()},
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _load(self, fingerprint: str) -> int:
+        path = self.state_path
+        if path is None or not path.exists():
+            return 0
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a torn or foreign file: start over rather than fail
+            log.warning("ignoring unreadable reconstruction state %s (%s)", path, e)
+            return 0
+        if state.get("version") != _STATE_VERSION or state.get("fingerprint") != fingerprint:
+            log.warning(
+                "ignoring reconstruction state in %s: it was made with another model, data, "
+                "seed or configuration; starting over",
+                path,
+            )
+            return 0
+        self.qmodel.load_state_dict(state["model"])
+        return min(int(state["done"]), len(self.blocks))
+
+    # -- one block ----------------------------------------------------------------
+
+    def _fp_block(self, block: Block) -> nn.Module:
+        assert self.fp_model is not None
+        return self.fp_model.model.get_submodule(block.name)
+
+    def _reconstruct_block(self, index: int) -> None:
+        block = self.blocks[index]
+        label = block.name or "<model>"
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            cache = self.capture(index)
+        except BlockNotReached:
+            # Layers the forward pass never runs (e.g. auxiliary heads in eval mode) do
+            # not affect the output; they keep rounding to nearest.
+            log.warning("block %s is not reached by the forward pass; not reconstructed", label)
+            return
+        info = BlockInfo(
+            block, index, len(self.blocks), cache, self.qmodel, self.fp_model,
+            self._fp_block(block),
+        )  # fmt: skip
+        terms_all = self.extra_terms
+        for t in terms_all:
+            if hasattr(t, "begin_block"):
+                t.begin_block(info)
+        try:
+            for stage_index, stage in enumerate(self.stages(block)):
+                self._run_stage(info, stage_index, stage)
+        finally:
+            for t in terms_all:
+                if hasattr(t, "end_block"):
+                    t.end_block(info)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        log.info(
+            "reconstructed block %d/%d %s (%s) in %.1fs (%.1fs CPU)",
+            index + 1, len(self.blocks), label, block.kind, seconds, cpu,
+        )  # fmt: skip
+        self.history.append(
+            {"block": block.name, "index": index, "seconds": seconds, "cpu_seconds": cpu}
+        )
+
+    @torch.no_grad()
+    def capture(self, index: int) -> BlockCache:
+        """Inputs of block ``index`` in the quantized model, FP outputs (and Fisher weights)."""
+        if self.fp_model is None:
+            raise RuntimeError("capture() runs inside run()")
+        block = self.blocks[index]
+        q_mod, fp_mod = block.module, self._fp_block(block)
+        fisher = self.cfg.fisher
+        label = f"block {block.name or '<model>'}"
+        args_b: list[tuple] = []
+        kwargs_b: list[dict] = []
+        outs, grads, sizes = [], [], []
+        later = [m for b in self.blocks[index + 1 :] for m in block_layers(b)]
+        for x in torch.split(self.calib_data, self.capture_batch_size):
+            store = self._capture_batch(x, q_mod, fp_mod, later, fisher)
+            if "fp" not in store or "args" not in store:
+                raise BlockNotReached(f"{label} is not reached by the model's forward pass")
+            args_b.append(store["args"])
+            kwargs_b.append(store["kwargs"])
+            outs.append(store["fp"])
+            if fisher:
+                grads.append(store["fisher"])
+            sizes.append(x.shape[0])
+
+        n_args = {len(a) for a in args_b}
+        keys = {tuple(sorted(k)) for k in kwargs_b}
+        if len(n_args) != 1 or len(keys) != 1:
+            raise QCalibError(f"{label} is called with different arguments from batch to batch")
+        args, batched_args = [], []
+        for j in range(n_args.pop()):
+            value, batched = _collate([a[j] for a in args_b], sizes, f"input {j} of {label}")
+            args.append(value)
+            batched_args.append(batched)
+        kwargs, batched_kwargs = {}, {}
+        for key in keys.pop():
+            value, batched = _collate([k[key] for k in kwargs_b], sizes, f"{key!r} of {label}")
+            kwargs[key], batched_kwargs[key] = value, batched
+        return BlockCache(
+            args, kwargs, batched_args, batched_kwargs, torch.cat(outs),
+            torch.cat(grads) if fisher else None,
+        )  # fmt: skip
+
+    def _capture_batch(
+        self,
+        x: torch.Tensor,
+        q_mod: nn.Module,
+        fp_mod: nn.Module,
+        later: list[QuantModule],
+        fisher: bool,
+    ) -> dict[str, Any]:
+        """One calibration batch: FP block output, quantized block input, Fisher weights."""
+        store: dict[str, Any] = {}
+
+        def fp_hook(_m: nn.Module, _a: Any, out: Any) -> None:
+            store.setdefault("fp", _first_tensor(out).detach().clone())
+            if not fisher:
+                raise _StopForward
+
+        def pre_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if "args" not in store:
+                store["args"] = tuple(_clone(a) for a in args)
+                store["kwargs"] = {k: _clone(v) for k, v in kwargs.items()}
+            if not fisher:
+                raise _StopForward
+
+        def grad_hook(_m: nn.Module, _a: Any, out: Any) -> Any:
+            if "leaf" in store:
+                return None
+            leaf = _first_tensor(out).detach().requires_grad_()
+            store["leaf"] = leaf
+            return _replace_first(out, leaf.clone())
+
+        assert self.fp_model is not None
+        handle = fp_mod.register_forward_hook(fp_hook)
+        fp_logits = None
+        try:
+            fp_logits = _logits(self.fp_model(x))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        handles = [q_mod.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        flags = [(m, m.use_weight_quant, m.use_act_quant) for m in later]
+        try:
+            if not fisher:
+                with contextlib.suppress(_StopForward):
+                    self.qmodel(x)
+                return store
+            # Fisher: quantized up to and including this block, float after it.
+            handles.append(q_mod.register_forward_hook(grad_hook))
+            for m in later:
+                m.set_quant_state(False, False)
+            with torch.enable_grad():
+                q_logits = _logits(self.qmodel(x))
+                loss = F.kl_div(
+                    F.log_softmax(q_logits, dim=1),
+                    F.softmax(fp_logits, dim=1),
+                    reduction="batchmean",
+                )
+                leaf = store.get("leaf")
+                if leaf is None:
+                    return store
+                g = None
+                if loss.requires_grad:
+                    (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+            g = torch.zeros_like(leaf) if g is None else g
+            store["fisher"] = g.abs() + 1.0  # BRECQ: |g| + 1 (damping 1)
+            return store
+        finally:
+            for h in handles:
+                h.remove()
+            for m, w, a in flags:
+                m.set_quant_state(w, a)
+
+    def _terms(self, stage: Stage) -> list[LossTerm]:
+        cfg = self.cfg
+        terms: list[LossTerm] = [ReconstructionLoss(stage.rec_p, cfg.fisher)]
+        if stage.learn_weights:
+            schedule = BetaSchedule(stage.iters, cfg.warmup, cfg.b_start, cfg.b_end)
+            terms.append(RoundingRegularizer(cfg.reg_weight, schedule))
+        return terms + self.extra_terms
+
+    def _run_stage(self, info: BlockInfo, stage_index: int, stage: Stage) -> None:
+        cfg, block, cache, index = self.cfg, info.block, info.cache, info.index
+        device = cache.fp_out.device
+        seed = _derive_seed(self.seed, index, stage_index)
+        idx_gen = torch.Generator().manual_seed(seed)
+        drop_gen = torch.Generator(device=device).manual_seed(seed)
+        with stage_quantizers(block, stage, drop_gen) as (rounding, acts):
+            terms = self._terms(stage)
+            optimizers: list[torch.optim.Optimizer] = []
+            scheduler = None
+            if rounding:
+                optimizers.append(torch.optim.Adam([q.v for q in rounding], lr=cfg.w_lr))
+            scales = [a.scale for a in acts if a.learn_scale]
+            if scales:
+                opt_a = torch.optim.Adam(scales, lr=cfg.a_lr)
+                optimizers.append(opt_a)
+                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                    opt_a, T_max=max(stage.iters, 1), eta_min=0.0
+                )
+            groups = [g for t in terms for g in (getattr(t, "param_groups", lambda: [])())]
+            if groups:
+                optimizers.append(torch.optim.Adam(groups))
+            iters = stage.iters if optimizers else 0
+            n = len(cache)
+            batch = min(cfg.batch_size, n)
+            desc = f"[{index + 1}/{info.num_blocks}] {block.name or '<model>'} {stage.name}"
+            bar = tqdm(range(iters), desc=desc, leave=False, disable=not self.progress)
+            first = last = None
+            for it in bar:
+                idx = torch.randperm(n, generator=idx_gen)[:batch].to(device)
+                inputs = cache.inputs(idx)
+                with torch.enable_grad():
+                    q_out = _first_tensor(block.module(*inputs[0], **inputs[1]))
+                    fisher = cache.fisher[idx] if cache.fisher is not None else None
+                    ctx = LossContext(
+                        q_out, cache.fp_out[idx], fisher, inputs, idx, block, index, stage, it,
+                        rounding, acts, info,
+                    )  # fmt: skip
+                    values = [(t.name, t(ctx)) for t in terms]
+                    total = sum(v for _, v in values)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                if total.requires_grad:
+                    total.backward()
+                for opt in optimizers:
+                    opt.step()
+                if scheduler is not None:
+                    scheduler.step()
+                for a in acts:
+                    a.project()
+                if self.on_iteration is not None:
+                    self.on_iteration(index, stage_index, it)
+                if it == 0 or it == iters - 1 or (self.progress and it % 50 == 0):
+                    last = {name: float(v.detach()) for name, v in values}
+                    first = first or last
+                    if self.progress:
+                        postfix = {k: f"{v:.3g}" for k, v in last.items()}
+                        bar.set_postfix(loss=f"{float(total.detach()):.4g}", **postfix)
+            bar.close()
+            self.history.append(
+                {"block": block.name, "index": index, "stage": stage.name, "iters": iters,
+                 "first": first, "last": last}
+            )  # fmt: skip
+
+
+@contextlib.contextmanager
+def stage_quantizers(
+    block: Block, stage: Stage, generator: torch.Generator | None = None, commit: bool = True
+) -> Iterator[tuple[list[AdaRoundQuantizer], list[ReconActQuantizer]]]:
+    """Swap the block's quantizers for the stage's trainable ones; yield them.
+
+    Weights get :class:`AdaRoundQuantizer` s when the stage learns them; every activation
+    quantizer becomes a :class:`ReconActQuantizer` (learned step when the stage learns
+    activations, drop probability ``stage.drop_prob``); all layers quantize weights and
+    activations. On a normal exit with ``commit`` the rounding is hardened into the
+    weights and the learned steps written back; otherwise (an exception, ``commit=False``)
+    the original quantizers return unchanged. The layers' quant-state flags are restored.
+    """
+    layers = block_layers(block)
+    flags = [(m, m.use_weight_quant, m.use_act_quant) for m in layers]
+    rounding: list[AdaRoundQuantizer] = []
+    acts: list[ReconActQuantizer] = []
+    finished = False
+    try:
+        for m in layers:
+            if stage.learn_weights:
+                rounding.append(install_adaround(m))
+            if m.act_quantizer is not None:
+                base = m.act_quantizer
+                act = ReconActQuantizer(base, stage.learn_act, stage.drop_prob, generator)
+                m.act_quantizer = act.to(m.weight.device)
+                acts.append(act)
+            m.set_quant_state(True, True)
+        yield rounding, acts
+        finished = commit
+    finally:
+        for m in layers:
+            if isinstance(m.weight_quantizer, AdaRoundQuantizer):
+                (harden if finished else restore)(m)
+            if isinstance(m.act_quantizer, ReconActQuantizer):
+                q = m.act_quantizer
+                m.act_quantizer = q.commit() if finished else q.base[0]
+        for m, w, a in flags:
+            m.set_quant_state(w, a)

@@ -1,0 +1,262 @@
+"""Command-line interface: ``qcalib train | quantize | eval | ...``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qcalib.errors import QCalibError
+
+log = logging.getLogger("qcalib")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+    from dataclasses import asdict
+
+    from qcalib.data.fashion_mnist import load_fashion_mnist
+    from qcalib.train import TrainConfig, train
+    from qcalib.zoo.reference import reference_entry, save_reference
+
+    entry = reference_entry(args.model)
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        threads=args.threads, channels_last=args.channels_last,
+    )  # fmt: skip
+    train_set = load_fashion_mnist("train", args.data_root)
+    test_set = load_fashion_mnist("test", args.data_root)
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    model = entry.builder()
+    work = Path(args.work_dir or f"runs/train-{args.model}-seed{cfg.seed}")
+    history = train(model, train_set, test_set, cfg, work)
+    final = history[-1]["test_top1"]
+    command = "qcalib train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    card = {
+        "test_top1": final,
+        "target_top1": entry.target_top1,
+        "dataset": entry.dataset,
+        "train_config": asdict(cfg),
+        "command": command,
+        "torch": torch.__version__,
+        "log": history,
+    }
+    path = save_reference(model.eval(), args.model, card, *([Path(args.out)] if args.out else []))
+    print(f"{args.model}: test top-1 {final:.2f}% (target {entry.target_top1}%) -> {path}")
+    return 0
+
+
+def _parse_value(text: str):  # noqa: ANN202
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _selector_params(pairs: list[str]) -> tuple:
+    params = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise QCalibError(f"--selector-param expects NAME=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        params[k.replace("-", "_")] = _parse_value(v)
+    return tuple(sorted(params.items()))
+
+
+_RECON_FLAGS = {  # argparse dest -> ReconConfig field
+    "profile": "profile",
+    "iters": "iters",
+    "act_iters": "act_iters",
+    "recon_batch_size": "batch_size",
+    "w_lr": "w_lr",
+    "a_lr": "a_lr",
+    "reg_weight": "reg_weight",
+    "warmup": "warmup",
+    "drop_prob": "drop_prob",
+}
+
+
+def _recon_config(args: argparse.Namespace):  # noqa: ANN202
+    from qcalib.config import ReconConfig
+
+    # Flags left unset keep the profile's / config's defaults.
+    kwargs = {
+        field: getattr(args, dest)
+        for dest, field in _RECON_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
+    if getattr(args, "fisher", False):
+        kwargs["fisher"] = True
+    return ReconConfig(**kwargs)
+
+
+def config_from_args(args: argparse.Namespace):  # noqa: ANN201
+    from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
+
+    flb = args.first_last_bits
+    return RunConfig(
+        model=args.model,
+        data=args.data,
+        data_root=args.data_root,
+        weights=args.weights,
+        quant=QuantConfig(
+            wbits=args.wbits,
+            abits=args.abits,
+            w_symmetric=args.w_symmetric,
+            w_per_channel=not args.per_tensor_weights,
+            a_symmetric=args.a_symmetric,
+            first_last_bits=None if flb == "same" else int(flb),
+            fold_bn=not args.no_fold_bn,
+        ),
+        calib=CalibConfig(
+            calibrator=args.calibrator,
+            num_calib=args.num_calib,
+            batch_size=args.calib_batch_size,
+            percentile=args.percentile,
+            recon=_recon_config(args),
+        ),
+        select=SelectConfig(args.selector, _selector_params(args.selector_param)),
+        seed=args.seed,
+        eval_batch_size=args.eval_batch_size,
+        device=args.device,
+    )
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from qcalib.pipeline import quantize
+
+    cfg = config_from_args(args)
+    log.info("quantizing %s at W%dA%d with %s", cfg.model, cfg.quant.wbits, cfg.quant.abits,
+             cfg.calib.calibrator)  # fmt: skip
+    _, result = quantize(cfg, out=args.out, progress=not args.no_progress)
+    print(f"FP top-1:        {result.fp_top1:.2f}%")
+    print(f"quantized top-1: {result.quant_top1:.2f}%  ({result.summary()})")
+    if args.out:
+        print(f"saved to {args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from qcalib.artifact import load_run
+    from qcalib.pipeline import Workbench
+
+    cfg, qmodel, result = load_run(args.run)
+    bench = Workbench.from_config(cfg)
+    top1 = bench.accuracy(qmodel.to(bench.device), progress=not args.no_progress)
+    print(f"quantized top-1: {top1:.2f}%  (recorded at calibration: {result['quant_top1']:.2f}%)")
+    return 0
+
+
+def _add_quant_args(q: argparse.ArgumentParser) -> None:
+    from qcalib.calibrate import CALIBRATORS
+    from qcalib.select import SELECTORS
+
+    g = q.add_argument_group("model and data")
+    g.add_argument("--model", default="zoo:fmnist-resnet20",
+                   help="zoo:NAME, torchvision:NAME, timm:NAME or hf:PATH")  # fmt: skip
+    g.add_argument("--weights", default=None, help="local .safetensors/.pt weights file")
+    g.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist, digits, imagefolder:DIR or files:LIST")  # fmt: skip
+    g.add_argument("--data-root", default=None, help="directory of the dataset files")
+    g = q.add_argument_group("quantization")
+    g.add_argument("--wbits", type=int, default=4)
+    g.add_argument("--abits", type=int, default=4)
+    g.add_argument("--w-symmetric", action="store_true", help="symmetric weight grid")
+    g.add_argument("--a-symmetric", action="store_true", help="symmetric activation grid")
+    g.add_argument("--per-tensor-weights", action="store_true")
+    g.add_argument("--first-last-bits", default="8",
+                   help="bits of the first and last layer, or 'same' to quantize them "
+                        "like the rest (default 8)")  # fmt: skip
+    g.add_argument("--no-fold-bn", action="store_true")
+    g = q.add_argument_group("calibration")
+    g.add_argument("--calibrator", default="minmax", choices=CALIBRATORS.names())
+    g.add_argument("--num-calib", type=int, default=64)
+    g.add_argument("--calib-batch-size", type=int, default=64)
+    g.add_argument("--percentile", type=float, default=99.99)
+    g.add_argument("--selector", default="random", choices=SELECTORS.names())
+    g.add_argument("--selector-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra selector parameter (repeatable)")  # fmt: skip
+    g = q.add_argument_group("reconstruction (--calibrator adaround, brecq, qdrop)")
+    g.add_argument("--profile", choices=["fast", "paper"], default=None,
+                   help="fast: 500 iterations per block (CPU); paper: 20k, as published "
+                        "(default fast)")  # fmt: skip
+    g.add_argument("--iters", type=int, default=None, help="rounding iterations per block")
+    g.add_argument("--act-iters", type=int, default=None,
+                   help="BRECQ's activation-step iterations per block")  # fmt: skip
+    g.add_argument("--recon-batch-size", type=int, default=None, help="default 32")
+    g.add_argument("--w-lr", type=float, default=None, help="rounding lr (default 1e-3)")
+    g.add_argument("--a-lr", type=float, default=None, help="act. step lr (default 4e-5)")
+    g.add_argument("--reg-weight", type=float, default=None,
+                   help="rounding regularizer weight (default 0.01)")  # fmt: skip
+    g.add_argument("--warmup", type=float, default=None,
+                   help="fraction of iterations without regularizer (default 0.2)")  # fmt: skip
+    g.add_argument("--drop-prob", type=float, default=None,
+                   help="QDrop: probability an activation is quantized (default 0.5)")  # fmt: skip
+    g.add_argument("--fisher", action="store_true", help="Fisher-weighted output error")
+    g = q.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    g.add_argument("--eval-batch-size", type=int, default=500)
+    g.add_argument("--out", default=None, help="run directory for result and artifact")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcalib", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a reference model with the project's seeded recipe")
+    t.add_argument("--model", default="fmnist-resnet20")
+    t.add_argument("--epochs", type=int, default=15)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--channels-last", action="store_true", help="NHWC training (faster on CPU)")
+    t.add_argument("--data-root", default=None, help="directory with the Fashion-MNIST IDX files")
+    t.add_argument("--work-dir", default=None, help="resumable training state (default runs/)")
+    t.add_argument("--out", default=None, help="checkpoint directory (default: the package zoo)")
+    t.set_defaults(func=_cmd_train)
+
+    q = sub.add_parser("quantize", help="select calibration data, calibrate, evaluate, save")
+    _add_quant_args(q)
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser("eval", help="load a saved run and evaluate it again")
+    e.add_argument("run", help="run directory written by `qcalib quantize --out`")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+
+    from qcalib.select.inspect_cli import add_inspect_calib_args, cmd_inspect_calib
+
+    ic = sub.add_parser("inspect-calib", help="per-layer activation mismatch of a calibration set")
+    add_inspect_calib_args(ic)
+    ic.set_defaults(func=cmd_inspect_calib)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except QCalibError as e:
+        print(f"qcalib: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qcalib: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

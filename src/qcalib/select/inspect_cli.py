@@ -1,0 +1,184 @@
+"""``qcalib inspect-calib``: the calibration-set quality report from the command line.
+
+The calibration set comes from exactly one of:
+
+* ``--run RUN_DIR``: the ``calib_indices.json`` of a ``qcalib quantize --out`` run (model,
+  weights and data default to the run's ``result.json`` config when it exists);
+* ``--indices FILE``: pool indices, as a JSON list or whitespace/comma-separated integers;
+* ``--calib-files LISTFILE``: image paths, one a line; paths that are all files of the
+  pool (an ``imagefolder`` / ``files`` pool) become their pool indices, otherwise the
+  files are read as a separate calibration set;
+* ``--selector NAME`` (with ``--num-calib``, ``--seed``, ``--selector-param NAME=VALUE``):
+  run a selection strategy now and inspect its set.
+
+Prints one line per layer plus the average (:func:`~qcalib.select.quality.format_report`);
+``--json OUT`` also writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from qcalib.errors import QCalibError
+
+_DEFAULT_MODEL, _DEFAULT_DATA = "zoo:fmnist-resnet20", "fashion-mnist"
+
+
+def add_inspect_calib_args(p: argparse.ArgumentParser) -> None:
+    from qcalib.select import SELECTORS
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None,
+                   help=f"zoo:NAME, torchvision:NAME, timm:NAME or hf:PATH (default: the "
+                        f"run's, else {_DEFAULT_MODEL})")  # fmt: skip
+    g.add_argument("--weights", default=None, help="local .safetensors/.pt weights file")
+    g.add_argument("--data", default=None,
+                   help=f"the pool: fashion-mnist, digits, imagefolder:DIR or files:LIST "
+                        f"(default: the run's, else {_DEFAULT_DATA})")  # fmt: skip
+    g.add_argument("--data-root", default=None, help="directory of the dataset files")
+    g = p.add_argument_group("calibration set (exactly one)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", default=None, help="run directory with calib_indices.json")
+    src.add_argument("--indices", default=None, help="file of pool indices (JSON or text)")
+    src.add_argument("--calib-files", default=None, help="file listing image paths, one a line")
+    src.add_argument("--selector", default=None, choices=SELECTORS.names(),
+                     help="select the set now with this strategy")  # fmt: skip
+    g.add_argument("--num-calib", type=int, default=64, help="set size for --selector")
+    g.add_argument("--seed", type=int, default=0, help="seed of --selector and of sampling")
+    g.add_argument("--selector-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="selector parameter for --selector (repeatable)")  # fmt: skip
+    g = p.add_argument_group("report")
+    g.add_argument("--layers", default=None,
+                   help="comma-separated layer names or indices (default: all)")  # fmt: skip
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--max-samples", type=int, default=None,
+                   help="values sampled per layer for quantiles (default 65536)")  # fmt: skip
+    g.add_argument("--max-pool", type=int, default=None,
+                   help="compare with a seeded subsample of the pool of this size")  # fmt: skip
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    g.add_argument("--json", default=None, metavar="OUT", help="also write the report here")
+
+
+def read_indices(path: str | Path) -> list[int]:
+    """Pool indices from a JSON list (or ``{"indices": [...]}``) or integers in text."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise QCalibError(f"indices file {p} does not exist")
+    text = p.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        tokens = [t for t in re.split(r"[\s,]+", text) if t]
+        try:
+            return [int(t) for t in tokens]
+        except ValueError:
+            bad = next(t for t in tokens if not t.lstrip("-").isdigit())
+            raise QCalibError(
+                f"{p}: expected integers (JSON list or whitespace/comma separated), found "
+                f"{bad!r}; for image paths use --calib-files"
+            ) from None
+    if isinstance(data, dict) and "indices" in data:
+        data = data["indices"]
+    if not isinstance(data, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in data
+    ):
+        raise QCalibError(f"{p}: expected a JSON list of integers")
+    return data
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    result = run / "result.json"
+    if result.is_file():
+        return json.loads(result.read_text()).get("config", {})
+    return {}
+
+
+def _files_source(list_file: str, pool: Any) -> tuple[list[int] | None, Any]:
+    """Pool indices of the listed files when all are in the pool, else a separate set."""
+    from qcalib.data.registry import load_pool
+
+    lf = Path(list_file).expanduser()
+    if not lf.is_file():
+        raise QCalibError(f"list file {lf} does not exist")
+    base = lf.parent
+    paths = []
+    for line in lf.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            q = Path(line).expanduser()
+            paths.append((q if q.is_absolute() else base / q).resolve())
+    if not paths:
+        raise QCalibError(f"{lf} lists no files")
+    pool_paths = getattr(pool.dataset, "paths", None)
+    if pool_paths is not None:
+        where = {Path(pp).resolve(): i for i, pp in enumerate(pool_paths)}
+        if all(pp in where for pp in paths):
+            return [where[pp] for pp in paths], None
+    return None, load_pool(f"files:{lf}")
+
+
+def cmd_inspect_calib(args: argparse.Namespace) -> int:
+    from qcalib.cli import _selector_params
+    from qcalib.data.registry import load_pool
+    from qcalib.pipeline import resolve_device
+    from qcalib.select.base import select_indices
+    from qcalib.select.quality import DEFAULT_MAX_SAMPLES, calibration_mismatch, format_report
+    from qcalib.zoo.external import load_model
+
+    cfg: dict[str, Any] = {}
+    if args.run is not None:
+        run = Path(args.run).expanduser()
+        if not (run / "calib_indices.json").is_file():
+            raise QCalibError(
+                f"{run} has no calib_indices.json; pass a `qcalib quantize --out` directory"
+            )
+        cfg = _run_config(run)
+    model_spec = args.model or cfg.get("model") or _DEFAULT_MODEL
+    weights = args.weights or cfg.get("weights")
+    data = args.data or cfg.get("data") or _DEFAULT_DATA
+    data_root = args.data_root or cfg.get("data_root")
+    device = resolve_device(args.device)
+
+    model = load_model(model_spec, weights).eval().to(device)
+    pool = load_pool(data, data_root, split="train")
+    indices, calib, source = None, None, {}
+    if args.run is not None:
+        indices = read_indices(Path(args.run).expanduser() / "calib_indices.json")
+        source = {"run": str(args.run)}
+    elif args.indices is not None:
+        indices = read_indices(args.indices)
+        source = {"indices": str(args.indices)}
+    elif args.calib_files is not None:
+        indices, calib = _files_source(args.calib_files, pool)
+        source = {"calib_files": str(args.calib_files)}
+    else:
+        params = dict(_selector_params(args.selector_param))
+        idx = select_indices(
+            args.selector, pool, args.num_calib, model=model, seed=args.seed, **params
+        )
+        indices = idx.tolist()
+        source = {"selector": args.selector, "num_calib": args.num_calib, "seed": args.seed,
+                  "selector_params": params}  # fmt: skip
+    report = calibration_mismatch(
+        model,
+        pool,
+        indices,
+        calib=calib,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples or DEFAULT_MAX_SAMPLES,
+        max_pool=args.max_pool,
+        seed=args.seed,
+    )
+    report.info.update({"model": model_spec, "data": data, **source})
+    print(format_report(report))
+    if args.json:
+        out = Path(args.json).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report.to_json() + "\n")
+        print(f"saved to {out}")
+    return 0

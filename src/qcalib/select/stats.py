@@ -1,0 +1,412 @@
+"""Streamed activation statistics at the inputs of the quantized layers (SelectQ pass 1/2).
+
+What is observed (design.md §3)
+-------------------------------
+*Sites* are the inputs of the layers this package quantizes (``Conv2d`` / ``Linear``, as
+decided by :func:`qcalib.model.is_quantizable`; layers inside a float unit such as
+``nn.MultiheadAttention`` are skipped because the unit never calls them), which is where
+the activation quantizers sit and so what calibration measures ranges on. Sites are
+ordered by execution: a probe forward on the first sample of the first batch records the
+order of the calls (as :func:`qcalib.model.execution_order` does), so the selection of
+layers is resolved before any statistic is computed. A layer called
+more than once per forward (weight sharing) gives one site per call: ``name``,
+``name#2``, ``name#3`` ... since each call has its own activation distribution.
+
+Per sample and per channel the collector computes the mean and the (population) standard
+deviation of the activation (:func:`activation_stats_masked`), laid out as the rows
+``[mu_1..mu_C, sigma_1..sigma_C]`` of :mod:`qcalib.select.distance`:
+
+* ``Conv2d`` input ``[B, C, H, W]``: over the ``H x W`` spatial positions;
+* ``Linear`` input ``[B, T, C]`` (sequence models): over the ``T`` tokens, restricted to
+  the valid ones when an attention mask ``[B, T]`` (true / 1 = valid) is given; inputs
+  ``[B, *, C]`` with more token dimensions are reduced over all of them (the mask
+  applies only when the token shape matches it);
+* ``Linear`` input ``[B, C]``: one position, ``sigma = 0``.
+
+``stats="mean"`` keeps the layout but sets every sigma to 0 (the sigma statistics are
+then constant over the pool, so the W2 Knowledge Distance gives them weight 0 and it
+becomes a distance between means only).
+
+Streaming: the statistics are computed inside the forward hook and only the ``[B, 2C]``
+rows leave it (moved to CPU, float32); the activation itself is released by the forward
+as usual. Hooks are registered for one forward and removed right after it, so the model
+is never left with hooks attached, even when a forward raises.
+
+Non-finite values: the rows are checked per site; NaN/Inf (or an overflow of the
+statistics) raises :class:`NonFiniteActivationError` naming the layer. Checking the
+per-sample means and stds is enough, because any NaN/Inf in the activation reaches them.
+
+Assumptions: the batch dimension is first in every activation (``batch_first`` models);
+a site whose activation does not start with the batch size raises a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qcalib.errors import QCalibError
+from qcalib.model.qmodules import FLOAT_UNITS, QuantConv2d, is_quantizable, run_example
+from qcalib.select.distance import join_stats
+
+__all__ = [
+    "STATS_KINDS",
+    "ActivationStatsCollector",
+    "ActivationTap",
+    "NonFiniteActivationError",
+    "activation_stats_masked",
+    "quantizable_layers",
+    "resolve_layers",
+]
+
+STATS_KINDS = ("mean_std", "mean")
+
+
+class NonFiniteActivationError(QCalibError, ValueError):
+    """NaN/Inf in the activation feeding a layer (a ``QCalibError`` and a ``ValueError``)."""
+
+
+def check_finite_site(x: Tensor, site: str, what: str = "activation statistics") -> None:
+    """Raise :class:`NonFiniteActivationError` naming ``site`` if ``x`` has NaN/Inf."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        kinds = " and ".join(f"{n} {k}" for n, k in ((n_nan, "NaN"), (n_inf, "Inf")) if n > 0)
+        raise NonFiniteActivationError(
+            f"the input of layer {site!r} has non-finite {what} ({kinds} value(s)); check "
+            "the model weights and the pool's inputs (overflow, division by zero, a "
+            "corrupt image) or leave the layer out with layers=..."
+        )
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantizable layers by qualified name, skipping the insides of float units."""
+    out: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+
+    def visit(m: nn.Module, prefix: str) -> None:
+        if id(m) in seen or isinstance(m, FLOAT_UNITS):
+            return
+        seen.add(id(m))
+        if is_quantizable(m):
+            out[prefix] = m
+            return
+        for name, child in m.named_children():
+            visit(child, f"{prefix}.{name}" if prefix else name)
+
+    visit(model, "")
+    return out
+
+
+def channel_dim_of(module: nn.Module) -> int:
+    """1 for convolutions (``[B, C, H, W]``), -1 for linear layers (``[B, *, C]``)."""
+    return 1 if isinstance(module, (nn.Conv2d, QuantConv2d)) else -1
+
+
+def parse_layer_list(spec: Any) -> list[str | int] | None:
+    """``None``/``"all"`` -> None; ``"a,b"`` / ``"0,-1"`` / a list -> names and ints."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return None
+    if isinstance(spec, (str, int)) and not isinstance(spec, bool):
+        spec = str(spec).split(",")
+    out: list[str | int] = []
+    for item in spec:
+        if isinstance(item, bool):
+            raise QCalibError(f"layer {item!r} is neither a layer name nor an index")
+        if isinstance(item, int):
+            out.append(item)
+            continue
+        text = str(item).strip()
+        try:
+            out.append(int(text))
+        except ValueError:
+            if text:
+                out.append(text)
+    if not out:
+        raise QCalibError("the layer list is empty; give names or indices, or 'all'")
+    return out
+
+
+def resolve_layers(sites: Sequence[str], spec: Any, what: str = "layers") -> list[str]:
+    """The sites selected by ``spec`` (names, indices into ``sites``, or all), in site order.
+
+    A layer name selects every call site of that layer (``name`` and ``name#k``).
+    """
+    items = parse_layer_list(spec)
+    if items is None:
+        return list(sites)
+    chosen: set[str] = set()
+    for item in items:
+        if isinstance(item, int):
+            if not -len(sites) <= item < len(sites):
+                raise QCalibError(
+                    f"{what}: index {item} is out of range for {len(sites)} layers; use "
+                    f"0..{len(sites) - 1} (or negative indices from the end)"
+                )
+            chosen.add(sites[item])
+            continue
+        hits = [s for s in sites if s == item or s.split("#", 1)[0] == item]
+        if not hits:
+            shown = ", ".join(sites[:12]) + (", ..." if len(sites) > 12 else "")
+            raise QCalibError(
+                f"{what}: no quantized layer named {item!r}; layers in execution order: {shown}"
+            )
+        chosen.update(hits)
+    return [s for s in sites if s in chosen]
+
+
+def _mask_for(x: Tensor, channel_dim: int, mask: Tensor | None) -> Tensor | None:
+    """The mask ``[B, T]`` if it applies to a ``[B, T, C]`` activation, else None."""
+    if mask is None or channel_dim == 1 or x.dim() != 3:
+        return None
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        return None
+    return mask
+
+
+def activation_stats_masked(
+    x: Tensor, channel_dim: int = 1, mask: Tensor | None = None, kind: str = "mean_std"
+) -> Tensor:
+    """Per-sample per-channel ``[mu, sigma]`` rows ``[B, 2C]`` of one activation.
+
+    ``mask`` ``[B, T]`` (bool or 0/1) restricts a ``[B, T, C]`` activation with
+    ``channel_dim=-1`` to its valid tokens. Population std (``correction=0``) computed in at
+    least float32 by two passes (no ``E[x^2] - E[x]^2`` cancellation). ``kind="mean"``
+    returns sigma = 0. A 2-D ``[B, C]`` input has one position: sigma = 0.
+    """
+    if kind not in STATS_KINDS:
+        raise QCalibError(f"unknown stats {kind!r}; choose one of: {', '.join(STATS_KINDS)}")
+    if x.dim() < 2:
+        raise ValueError(f"expected an activation [B, C, ...], got shape {tuple(x.shape)}")
+    x = x.detach()
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    cd = channel_dim % x.dim()
+    if cd == 0:
+        raise ValueError("channel_dim cannot be the batch dimension 0")
+    m = _mask_for(x, channel_dim, mask)
+    x = x.movedim(cd, 1).reshape(x.shape[0], x.shape[cd], -1)  # [B, C, P]
+    if m is None:
+        mu = x.mean(2)
+        if kind == "mean" or x.shape[2] == 1:
+            return join_stats(mu, torch.zeros_like(mu))
+        var = (x - mu[:, :, None]).square_().mean(2)
+        return join_stats(mu, var.sqrt_())
+    w = m.to(device=x.device, dtype=x.dtype)[:, None, :]  # [B, 1, T]
+    count = w.sum(2)  # [B, 1]
+    if bool((count == 0).any()):
+        raise QCalibError(
+            "a sample has no valid token under the attention mask; drop empty sequences "
+            "from the pool"
+        )
+    mu = (x * w).sum(2) / count
+    if kind == "mean":
+        return join_stats(mu, torch.zeros_like(mu))
+    var = ((x - mu[:, :, None]).square_() * w).sum(2) / count
+    return join_stats(mu, var.sqrt_())
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    for v in values:
+        if isinstance(v, Tensor) and v.dim() > 0:
+            return v.shape[0]
+    raise QCalibError("cannot tell the batch size: the inputs hold no tensor")
+
+
+def _to_device(inputs: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return inputs
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: _to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_device(v, device) for v in inputs)
+    return inputs
+
+
+def _first_sample(inputs: Any) -> Any:
+    """The first sample of a batch (every tensor with a batch dimension sliced to 1)."""
+    if isinstance(inputs, Tensor):
+        return inputs[:1] if inputs.dim() > 0 else inputs
+    if isinstance(inputs, dict):
+        return {k: _first_sample(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_first_sample(v) for v in inputs)
+    return inputs
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for one forward; every module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+# fn(site, activation, channel_dim, mask) is called inside the hook.
+SiteFn = Callable[[str, Tensor, int, "Tensor | None"], None]
+
+
+class ActivationTap:
+    """Run a model batch by batch and hand each quantized layer's input to a callback.
+
+    The callback ``fn(site, x, channel_dim, mask)`` runs inside a forward pre-hook, so it
+    sees the activation while it exists and must reduce it to something small. The site
+    list (execution order) is fixed by the first batch; ``layers`` (names, indices into
+    that list, a comma-separated string, or None for all) restricts which sites reach
+    the callback. The model runs in eval mode under ``torch.no_grad``, on its own device.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Any = None, device: torch.device | str | None = None
+    ) -> None:
+        self.model = model
+        self.layer_spec = parse_layer_list(layers)
+        self.modules = quantizable_layers(model)
+        if not self.modules:
+            raise QCalibError(
+                f"the model ({type(model).__name__}) has no quantizable layer "
+                "(Conv2d / Linear); activation statistics need at least one"
+            )
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.all_sites: list[str] | None = None  # every site, execution order
+        self.sites: list[str] | None = None  # the selected ones
+
+    def run(self, inputs: Any, fn: SiteFn, mask: Tensor | None = None) -> int:
+        """One forward over a batch; returns the batch size.
+
+        Before the first batch, one probe forward on its first sample learns the site
+        order (so the callback never sees a site that is not selected).
+        """
+        inputs = _to_device(inputs, self.device)
+        if mask is None and isinstance(inputs, dict):
+            mask = inputs.get("attention_mask")
+        if mask is not None:
+            mask = mask.to(self.device)
+        bsz = _batch_size(inputs)
+        if self.all_sites is None:
+            self._set_sites(self._forward(_first_sample(inputs), None, None, 1))
+        order = self._forward(inputs, fn, mask, bsz)
+        if order != self.all_sites:
+            raise QCalibError(
+                "the quantized layers ran in a different order (or a different number of "
+                "times) for this batch than for the first one; activation statistics need "
+                "a static call graph"
+            )
+        return bsz
+
+    def _forward(self, inputs: Any, fn: SiteFn | None, mask: Tensor | None, bsz: int) -> list[str]:
+        selected = set(self.sites or ())
+        calls: dict[str, int] = {}
+        order: list[str] = []
+        handles = []
+
+        def make_hook(name: str, cdim: int) -> Callable[..., None]:
+            def hook(_m: nn.Module, args: tuple) -> None:
+                k = calls.get(name, 0) + 1
+                calls[name] = k
+                site = name if k == 1 else f"{name}#{k}"
+                order.append(site)
+                if fn is None or site not in selected:
+                    return
+                x = args[0] if args else None
+                if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != bsz:
+                    shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                    raise QCalibError(
+                        f"the input of layer {site!r} has shape {shape}, which does not "
+                        f"start with the batch size {bsz}; activation statistics need "
+                        "batch-first activations (e.g. batch_first=True)"
+                    )
+                fn(site, x, cdim, mask)
+
+            return hook
+
+        try:
+            for name, m in self.modules.items():
+                handles.append(m.register_forward_pre_hook(make_hook(name, channel_dim_of(m))))
+            with _eval_no_grad(self.model):
+                run_example(self.model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return order
+
+    def _set_sites(self, order: list[str]) -> None:
+        if not order:
+            raise QCalibError(
+                "no quantizable layer was called by the forward pass; check the model and "
+                "its inputs"
+            )
+        self.all_sites = list(order)
+        self.sites = resolve_layers(self.all_sites, self.layer_spec)
+
+
+class ActivationStatsCollector:
+    """Per-batch activation statistics of the quantized layers' inputs.
+
+    ``collector(inputs)`` runs one batch and returns ``{site: rows [B, 2C] float32 (CPU)}``
+    in execution order (see the module notes for the layout and the options). The full
+    activations are never kept: only the rows leave the hooks.
+
+    Parameters
+    ----------
+    model:
+        The full-precision network (a :class:`~qcalib.model.QuantModel` works too: its
+        quantized layers' inputs are observed before their quantizers).
+    layers:
+        ``None`` (all sites), layer names, indices into the execution order, or a
+        comma-separated string of either.
+    stats:
+        ``"mean_std"`` (default) or ``"mean"`` (sigma set to 0).
+    device:
+        Where the forward runs (default: the model's device).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Any = None,
+        stats: str = "mean_std",
+        device: torch.device | str | None = None,
+    ) -> None:
+        if stats not in STATS_KINDS:
+            raise QCalibError(f"unknown stats {stats!r}; choose one of: {', '.join(STATS_KINDS)}")
+        self.stats = stats
+        self.tap = ActivationTap(model, layers, device)
+
+    @property
+    def sites(self) -> list[str] | None:
+        """Observed sites in execution order (known after the first batch)."""
+        return self.tap.sites
+
+    def __call__(self, inputs: Any, mask: Tensor | None = None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+
+        def fn(site: str, x: Tensor, cdim: int, m: Tensor | None) -> None:
+            rows = activation_stats_masked(x, cdim, m, self.stats).to("cpu", torch.float32)
+            check_finite_site(rows, site)
+            out[site] = rows
+
+        self.tap.run(inputs, fn, mask)
+        return {s: out[s] for s in self.tap.sites or () if s in out}
