@@ -34,7 +34,13 @@ from qcalib.model.qmodules import (
 )
 from qcalib.quant.quantizer import ActQuantizer, QuantSpec, WeightQuantizer
 
-__all__ = ["ObserverFactory", "QuantModel", "execution_order", "quantize_model"]
+__all__ = [
+    "ObserverFactory",
+    "QuantModel",
+    "execution_order",
+    "quantizable_layers",
+    "quantize_model",
+]
 
 # Called once per quantizer with the quantizer's final spec (bits / per_channel / ch_axis);
 # must return a fresh observer (or None for a quantizer whose parameters are set by hand).
@@ -108,7 +114,7 @@ def execution_order(
     return first_call_order(model, example_input, targets)
 
 
-def _quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Quantizable layers by first registered name, skipping the insides of float units."""
     out: dict[str, nn.Module] = {}
     seen: set[int] = set()
@@ -303,7 +309,7 @@ def quantize_model(
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise QCalibError("the model is already quantized (it contains QuantModules)")
     net = fold_bn(model) if fold else copy.deepcopy(model).eval()
-    layers = _quantizable_layers(net)
+    layers = quantizable_layers(net)
     if not layers:
         raise QCalibError(
             f"{type(model).__name__} has no quantizable layer (Conv2d/Linear); "

@@ -50,7 +50,8 @@ import torch
 from torch import Tensor, nn
 
 from qcalib.errors import QCalibError
-from qcalib.model.qmodules import FLOAT_UNITS, QuantConv2d, is_quantizable, run_example
+from qcalib.model.qmodules import QuantConv2d, run_example
+from qcalib.model.wrap import quantizable_layers
 from qcalib.select.distance import join_stats
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
     "ActivationTap",
     "NonFiniteActivationError",
     "activation_stats_masked",
-    "quantizable_layers",
     "resolve_layers",
 ]
 
@@ -81,25 +81,6 @@ def check_finite_site(x: Tensor, site: str, what: str = "activation statistics")
             "the model weights and the pool's inputs (overflow, division by zero, a "
             "corrupt image) or leave the layer out with layers=..."
         )
-
-
-def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Quantizable layers by qualified name, skipping the insides of float units."""
-    out: dict[str, nn.Module] = {}
-    seen: set[int] = set()
-
-    def visit(m: nn.Module, prefix: str) -> None:
-        if id(m) in seen or isinstance(m, FLOAT_UNITS):
-            return
-        seen.add(id(m))
-        if is_quantizable(m):
-            out[prefix] = m
-            return
-        for name, child in m.named_children():
-            visit(child, f"{prefix}.{name}" if prefix else name)
-
-    visit(model, "")
-    return out
 
 
 def channel_dim_of(module: nn.Module) -> int:
