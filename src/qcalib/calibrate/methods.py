@@ -25,15 +25,18 @@ blocks' activation steps); we run both stages block by block, so each block's ca
 built once. QDrop's code mixes the block *input* between the quantized and the FP model
 element-wise (its activation quantizers sit on the outputs of the previous block); here
 the input quantizer of a block's first layer lies inside the block, so the same drop is
-applied there to the quantized model's input. At the end every activation is quantized.
+applied there, and a dropped element keeps the quantized upstream's float value rather
+than the FP model's. QDrop's code also re-initializes a block's activation ranges on its
+cached inputs just before reconstructing it; we initialize all ranges once, up front (as
+BRECQ does). At the end every activation is quantized.
 
 Any method can use the Fisher-weighted error (``ReconConfig.fisher``), published for
 BRECQ. A subclass adds loss terms by overriding :meth:`ReconCalibrator.extra_terms`
 (CL-Calib).
 
-Measured (fast profile: 500 rounding iterations per block, batch 32, 200 activation
-iterations for BRECQ; two CPU cores shared with a training job, so upper bounds): see
-``RECON_PROFILES`` in :mod:`qcalib.config` and the project report.
+Costs and accuracies belong to the reconstruction benchmark (issue 4, not yet run); the
+fast profile is 500 rounding iterations per block, batch 32, 200 activation iterations
+for BRECQ (``RECON_PROFILES`` in :mod:`qcalib.config`).
 """
 
 from __future__ import annotations
