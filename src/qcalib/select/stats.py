@@ -42,8 +42,7 @@ a site whose activation does not start with the batch size raises a clear error.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +50,7 @@ from torch import Tensor, nn
 
 from qcalib.errors import QCalibError
 from qcalib.model.qmodules import QuantConv2d, run_example
-from qcalib.model.wrap import quantizable_layers
+from qcalib.model.wrap import probe_mode, quantizable_layers
 from qcalib.select.distance import join_stats
 
 __all__ = [
@@ -232,19 +231,6 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for one forward; every module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 # fn(site, activation, channel_dim, mask) is called inside the hook.
 SiteFn = Callable[[str, Tensor, int, "Tensor | None"], None]
 
@@ -326,7 +312,7 @@ class ActivationTap:
         try:
             for name, m in self.modules.items():
                 handles.append(m.register_forward_pre_hook(make_hook(name, channel_dim_of(m))))
-            with _eval_no_grad(self.model):
+            with probe_mode(self.model):
                 run_example(self.model, inputs)
         finally:
             for h in handles:
