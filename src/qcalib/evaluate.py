@@ -16,15 +16,25 @@ def accuracy(
     batch_size: int = 500,
     progress: bool = False,
     device: torch.device | str = "cpu",
+    channels_last: bool = True,
 ) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent.
+
+    Image batches run channels-last by default: oneDNN's convolutions (depthwise ones
+    above all) are 1.5-3x faster that way on CPU, and the logits are unchanged.
+    """
     model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     correct = total = 0
     batches = iterate_labeled(dataset, batch_size)
     if progress:
         batches = tqdm(batches, total=-(-len(dataset) // batch_size), desc="eval", leave=False)
     for x, y in batches:
-        pred = model(x.to(device)).argmax(1).cpu()
+        x = x.to(device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = model(x).argmax(1).cpu()
         correct += (pred == y).sum().item()
         total += y.numel()
     return 100.0 * correct / total
