@@ -24,9 +24,11 @@ def cell_key(cell: dict) -> str:
 
 
 class CellStore:
-    def __init__(self, grid: str) -> None:
+    """``bench/results/<grid>.<kind>.jsonl``: one JSON line per finished cell."""
+
+    def __init__(self, grid: str, kind: str = "cells") -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        self.path = RESULTS / f"{grid}.cells.jsonl"
+        self.path = RESULTS / f"{grid}.{kind}.jsonl"
         self.rows: dict[str, dict] = {}
         if self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -74,22 +76,49 @@ def machine() -> dict:
     }
 
 
-def fmt(x: object) -> str:
+def fmt(x: object, spec: str = ".2f") -> str:
     if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.2f}"
+        return "nan" if math.isnan(x) else format(x, spec)
     return str(x)
 
 
+def markdown_table(
+    rows: list[dict], columns: Sequence[str], formats: dict[str, str] | None = None
+) -> list[str]:
+    """``formats``: a format spec per column for floats (default ``.2f``)."""
+    formats = formats or {}
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = (fmt(r.get(c, ""), formats.get(c, ".2f")) for c in columns)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_tables(
-    name: str, title: str, command: str, rows: list[dict], columns: Sequence[str], notes: str = ""
+    name: str,
+    title: str,
+    command: str,
+    rows: list[dict],
+    columns: Sequence[str],
+    notes: str = "",
+    extra: Sequence[tuple[str, list[dict], Sequence[str]]] = (),
+    formats: dict[str, str] | None = None,
 ) -> None:
-    """Write ``bench/results/NAME.json`` and ``NAME.md`` (a Markdown table of ``rows``)."""
+    """Write ``bench/results/NAME.json`` and ``NAME.md`` (a Markdown table of ``rows``).
+
+    ``extra``: further ``(heading, rows, columns)`` tables, under the main one in the
+    Markdown and under ``"extra"`` (by heading) in the JSON. ``formats``: a float format
+    spec per column name, for every table (default ``.2f``).
+    """
     payload = {"title": title, "command": command, "machine": machine(), "rows": rows}
+    if extra:
+        payload["extra"] = {heading: r for heading, r, _ in extra}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"# {title}", "", f"Command: `{command}`", ""]
     if notes:
         lines += [notes, ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+    lines += markdown_table(rows, columns, formats)
+    for heading, r, cols in extra:
+        lines += ["", f"## {heading}", ""]
+        lines += markdown_table(r, cols, formats) if r else ["(none)"]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -108,3 +108,29 @@ def test_cli_model_without_quantizable_layer(tmp_path, capsys, monkeypatch):
     )
     assert main(["quantize", "--no-progress", "--data", "digits", "--model", "x:y"]) == 2
     assert "no quantizable layer" in capsys.readouterr().err
+
+
+def test_precomputed_indices_skip_selection_and_match_the_selected_run(bench):
+    cfg = _cfg(seed=5)
+    _, ref = quantize(cfg, bench, progress=False)
+    shuffled = list(reversed(ref.calib_indices))
+    _, given = quantize(cfg, bench, progress=False, indices=shuffled)
+    assert given.calib_indices == ref.calib_indices  # sorted like a selector's
+    assert given.quant_top1 == ref.quant_top1
+    # The set is used as given, whatever cfg.select says (it only labels the run).
+    other = _cfg(seed=5, select=SelectConfig("nope"))
+    _, labeled = quantize(other, bench, progress=False, indices=torch.tensor(shuffled))
+    assert labeled.quant_top1 == ref.quant_top1
+
+
+@pytest.mark.parametrize(
+    ("indices", "message"),
+    [
+        ([0, 1], "2 calibration indices given but --num-calib is 32"),
+        (list(range(31)) + [10**6], "out of range"),
+        (list(range(31)) + [0], "duplicates"),
+    ],
+)
+def test_precomputed_indices_errors(bench, indices, message):
+    with pytest.raises(QCalibError, match=message):
+        quantize(_cfg(), bench, progress=False, indices=indices)

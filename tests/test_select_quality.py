@@ -212,3 +212,29 @@ def test_cli_calib_files_in_and_outside_the_pool(monkeypatch, tmp_path, capsys):
     r_out = json.loads((tmp_path / "outside.json").read_text())
     assert r_in["layers"][0]["set_max"] <= r_in["layers"][0]["pool_max"]
     assert r_out["n_set"] == 2 and r_out["n_pool"] == 5
+
+
+def test_pool_reference_reused_for_many_sets(trained_tiny, planted):
+    from qcalib.select.quality import pool_reference
+
+    pool, outliers = planted
+    ref = pool_reference(trained_tiny, pool, batch_size=256, max_pool=600, seed=1)
+    assert ref.n_pool == 600 and ref.sites == ["conv1", "conv2", "fc"]
+    for idx in (torch.arange(0, 400, 7), outliers):
+        direct = calibration_mismatch(trained_tiny, pool, idx, max_pool=600, seed=1)
+        reused = calibration_mismatch(trained_tiny, pool, idx, reference=ref)
+        assert reused.n_pool == direct.n_pool == 600 and reused.n_set == direct.n_set
+        for a, b in zip(direct.layers, reused.layers, strict=True):
+            assert a.layer == b.layer
+            assert (a.pool_min, a.pool_max) == (b.pool_min, b.pool_max)  # same pool side
+            assert (a.set_min, a.set_max) == pytest.approx((b.set_min, b.set_max))
+            assert b.moment_distance == pytest.approx(a.moment_distance, rel=1e-4)
+        assert reused.mismatch == pytest.approx(direct.mismatch, rel=1e-4)
+    whole = pool_reference(trained_tiny, pool, batch_size=256)
+    same = calibration_mismatch(
+        trained_tiny, pool, torch.arange(len(pool)), batch_size=256, reference=whole
+    )
+    assert max(abs(v) for v in same.average.values()) < 1e-9
+    other = Pool(TensorDataset(torch.randn(10, 1, 8, 8)), name="ten")
+    with pytest.raises(QCalibError, match="measured on a pool of"):
+        calibration_mismatch(trained_tiny, other, [0, 1], reference=ref)

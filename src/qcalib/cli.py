@@ -81,8 +81,17 @@ _RECON_FLAGS = {  # argparse dest -> ReconConfig field
 }
 
 
+_CONTRASTIVE_FLAGS = {  # argparse dest -> ContrastiveConfig field
+    "cl_weight": "weight",
+    "cl_temperature": "temperature",
+    "cl_loss": "loss",
+    "cl_critic": "critic",
+    "cl_tail_blocks": "tail_blocks",
+}
+
+
 def _recon_config(args: argparse.Namespace):  # noqa: ANN202
-    from qcalib.config import ReconConfig
+    from qcalib.config import ContrastiveConfig, ReconConfig
 
     # Flags left unset keep the profile's / config's defaults.
     kwargs = {
@@ -92,6 +101,16 @@ def _recon_config(args: argparse.Namespace):  # noqa: ANN202
     }
     if getattr(args, "fisher", False):
         kwargs["fisher"] = True
+    cl = {
+        field: getattr(args, dest)
+        for dest, field in _CONTRASTIVE_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
+    if cl and not getattr(args, "contrastive", False):
+        flags = ", ".join("--" + d.replace("_", "-") for d in _CONTRASTIVE_FLAGS if d in cl)
+        raise QCalibError(f"{flags} only apply with --contrastive; add it or drop them")
+    if getattr(args, "contrastive", False):
+        kwargs["contrastive"] = ContrastiveConfig(**cl)
     return ReconConfig(**kwargs)
 
 
@@ -198,6 +217,19 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-prob", type=float, default=None,
                    help="QDrop: probability an activation is quantized (default 0.5)")  # fmt: skip
     g.add_argument("--fisher", action="store_true", help="Fisher-weighted output error")
+    g = q.add_argument_group("CL-Calib add-on (with adaround, brecq, qdrop)")
+    g.add_argument("--contrastive", action="store_true",
+                   help="add the contrastive FP/quantized mutual-information loss")  # fmt: skip
+    g.add_argument("--cl-weight", type=float, default=None, help="lambda (default 1)")
+    g.add_argument("--cl-temperature", type=float, default=None, help="tau (default 0.1)")
+    g.add_argument("--cl-loss", choices=["nce", "infonce"], default=None,
+                   help="default nce")  # fmt: skip
+    g.add_argument("--cl-critic", choices=["truncated", "full", "projection"], default=None,
+                   help="frozen FP tail after the block: the next --cl-tail-blocks blocks "
+                        "(truncated, default) or all of them (full); projection trains a "
+                        "head (ablation)")  # fmt: skip
+    g.add_argument("--cl-tail-blocks", type=int, default=None,
+                   help="blocks in the truncated critic (default 1)")  # fmt: skip
     g = q.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto")

@@ -48,6 +48,54 @@ RECON_PROFILES: dict[str, dict[str, int]] = {
 }
 
 
+CONTRASTIVE_LOSSES = ("nce", "infonce")
+CONTRASTIVE_CRITICS = ("truncated", "full", "projection")
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """CL-Calib's contrastive term, added to every reconstruction stage's loss.
+
+    ``L = L_rec + weight * L_CL`` with similarities ``<z_q,i, z_f,j> / temperature`` of
+    L2-normalized critic features. ``critic``: ``truncated`` (the next ``tail_blocks``
+    blocks of the frozen FP network, then global average pooling), ``full`` (every block
+    after this one, as far as they chain), or ``projection`` (a trainable linear head on
+    the pooled block output, ``proj_dim`` wide, Adam at ``proj_lr``: an ablation, the one
+    critic that trains something). ``center`` subtracts the mean FP feature of the
+    calibration set before normalizing (frozen critics). Defaults: see
+    :mod:`qcalib.calibrate.contrastive`.
+    """
+
+    weight: float = 1.0
+    temperature: float = 0.1
+    loss: str = "nce"
+    critic: str = "truncated"
+    tail_blocks: int = 1
+    center: bool = True
+    proj_dim: int = 128
+    proj_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.weight >= 0, f"--cl-weight must be at least 0, got {self.weight}"),
+            (self.temperature > 0, f"--cl-temperature must be positive, got {self.temperature}"),
+            (
+                self.loss in CONTRASTIVE_LOSSES,
+                f"--cl-loss must be one of {', '.join(CONTRASTIVE_LOSSES)}, got {self.loss!r}",
+            ),
+            (
+                self.critic in CONTRASTIVE_CRITICS,
+                f"--cl-critic must be one of {', '.join(CONTRASTIVE_CRITICS)}, got {self.critic!r}",
+            ),
+            (self.tail_blocks >= 0, f"--cl-tail-blocks must be at least 0, got {self.tail_blocks}"),
+            (self.proj_dim >= 1, f"proj_dim must be at least 1, got {self.proj_dim}"),
+            (self.proj_lr > 0, f"proj_lr must be positive, got {self.proj_lr}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise QCalibError(message)
+
+
 @dataclass(frozen=True)
 class ReconConfig:
     """Settings of the reconstruction calibrators (``adaround``, ``brecq``, ``qdrop``).
@@ -74,8 +122,12 @@ class ReconConfig:
     fisher: bool = False
     w_observer: str = "mse"
     a_observer: str = "mse"
+    # CL-Calib add-on (None: off); a nested dict (from RunConfig.from_dict) is accepted.
+    contrastive: ContrastiveConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.contrastive, dict):
+            object.__setattr__(self, "contrastive", ContrastiveConfig(**self.contrastive))
         if self.profile not in RECON_PROFILES:
             raise QCalibError(
                 f"--profile must be one of {', '.join(RECON_PROFILES)}, got {self.profile!r}"

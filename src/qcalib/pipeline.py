@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ import torch
 from torch import nn
 
 from qcalib.calibrate import CALIBRATORS
+from qcalib.calibrate.base import Calibrator
 from qcalib.config import QuantConfig, RunConfig
 from qcalib.data.registry import load_dataset, load_pool
+from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy
 from qcalib.measure import Measure
 from qcalib.model.wrap import QuantModel, quantize_model
@@ -113,22 +116,64 @@ def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> t
     return selector.select(cfg.calib.num_calib)
 
 
+def check_indices(
+    indices: Sequence[int] | torch.Tensor, pool_size: int, num_calib: int
+) -> torch.Tensor:
+    """A given calibration set as sorted unique indices, or a :class:`QCalibError`."""
+    idx = torch.as_tensor(indices).long().flatten()
+    if idx.numel() != num_calib:
+        raise QCalibError(
+            f"{idx.numel()} calibration indices given but --num-calib is {num_calib}; "
+            "give as many indices as the run's num_calib"
+        )
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= pool_size):
+        raise QCalibError(
+            f"calibration index out of range for a pool of {pool_size} samples "
+            f"(got {int(idx.min())}..{int(idx.max())}); indices are 0-based pool positions"
+        )
+    if idx.unique().numel() != idx.numel():
+        raise QCalibError("the calibration indices contain duplicates; list each sample once")
+    return idx.sort().values
+
+
 def quantize(
     cfg: RunConfig,
     bench: Workbench | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    calibrator: Calibrator | None = None,
+    indices: Sequence[int] | torch.Tensor | None = None,
 ) -> tuple[QuantModel, RunResult]:
-    """One PTQ run. With ``out``, each finished stage is written at once."""
+    """One PTQ run. With ``out``, each finished stage is written at once.
+
+    ``calibrator``: an instance to use instead of a new one from the registry (e.g. to
+    read a reconstruction calibrator's ``engine`` afterwards, or to set its hooks); it
+    must be of ``cfg.calib.calibrator``'s class (or a subclass) and built on ``cfg.calib``.
+
+    ``indices``: a precomputed calibration set (``cfg.calib.num_calib`` distinct pool
+    indices, e.g. cached from an earlier selection, since selection does not depend on
+    the calibrator or the bits); selection is skipped and ``cfg.select`` only labels the
+    run. The indices are sorted like a selector's.
+    """
     from qcalib.artifact import save_indices, save_run
 
     bench = bench or Workbench.from_config(cfg)
     torch.manual_seed(cfg.seed)
     seconds, rss = {}, {}
-    calibrator = CALIBRATORS.get(cfg.calib.calibrator)(cfg.calib)
+    cls = CALIBRATORS.get(cfg.calib.calibrator)
+    if calibrator is None:
+        calibrator = cls(cfg.calib)
+    elif not isinstance(calibrator, cls) or calibrator.cfg != cfg.calib:
+        raise QCalibError(
+            f"quantize(calibrator=...) must be a {cls.__name__} ({cfg.calib.calibrator!r}) "
+            f"built on the run's CalibConfig; got a {type(calibrator).__name__}"
+        )
 
     with Measure() as m:
-        indices = select_indices(cfg, bench, progress)
+        if indices is None:
+            indices = select_indices(cfg, bench, progress)
+        else:
+            indices = check_indices(indices, len(bench.pool), cfg.calib.num_calib)
     seconds["select"], rss["select"] = m.seconds, m.peak_rss_mb
     if out is not None:
         save_indices(Path(out), indices)

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from qcalib.config import CalibConfig
+from qcalib.errors import QCalibError
 from qcalib.model.wrap import QuantModel
 from qcalib.quant.observers import make_observer
 from qcalib.quant.quantizer import UniformQuantizer
@@ -25,9 +26,20 @@ log = logging.getLogger(__name__)
 
 
 class Calibrator(ABC):
-    """Sets the quantization parameters of a QuantModel from calibration data."""
+    """Sets the quantization parameters of a QuantModel from calibration data.
+
+    ``accepts_loss_terms``: whether the calibrator minimizes a loss that add-ons such as
+    CL-Calib (``ReconConfig.contrastive``) can extend; the others refuse such a config.
+    """
+
+    accepts_loss_terms = False
 
     def __init__(self, cfg: CalibConfig) -> None:
+        if cfg.recon.contrastive is not None and not self.accepts_loss_terms:
+            raise QCalibError(
+                f"--contrastive is an add-on to the reconstruction calibrators (adaround, "
+                f"brecq, qdrop), not to {cfg.calibrator!r}: pick one of them or drop it"
+            )
         self.cfg = cfg
 
     @abstractmethod

@@ -31,8 +31,9 @@ cached inputs just before reconstructing it; we initialize all ranges once, up f
 BRECQ does). At the end every activation is quantized.
 
 Any method can use the Fisher-weighted error (``ReconConfig.fisher``), published for
-BRECQ. A subclass adds loss terms by overriding :meth:`ReconCalibrator.extra_terms`
-(CL-Calib).
+BRECQ. ``ReconConfig.contrastive`` adds the CL-Calib term
+(:mod:`qcalib.calibrate.contrastive`) to every method; a subclass adds other terms by
+overriding :meth:`ReconCalibrator.extra_terms`.
 
 Costs and accuracies belong to the reconstruction benchmark (issue 4, not yet run); the
 fast profile is 500 rounding iterations per block, batch 32, 200 activation iterations
@@ -47,6 +48,7 @@ from pathlib import Path
 import torch
 
 from qcalib.calibrate.base import CALIBRATORS, ObserverCalibrator
+from qcalib.calibrate.contrastive import ContrastiveLoss
 from qcalib.calibrate.reconstruct import BlockReconstructor, LossTerm, Stage
 from qcalib.model.partition import Block, partition_blocks
 from qcalib.model.wrap import QuantModel
@@ -63,6 +65,7 @@ class ReconCalibrator(ObserverCalibrator):
     """
 
     method = ""
+    accepts_loss_terms = True
     on_block_end = None
     on_iteration = None
     engine: BlockReconstructor | None = None
@@ -82,8 +85,9 @@ class ReconCalibrator(ObserverCalibrator):
         raise NotImplementedError
 
     def extra_terms(self) -> list[LossTerm]:
-        """Loss terms added to every stage's loss (none here; CL-Calib adds one)."""
-        return []
+        """Loss terms added to every stage's loss: CL-Calib's when the config asks for it."""
+        cl = self.cfg.recon.contrastive
+        return [ContrastiveLoss(cl)] if cl is not None else []
 
     def calibrate(
         self,

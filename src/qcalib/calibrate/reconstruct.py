@@ -160,6 +160,14 @@ class BlockInfo:
     qmodel: QuantModel
     fp_model: QuantModel
     fp_block: nn.Module
+    blocks: Sequence[Block] = ()
+    calib_data: torch.Tensor | None = None
+    batch_size: int = 0  # samples per iteration
+    seed: int = 0
+
+    def fp_module(self, block: Block) -> nn.Module:
+        """The FP twin of ``block`` (of this run's frozen FP copy)."""
+        return self.fp_model.model.get_submodule(block.name)
 
 
 @dataclass
@@ -490,7 +498,8 @@ class BlockReconstructor:
             return
         info = BlockInfo(
             block, index, len(self.blocks), cache, self.qmodel, self.fp_model,
-            self._fp_block(block),
+            self._fp_block(block), self.blocks, self.calib_data,
+            min(self.cfg.batch_size, len(cache)), self.seed,
         )  # fmt: skip
         terms_all = self.extra_terms
         for t in terms_all:
@@ -662,6 +671,7 @@ class BlockReconstructor:
             desc = f"[{index + 1}/{info.num_blocks}] {block.name or '<model>'} {stage.name}"
             bar = tqdm(range(iters), desc=desc, leave=False, disable=not self.progress)
             first = last = None
+            t_stage = time.perf_counter()
             for it in bar:
                 idx = torch.randperm(n, generator=idx_gen)[:batch].to(device)
                 inputs = cache.inputs(idx)
@@ -695,7 +705,8 @@ class BlockReconstructor:
             bar.close()
             self.history.append(
                 {"block": block.name, "index": index, "stage": stage.name, "iters": iters,
-                 "first": first, "last": last}
+                 "seconds": round(time.perf_counter() - t_stage, 4), "first": first,
+                 "last": last}
             )  # fmt: skip
 
 

@@ -222,6 +222,118 @@ def _check_indices(indices: Any, n_pool: int) -> Tensor:
     return idx.sort().values
 
 
+@dataclass
+class PoolReference:
+    """The pool side of :func:`calibration_mismatch`, measured once by :func:`pool_reference`.
+
+    Passing it as ``reference=`` compares any number of calibration sets of the same model
+    with the same pool while streaming only the sets: the pool side costs a pass over
+    the pool (or its ``max_pool`` subsample) plus the quantile sampling, several forward
+    passes' worth, so a benchmark that scores hundreds of sets measures it once. The
+    set side then uses the reference's ``layers``, ``max_samples`` and ``seed``.
+    """
+
+    summaries: dict[str, _Summary]
+    sites: list[str]
+    n_pool: int  # samples summarized (the max_pool subsample, or the whole pool)
+    pool_size: int  # len(pool) when measured: the set's indices must address that pool
+    pool_name: str
+    layers: Any
+    max_samples: int
+    max_pool: int | None
+    seed: int
+
+
+def _check_common(quantiles: Sequence[float], batch_size: Any, pool: Pool) -> tuple[float, ...]:
+    qs = tuple(float(q) for q in quantiles)
+    if not qs or not all(0.0 <= q <= 1.0 for q in qs):
+        raise QCalibError(f"quantiles must be in [0, 1], got {quantiles!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise QCalibError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if len(pool) == 0:
+        raise QCalibError("the pool is empty; point --data at a non-empty dataset")
+    return qs
+
+
+def _pool_subsample(n_pool: int, max_pool: int | None, seed: int) -> Tensor | None:
+    if max_pool and n_pool > max_pool:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randperm(n_pool, generator=gen)[:max_pool].sort().values
+    return None
+
+
+def _stream(
+    tap: ActivationTap,
+    data: Pool,
+    stream: Tensor | None,
+    batch_size: int,
+    sides: Sequence[tuple[dict[str, _Summary], Tensor | None]],
+    max_samples: int,
+    seed: int,
+) -> None:
+    """Stream ``data`` (the rows ``stream``, or all) once; each ``(side, members)`` pair
+    summarizes the batch rows whose index is in ``members`` (``None``: every row)."""
+
+    def summary(side: dict[str, _Summary], site: str) -> _Summary:
+        if site not in side:
+            side[site] = _Summary(max_samples, seed)
+        return side[site]
+
+    for idx, x in data.batches(batch_size, stream):
+        sel_rows = [(side, None if m is None else torch.isin(idx, m)) for side, m in sides]
+
+        def fn(
+            site: str,
+            act: Tensor,
+            cdim: int,
+            mask: Tensor | None,
+            sel_rows: list[tuple[dict[str, _Summary], Tensor | None]] = sel_rows,
+        ) -> None:
+            for side, sel in sel_rows:
+                if sel is not None:
+                    if not bool(sel.any()):
+                        continue
+                    sel = None if bool(sel.all()) else sel.to(act.device)
+                summary(side, site).update(_rows(act, cdim, mask, sel), site)
+
+        tap.run(x, fn)
+
+
+def pool_reference(
+    model: nn.Module,
+    pool: Pool,
+    *,
+    layers: Any = None,
+    batch_size: int = 128,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    max_pool: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> PoolReference:
+    """Measure the pool side of :func:`calibration_mismatch` once, for ``reference=``.
+
+    The arguments mean what they mean there; with the same ones, a report computed with
+    the reference has the same pool side as one computed without it.
+    """
+    _check_common(DEFAULT_QUANTILES, batch_size, pool)
+    n_pool = len(pool)
+    pool_idx = _pool_subsample(n_pool, max_pool, seed)
+    tap = ActivationTap(model, layers, device)
+    side: dict[str, _Summary] = {}
+    _stream(tap, pool, pool_idx, batch_size, [(side, None)], max_samples, seed)
+    return PoolReference(
+        summaries=side,
+        sites=list(tap.sites or ()),
+        n_pool=n_pool if pool_idx is None else pool_idx.numel(),
+        pool_size=n_pool,
+        pool_name=getattr(pool, "name", "pool"),
+        layers=layers,
+        max_samples=max_samples,
+        max_pool=max_pool,
+        seed=seed,
+    )
+
+
 def calibration_mismatch(
     model: nn.Module,
     pool: Pool,
@@ -235,6 +347,7 @@ def calibration_mismatch(
     max_pool: int | None = None,
     seed: int = 0,
     device: str | None = None,
+    reference: PoolReference | None = None,
 ) -> MismatchReport:
     """Per-layer activation mismatch of a calibration set against ``pool``.
 
@@ -243,76 +356,59 @@ def calibration_mismatch(
     in :class:`~qcalib.select.stats.ActivationStatsCollector`; ``max_pool`` compares with
     a seeded subsample of the pool of that size (default: the whole pool). The model runs
     in eval mode without gradients; it is not changed.
+
+    ``reference`` (from :func:`pool_reference` on the same model and pool) skips the pass
+    over the pool: only the set is streamed, and ``layers``, ``max_samples``,
+    ``max_pool`` and ``seed`` are the reference's (the arguments given here are unused).
     """
     if (indices is None) == (calib is None):
         raise QCalibError(
             "give the calibration set either as indices into the pool or as calib=, not both"
         )
-    qs = tuple(float(q) for q in quantiles)
-    if not qs or not all(0.0 <= q <= 1.0 for q in qs):
-        raise QCalibError(f"quantiles must be in [0, 1], got {quantiles!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise QCalibError(f"batch_size must be a positive integer, got {batch_size!r}")
+    qs = _check_common(quantiles, batch_size, pool)
     n_pool = len(pool)
-    if n_pool == 0:
-        raise QCalibError("the pool is empty; point --data at a non-empty dataset")
     set_idx = None if indices is None else _check_indices(indices, n_pool)
-    pool_idx = None
-    if max_pool and n_pool > max_pool:
-        gen = torch.Generator().manual_seed(seed)
-        pool_idx = torch.randperm(n_pool, generator=gen)[:max_pool].sort().values
-    tap = ActivationTap(model, layers, device)
-    pool_side: dict[str, _Summary] = {}
     set_side: dict[str, _Summary] = {}
-
-    def summary(side: dict[str, _Summary], site: str) -> _Summary:
-        if site not in side:
-            side[site] = _Summary(max_samples, seed)
-        return side[site]
-
-    # Pass over the pool (and over the set when it is part of the pool).
-    stream = None
-    if pool_idx is not None:
-        stream = pool_idx if set_idx is None else torch.cat([pool_idx, set_idx]).unique()
-    for idx, x in pool.batches(batch_size, stream):
-        in_pool = None if pool_idx is None else torch.isin(idx, pool_idx)
-        in_set = None if set_idx is None else torch.isin(idx, set_idx)
-
-        def fn(
-            site: str,
-            act: Tensor,
-            cdim: int,
-            mask: Tensor | None,
-            in_pool: Tensor | None = in_pool,
-            in_set: Tensor | None = in_set,
-        ) -> None:
-            for side, sel in ((pool_side, in_pool), (set_side, in_set)):
-                if side is set_side and sel is None:
-                    continue  # the set is a separate dataset (calib=)
-                if sel is not None:
-                    if not bool(sel.any()):
-                        continue
-                    sel = None if bool(sel.all()) else sel.to(act.device)
-                summary(side, site).update(_rows(act, cdim, mask, sel), site)
-
-        tap.run(x, fn)
-    n_pool_used = n_pool if pool_idx is None else pool_idx.numel()
+    if reference is not None:
+        if reference.pool_size != n_pool:
+            raise QCalibError(
+                f"the pool reference was measured on a pool of {reference.pool_size} samples, "
+                f"this pool has {n_pool}; measure pool_reference() on this pool"
+            )
+        layers, max_samples = reference.layers, reference.max_samples
+        max_pool, seed = reference.max_pool, reference.seed
+        tap = ActivationTap(model, layers, device)
+        pool_side = reference.summaries
+        sites = reference.sites
+        n_pool_used = reference.n_pool
+        if set_idx is not None:
+            _stream(tap, pool, set_idx, batch_size, [(set_side, None)], max_samples, seed)
+    else:
+        pool_idx = _pool_subsample(n_pool, max_pool, seed)
+        tap = ActivationTap(model, layers, device)
+        pool_side = {}
+        # One pass over the pool, which also yields the set when it is part of the pool.
+        if set_idx is not None:
+            stream = None
+            if pool_idx is not None:
+                stream = torch.cat([pool_idx, set_idx]).unique()
+            sides = [(pool_side, pool_idx), (set_side, set_idx)]
+        else:
+            stream = pool_idx
+            sides = [(pool_side, pool_idx)]
+        _stream(tap, pool, stream, batch_size, sides, max_samples, seed)
+        sites = list(tap.sites or ())
+        n_pool_used = n_pool if pool_idx is None else pool_idx.numel()
     n_set = 0 if set_idx is None else set_idx.numel()
     if calib is not None:
         if len(calib) == 0:
             raise QCalibError("the calibration set is empty; give at least one sample")
         n_set = len(calib)
-        for _, x in calib.batches(batch_size):
-            tap.run(
-                x,
-                lambda site, act, cdim, mask: summary(set_side, site).update(
-                    _rows(act, cdim, mask, None), site
-                ),
-            )
+        _stream(tap, calib, None, batch_size, [(set_side, None)], max_samples, seed)
 
     q_t = torch.tensor(qs, dtype=torch.float64)
     rows = []
-    for site in tap.sites or ():
+    for site in sites:
         p, s = pool_side.get(site), set_side.get(site)
         if p is None or s is None or p.empty or s.empty:
             continue

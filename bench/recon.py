@@ -1,0 +1,673 @@
+"""Reconstruction grid (issue 4): AdaRound / BRECQ / QDrop on the reference models.
+
+    cd bench && ../.venv/bin/python recon.py                # resumable; finished cells skipped
+    cd bench && ../.venv/bin/python recon.py --max-minutes 60
+    cd bench && ../.venv/bin/python recon.py --report-only  # rewrite the tables only
+    cd bench && ../.venv/bin/python recon.py --smoke        # tiny run into recon-smoke*
+
+Parts (``--parts``), in the order they run:
+
+timing    per-iteration time of each method on one block of each kind (``TIMING_BLOCKS``),
+          batch 32, beside the floor: forward + backward of the FP block alone on the same
+          batch (gradients w.r.t. its weights, no quantization) -> ``recon-timing``.
+main      both models x {adaround, brecq, qdrop} x {W2A4, W2A2, W4A4} x random selection,
+          n = 256, 3 seeds, fast profile -> ``recon``. Order: ResNet-20 seed 0 (W2A4,
+          W2A2, W4A4; all methods each), MobileNetV2 seed 0, then seeds 1 and 2.
+selector  qdrop at W2A4 / W2A2, random vs selectq (default parameters), 3 seeds,
+          ResNet-20 first -> ``recon-selector`` (the random rows are main-grid cells).
+paper     ResNet-20, qdrop, W2A4, seed 0, n = 1024: the fast profile, then the published
+          one (``RECON_PROFILES["paper"]``, 20k iterations per block) -> ``recon-paper``.
+          The W3A3 main-grid cells ("where time allows") run before the paper cell, which
+          is last; its estimated time is logged before it starts.
+
+Every cell is one JSON line in ``results/<grid>.cells.jsonl`` the moment it ends, so a
+killed run loses at most the cell in flight. Timings depend on the thread count: run
+with ``OMP_NUM_THREADS`` set (the rows record torch's thread count and the 1-minute load
+average, so a measurement taken on a busy machine can be recognized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import logging
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+
+import torch
+
+from common import CellStore, cell_key, group_rows, summarize, write_tables
+from qcalib.calibrate import CALIBRATORS
+from qcalib.config import (
+    RECON_PROFILES,
+    CalibConfig,
+    ContrastiveConfig,
+    QuantConfig,
+    ReconConfig,
+    RunConfig,
+    SelectConfig,
+)
+from qcalib.model.partition import partition_blocks
+from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
+
+RESNET, MOBILENET = "zoo:fmnist-resnet20", "zoo:fmnist-mobilenetv2"
+MODELS = (RESNET, MOBILENET)
+METHODS = ("adaround", "brecq", "qdrop")
+BITS = ("W2A4", "W2A2", "W4A4", "W3A3")  # priority order
+LATE_BITS = ("W3A3",)  # run after the selector group and the fast twin, before the paper cell
+N, SEEDS, PROFILE = 256, 3, "fast"
+SELECTORS = ("random", "selectq")
+SELECTOR_METHOD, SELECTOR_BITS = "qdrop", ("W2A4", "W2A2")
+PAPER = {"model": RESNET, "method": "qdrop", "bits": "W2A4", "n": 1024, "seed": 0}
+# One block of each kind: (plain layer, residual / inverted residual).
+TIMING_BLOCKS = {RESNET: ("conv1", "layer1.0"), MOBILENET: ("features.12.0", "features.2")}
+TIMING_BITS, TIMING_N, TIMING_WARMUP, TIMING_ITERS = "W2A4", 256, 10, 50
+PARTS = ("timing", "main", "selector", "paper")
+GRID = "recon"
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    w, a = bits.upper().removeprefix("W").split("A")
+    return int(w), int(a)
+
+
+def bits_label(c: dict) -> str:
+    return f"W{c['wbits']}A{c['abits']}"
+
+
+def profile_label(c: dict) -> str:
+    return f"{c['profile']} {c['iters']}/{c['act_iters']}/b{c['batch_size']}"
+
+
+def make_cell(model, method, bits, n, seed, profile=PROFILE, selector="random", iters=None):
+    w, a = parse_bits(bits)
+    prof = dict(RECON_PROFILES[profile])
+    if iters is not None:  # smoke runs: fewer iterations, same profile otherwise
+        prof["iters"] = prof["act_iters"] = iters
+    return {
+        "model": model,
+        "calibrator": method,
+        "selector": selector,
+        "wbits": w,
+        "abits": a,
+        "n": n,
+        "seed": seed,
+        "profile": profile,
+        **prof,
+    }
+
+
+def plan(models, methods, bits, seeds, parts, n=N, iters=None) -> list[dict]:
+    """The recon-store cells in run order (duplicates removed)."""
+    main_bits = [b for b in BITS if b in bits and b not in LATE_BITS]
+    late_bits = [b for b in BITS if b in bits and b in LATE_BITS]
+    out: list[dict] = []
+
+    def grid(bit_list: list[str]) -> None:
+        for seed, model, b, m in itertools.product(seeds, models, bit_list, methods):
+            out.append(make_cell(model, m, b, n, seed, iters=iters))
+
+    if "main" in parts:
+        grid(main_bits)
+    if "selector" in parts and SELECTOR_METHOD in methods:
+        sel_bits = [b for b in SELECTOR_BITS if b in bits]
+        for model, seed, b, s in itertools.product(models, seeds, sel_bits, SELECTORS):
+            out.append(make_cell(model, SELECTOR_METHOD, b, n, seed, selector=s, iters=iters))
+    paper = (
+        "paper" in parts
+        and PAPER["model"] in models
+        and PAPER["method"] in methods
+        and PAPER["bits"] in bits
+    )
+    args = (PAPER["model"], PAPER["method"], PAPER["bits"], PAPER["n"], PAPER["seed"])
+    if paper:
+        out.append(make_cell(*args, profile=PROFILE, iters=iters))
+    if "main" in parts:
+        grid(late_bits)
+    if paper and iters is None:  # never in a smoke run
+        out.append(make_cell(*args, profile="paper"))
+    seen: set[str] = set()
+    uniq = []
+    for c in out:
+        key = cell_key(c)
+        if key not in seen:
+            seen.add(key)
+            uniq.append(c)
+    return uniq
+
+
+# -- one grid cell ---------------------------------------------------------------------
+
+
+def run_cell(c: dict, bench: Workbench) -> dict:
+    # A "contrastive" entry (bench/contrastive.py) adds the CL-Calib term.
+    cl = ContrastiveConfig(**c["contrastive"]) if c.get("contrastive") else None
+    recon = ReconConfig(
+        profile=c["profile"], iters=c["iters"], act_iters=c["act_iters"],
+        batch_size=c["batch_size"], contrastive=cl,
+    )  # fmt: skip
+    cfg = RunConfig(
+        model=c["model"],
+        quant=QuantConfig(wbits=c["wbits"], abits=c["abits"]),
+        calib=CalibConfig(calibrator=c["calibrator"], num_calib=c["n"], recon=recon),
+        select=SelectConfig(c["selector"]),
+        seed=c["seed"],
+    )
+    calibrator = CALIBRATORS.get(c["calibrator"])(cfg.calib)
+    stamps: dict[tuple[int, int], list] = {}  # (block, stage) -> [first, last, count]
+
+    def stamp(b: int, s: int, _it: int) -> None:
+        t = time.perf_counter()
+        st = stamps.setdefault((b, s), [t, t, 0])
+        st[1], st[2] = t, st[2] + 1
+
+    calibrator.on_iteration = stamp
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    _, res = quantize(cfg, bench=bench, progress=False, calibrator=calibrator)
+    wall = time.perf_counter() - t0
+    # Block entries of the engine history (stage entries carry a "stage" key).
+    blocks = [h for h in calibrator.engine.history if "stage" not in h]
+    secs = [h["seconds"] for h in blocks]
+    # Optimization time (without the block's capture): first to last iteration stamp,
+    # extrapolated by one iteration.
+    opt = [(last - first) * k / (k - 1) for first, last, k in stamps.values() if k > 1]
+    its = sum(k for _, _, k in stamps.values() if k > 1)
+    return {
+        "fp_top1": res.fp_top1,
+        "quant_top1": res.quant_top1,
+        "wall_s": round(wall, 2),
+        "recon_s": round(sum(secs), 2),
+        "recon_cpu_s": round(sum(h["cpu_seconds"] for h in blocks), 2),  # all threads
+        "opt_s": round(sum(opt), 2),
+        "iter_ms": round(1000 * sum(opt) / its, 3) if its else float("nan"),
+        "block_s_mean": round(statistics.fmean(secs), 3),
+        "block_s_max": round(max(secs), 3),
+        "blocks": [[h["block"], round(h["seconds"], 3)] for h in blocks],
+        "peak_rss_mb": max(res.peak_rss_mb.values()),
+        "seconds": res.seconds,
+        "threads": torch.get_num_threads(),
+        "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def stage_iters(c: dict) -> int:
+    """Optimization iterations per block (BRECQ adds its activation stage)."""
+    return c["iters"] + (c["act_iters"] if c["calibrator"] == "brecq" else 0)
+
+
+def estimate_s(c: dict, refs: list[dict]) -> float | None:
+    """Seconds a cell should take, scaled from a finished cell of the same model and
+    method: optimization time x iterations ratio, capture time x n ratio, the rest
+    (observer init, eval) as is, plus the mean selection time of finished cells with the
+    same model and selector (0 when none)."""
+    key = (c["model"], c["calibrator"])
+    same = [r for r in refs if (r["cell"]["model"], r["cell"]["calibrator"]) == key]
+    if not same:
+        return None
+    r = max(same, key=lambda r: (stage_iters(r["cell"]), r["cell"]["n"]))
+    opt = r.get("opt_s", r["recon_s"])
+    est = opt * stage_iters(c) / max(stage_iters(r["cell"]), 1)
+    est += (r["recon_s"] - opt) * c["n"] / r["cell"]["n"]
+    est += r["wall_s"] - r["recon_s"] - r["seconds"].get("select", 0.0)
+    key = (c["model"], c["selector"])
+    sel = [
+        x["seconds"]["select"] for x in refs if (x["cell"]["model"], x["cell"]["selector"]) == key
+    ]
+    return est + (statistics.fmean(sel) if sel else 0.0)
+
+
+def part_of(c: dict) -> str:
+    if c["profile"] == "paper":
+        return "paper"
+    if c["n"] == PAPER["n"]:
+        return "fast twin"
+    if c["selector"] != "random":
+        return "selector"
+    return bits_label(c) if bits_label(c) in LATE_BITS else "main"
+
+
+def log_estimates(cells: list[dict], refs: list[dict], label: str) -> None:
+    if not cells:
+        return
+    ests = [(c, estimate_s(c, refs)) for c in cells]
+    known = [e for _, e in ests if e is not None]
+    missing = sum(e is None for _, e in ests)
+    note = f" ({missing} without one: other model/method)" if missing else ""
+    logging.info(
+        f"{label}: {len(cells)} cells, estimated {sum(known) / 3600:.1f} h for the "
+        f"{len(known)} with a reference cell{note}"
+    )
+    for c, e in ests:
+        if c["profile"] == "paper" and e is not None:
+            logging.info("  paper-profile cell %s: estimated %.1f h", bits_label(c), e / 3600)
+
+
+# -- per-iteration timing --------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first_tensor(out: object) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else next(iter(out))  # type: ignore[call-overload]
+
+
+def _stats(ms: list[float]) -> tuple[float, float, float]:
+    return statistics.median(ms), statistics.fmean(ms), min(ms)
+
+
+def _in(name: str, target: str) -> bool:
+    return name == target or name.startswith(target + ".")
+
+
+def floor_ms(fp_model, name: str, x: torch.Tensor, warmup: int, iters: int) -> tuple[list, list]:
+    """Forward + backward of the FP block ``name`` (BN folded, quantization off) on ``x``'s
+    block inputs: gradients w.r.t. its weights and biases only. Returns per-iteration ms
+    and the block input shape."""
+    block = fp_model.model.get_submodule(name)
+    got: dict = {}
+
+    def hook(_m, args, kwargs) -> None:
+        got["args"], got["kwargs"] = args, kwargs
+        raise _Stop
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        try:
+            fp_model(x)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+    args, kwargs = got["args"], got["kwargs"]
+    params = [p for n, p in block.named_parameters() if "quantizer" not in n]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        target = _first_tensor(block(*args, **kwargs))
+    times = []
+    try:
+        for _ in range(warmup + iters):
+            t0 = time.perf_counter()
+            out = _first_tensor(block(*args, **kwargs))
+            (out - target).square().sum(1).mean().backward()  # the engine's MSE form
+            times.append(1000 * (time.perf_counter() - t0))
+            for p in params:
+                p.grad = None
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+    return times[warmup:], list(args[0].shape[1:])
+
+
+def run_timing(c: dict, bench: Workbench) -> dict:
+    """Time the engine's iterations on the representative blocks of ``c["model"]``: every
+    other block runs 0 iterations (it is still captured and hardened), the chosen ones
+    ``warmup + iters`` per stage; an ``on_iteration`` hook stamps the end of each."""
+    total = c["warmup"] + c["iters"]
+    recon = ReconConfig(iters=total, act_iters=total, batch_size=c["batch_size"])
+    cfg = RunConfig(
+        model=c["model"],
+        quant=QuantConfig(wbits=c["wbits"], abits=c["abits"]),
+        calib=CalibConfig(calibrator=c["method"], num_calib=c["n"], recon=recon),
+        seed=0,
+    )
+    targets = c["blocks"]
+    base = CALIBRATORS.get(c["method"])
+
+    class Timed(base):  # type: ignore[misc, valid-type]
+        def stages(self, block):
+            n = total if any(_in(block.name, t) for t in targets) else 0
+            return [replace(s, iters=n) for s in super().stages(block)]
+
+    stamps: dict[tuple[int, int], list[float]] = defaultdict(list)
+    cal = Timed(cfg.calib)
+    cal.on_iteration = lambda b, s, _it: stamps[(b, s)].append(time.perf_counter())
+    torch.manual_seed(0)
+    calib = bench.pool.get(select_indices(cfg, bench, progress=False)).to(bench.device)
+    qmodel = build_quant_model(bench.model, cfg.quant, bench.example_input())
+    fp = copy.deepcopy(qmodel)
+    fp.set_quant_state(False, False)
+    kinds = {b.name: (b.kind, len(b.layers())) for b in partition_blocks(fp, calib[:1])}
+    load0 = os.getloadavg()[0]
+    cal.calibrate(qmodel, calib, seed=0, progress=False)
+    load1 = os.getloadavg()[0]
+    # (target block, stage) -> [median, mean, min] ms per iteration; AdaRound reconstructs
+    # layer by layer, so its numbers are sums over the target block's layers.
+    per: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    for (b, s), ts in sorted(stamps.items()):
+        block = cal.engine.blocks[b]
+        diffs = [1000 * (t1 - t0) for t0, t1 in itertools.pairwise(ts)][c["warmup"] - 1 :]
+        target = next(t for t in targets if _in(block.name, t))
+        acc = per[(target, cal.stages(block)[s].name)]
+        for i, v in enumerate(_stats(diffs)):
+            acc[i] += v
+    rows = []
+    for target in targets:
+        fl, shape = floor_ms(fp, target, calib[: c["batch_size"]], c["warmup"], c["iters"])
+        floor, floor_mean, floor_min = _stats(fl)
+        for (t, stage), (med, mean, low) in per.items():
+            if t != target:
+                continue
+            rows.append(
+                {
+                    "model": c["model"],
+                    "block": target,
+                    "kind": kinds[target][0],
+                    "layers": kinds[target][1],
+                    "input_shape": "x".join(map(str, shape)),
+                    "batch": c["batch_size"],
+                    "threads": c["threads"],
+                    "method": c["method"],
+                    "stage": stage,
+                    "ms_per_iter": round(med, 3),
+                    "ms_mean": round(mean, 3),
+                    "ms_min": round(low, 3),
+                    "floor_ms": round(floor, 3),
+                    "floor_mean": round(floor_mean, 3),
+                    "floor_min": round(floor_min, 3),
+                    "ratio": round(med / floor, 2),
+                    "ratio_min": round(low / floor_min, 2),
+                    "iters": c["iters"],
+                    "warmup": c["warmup"],
+                    "loadavg": [round(load0, 2), round(load1, 2)],
+                }
+            )
+    return {"rows": rows}
+
+
+def timing_cells(models, methods, warmup: int, iters: int, n: int) -> list[dict]:
+    w, a = parse_bits(TIMING_BITS)
+    return [
+        {
+            "model": model,
+            "method": m,
+            "wbits": w,
+            "abits": a,
+            "n": n,
+            "batch_size": RECON_PROFILES[PROFILE]["batch_size"],
+            "warmup": warmup,
+            "iters": iters,
+            "blocks": list(TIMING_BLOCKS[model]),
+            "threads": torch.get_num_threads(),
+        }
+        for model in models
+        for m in methods
+    ]
+
+
+# -- tables -----------------------------------------------------------------------------
+
+
+def _order(c: dict) -> tuple:
+    def idx(seq: tuple, x: object) -> int:
+        return seq.index(x) if x in seq else len(seq)
+
+    return (
+        idx(MODELS, c["model"]),
+        idx(BITS, bits_label(c)),
+        idx(SELECTORS, c["selector"]),
+        idx(METHODS, c["calibrator"]),
+        c["n"],
+        c["iters"],
+    )
+
+
+def aggregate(store: CellStore) -> list[dict]:
+    keys = (
+        "model",
+        "calibrator",
+        "selector",
+        "wbits",
+        "abits",
+        "n",
+        "profile",
+        "iters",
+        "act_iters",
+        "batch_size",
+    )
+    out = []
+    for key, rows in group_rows(store.rows.values(), keys).items():
+        rows.sort(key=lambda r: r["cell"]["seed"])
+        accs = [r["quant_top1"] for r in rows]
+
+        def mean(k: str, rows: list[dict] = rows) -> float:
+            return round(statistics.fmean(r[k] for r in rows), 3)
+
+        c = dict(zip(keys, key, strict=True))
+        out.append(
+            {
+                **c,
+                "bits": bits_label(c),
+                "method": c["calibrator"],
+                "profile_iters": profile_label(c),
+                "seeds": [r["cell"]["seed"] for r in rows],
+                "n_seeds": len(rows),
+                "accs": [round(a, 2) for a in accs],
+                **summarize(accs),
+                "fp_top1": rows[0]["fp_top1"],
+                "wall_s": mean("wall_s"),
+                "recon_s": mean("recon_s"),
+                "block_s_mean": mean("block_s_mean"),
+                "block_s_max": mean("block_s_max"),
+                "iter_ms": mean("iter_ms"),
+                "select_s": round(
+                    statistics.fmean(r["seconds"].get("select", 0.0) for r in rows), 2
+                ),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+                "threads": sorted({r["threads"] for r in rows}),
+            }
+        )
+    out.sort(key=_order)
+    return out
+
+
+# fmt: off
+MAIN_COLS = ["model", "method", "bits", "n", "profile_iters", "n_seeds", "accs", "mean", "std",
+             "fp_top1", "wall_s", "recon_s", "block_s_mean", "block_s_max", "iter_ms",
+             "peak_rss_mb"]
+SELECTOR_COLS = ["model", "bits", "selector", "profile_iters", "n_seeds", "accs", "mean", "std",
+                 "vs_random", "fp_top1", "select_s", "wall_s"]
+PAPER_COLS = ["model", "method", "bits", "n", "seed", "profile_iters", "quant_top1", "fp_top1",
+              "recon_s", "block_s_mean", "block_s_max", "iter_ms", "wall_s", "peak_rss_mb"]
+TIMING_COLS = ["model", "block", "kind", "layers", "input_shape", "batch", "threads", "method",
+               "stage", "ms_per_iter", "ms_min", "floor_ms", "floor_min", "ratio", "ratio_min",
+               "loadavg"]
+# fmt: on
+MAIN_NOTES = (
+    "Fashion-MNIST test top-1 (%) per seed (`accs`), mean and std over seeds. "
+    "`profile_iters` = profile, iterations per block / BRECQ activation-stage iterations / "
+    "batch. Times are means over seeds: `wall_s` = select + observer init + reconstruction "
+    "+ eval; `recon_s` = reconstruction (capture + optimization, all blocks); "
+    "`block_s_mean` / `block_s_max` = mean / max over blocks (AdaRound: over layers); "
+    "`iter_ms` = optimization time per iteration, averaged over all blocks and stages. Peak "
+    "RSS: max over seeds. Threads and load average per cell are in the cells file."
+)
+TIMING_NOTES = (
+    "`ms_per_iter` / `ms_min`: median / minimum wall time of one engine iteration (batch "
+    "gather, quantized forward, loss terms, backward, Adam steps, step projection) over "
+    "`iters` iterations after `warmup` (see the JSON), W2A4 model, seed 0. AdaRound "
+    "reconstructs layer by layer: its time is the sum over the block's layers. BRECQ has "
+    "two stages (round: activations float; act: activations quantized, step sizes learned). "
+    "`floor_ms` / `floor_min`: median / minimum of forward + MSE + backward of the FP block "
+    "alone (BN folded, no quantization, gradients w.r.t. its weights only, no optimizer "
+    "step) on the same batch; `ratio` = ms_per_iter / floor_ms, `ratio_min` = ms_min / "
+    "floor_min. `input_shape` is the block input per sample (C x H x W). `loadavg`: "
+    "1-minute load average before / after the cell: a busy machine inflates the numbers "
+    "(the minimum suffers least)."
+)
+
+
+def _paper_twins(store: CellStore) -> list[dict]:
+    """Per-cell rows of the paper group: fast and paper profile at n = PAPER["n"]."""
+    want = (PAPER["model"], PAPER["method"], PAPER["n"], PAPER["seed"], PAPER["bits"], "random")
+    out = []
+    for r in store.rows.values():
+        c = r["cell"]
+        if (c["model"], c["calibrator"], c["n"], c["seed"], bits_label(c), c["selector"]) != want:
+            continue
+        out.append(
+            {
+                "model": c["model"], "method": c["calibrator"], "bits": bits_label(c),
+                "n": c["n"], "seed": c["seed"], "profile_iters": profile_label(c),
+                **{k: r.get(k) for k in PAPER_COLS if k in r},
+            }
+        )  # fmt: skip
+    return sorted(out, key=lambda r: r["profile_iters"])
+
+
+def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int) -> None:
+    rows = aggregate(store)
+    main = [r for r in rows if r["selector"] == "random" and r["n"] == n]
+    if main:
+        title = "Reconstruction calibrators (AdaRound / BRECQ / QDrop), random calibration sets"
+        write_tables(grid, title, command, main, MAIN_COLS, notes=MAIN_NOTES)
+    sel = [
+        r
+        for r in rows
+        if (r["calibrator"], r["n"], r["profile"]) == (SELECTOR_METHOD, n, PROFILE)
+        and r["bits"] in SELECTOR_BITS
+        and r["selector"] in SELECTORS
+    ]
+    if any(r["selector"] != "random" for r in sel):
+        base = {(r["model"], r["bits"]): r["mean"] for r in sel if r["selector"] == "random"}
+        for r in sel:
+            b = base.get((r["model"], r["bits"]))
+            r["vs_random"] = round(r["mean"] - b, 2) if b is not None else float("nan")
+        title = f"QDrop at W2A4 / W2A2: random vs SelectQ calibration sets (n = {n})"
+        notes = (
+            "`vs_random` = mean minus the random-selection mean of the same model and bits "
+            "(same seeds). `select_s` = selection time (SelectQ: two passes over the 60k "
+            "pool with the FP model)."
+        )
+        write_tables(f"{grid}-selector", title, command, sel, SELECTOR_COLS, notes=notes)
+    twins = _paper_twins(store)
+    if twins:
+        title = "Published 20k-iteration profile vs the fast profile (ResNet-20, QDrop, W2A4)"
+        notes = "One seed, the same random calibration set (n = 1024) for both profiles."
+        write_tables(f"{grid}-paper", title, command, twins, PAPER_COLS, notes=notes)
+    trows = [row for r in tstore.rows.values() for row in r["rows"]]
+    if trows:
+        model_i = {m: i for i, m in enumerate(MODELS)}
+        trows.sort(
+            key=lambda r: (model_i.get(r["model"], 9), r["block"], r["threads"],
+                           METHODS.index(r["method"]), r["stage"] == "act")
+        )  # fmt: skip
+        title = "Time per reconstruction iteration vs the forward+backward floor of the FP block"
+        write_tables(f"{grid}-timing", title, command, trows, TIMING_COLS, notes=TIMING_NOTES)
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", nargs="+", default=None, help="default: both reference models")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--bits", nargs="+", default=list(BITS), help="e.g. W2A4 W2A2")
+    p.add_argument("--seeds", type=int, default=SEEDS, help="number of seeds (0, 1, ...)")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run into recon-smoke*: ResNet-20, W2A4, n=64, 20 iterations, 1 seed, "
+        "random and selectq, timing over 10 iterations; logs estimates for the full grid",
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    bits = [b.upper() for b in args.bits]
+    for b in bits:
+        try:
+            parse_bits(b)
+        except ValueError:
+            p.error(f"--bits: expected e.g. W2A4, got {b!r}")
+    if args.smoke:
+        grid, n, iters, seeds = f"{GRID}-smoke", 64, 20, range(min(args.seeds, 1))
+        models = args.models or [RESNET]
+        bits = [b for b in bits if b == "W2A4"] or bits[:1]
+        parts = [x for x in args.parts if x != "paper"]
+        tcells = timing_cells(models, args.methods, 3, 10, n) if "timing" in parts else []
+        command = "cd bench && ../.venv/bin/python recon.py --smoke"
+    else:
+        grid, n, iters, seeds = GRID, N, None, range(args.seeds)
+        models, parts = args.models or list(MODELS), args.parts
+        tcells = timing_cells(models, args.methods, TIMING_WARMUP, TIMING_ITERS, TIMING_N)
+        tcells = tcells if "timing" in parts else []
+        command = "cd bench && ../.venv/bin/python recon.py"
+    for model in models:
+        if model not in TIMING_BLOCKS and "timing" in parts:
+            p.error(f"no timing blocks known for {model}; add it to TIMING_BLOCKS")
+    store, tstore = CellStore(grid), CellStore(f"{grid}-timing")
+    cells = plan(models, args.methods, bits, seeds, parts, n=n, iters=iters)
+    todo_t = [] if args.report_only else [c for c in tcells if not tstore.done(c)]
+    todo = [] if args.report_only else [c for c in cells if not store.done(c)]
+    done = f"{len(tstore.rows)} + {len(store.rows)} done"
+    logging.info(f"{len(todo_t)} timing + {len(todo)} grid cells to run ({done})")
+    log_estimates(todo, list(store.rows.values()), "grid cells to run")
+    start = time.time()
+    benches: dict[str, Workbench] = {}
+
+    def workbench(model: str) -> Workbench:
+        if model not in benches:
+            benches[model] = Workbench(model, "fashion-mnist")
+            logging.info("%s: FP top-1 %.2f%%", model, benches[model].fp_top1)  # outside timings
+        return benches[model]
+
+    def out_of_time() -> bool:
+        if args.max_minutes and time.time() - start > 60 * args.max_minutes:
+            logging.info("time budget reached; rerun to continue")
+            return True
+        return False
+
+    stopped = False
+    for i, c in enumerate(todo_t):
+        if stopped := out_of_time():
+            break
+        res = run_timing(c, workbench(c["model"]))
+        tstore.add(c, res)
+        for r in res["rows"]:
+            logging.info(
+                f"[timing {i + 1}/{len(todo_t)}] {r['model']} {r['block']} {r['method']}/"
+                f"{r['stage']}: {r['ms_per_iter']:.2f} ms/iter, floor {r['floor_ms']:.2f} ms "
+                f"(x{r['ratio']:.1f})"
+            )
+    for i, c in enumerate([] if stopped else todo):
+        if out_of_time():
+            break
+        if c["profile"] == "paper":
+            e = estimate_s(c, list(store.rows.values()))
+            logging.info(
+                "paper-profile cell next: estimated %s",
+                "unknown (no reference cell)" if e is None else f"{e / 3600:.1f} h",
+            )
+        res = run_cell(c, workbench(c["model"]))
+        store.add(c, res)
+        logging.info(
+            f"[{i + 1}/{len(todo)}] {c['model']} {c['calibrator']} {bits_label(c)} "
+            f"{c['selector']} n={c['n']} seed={c['seed']} {profile_label(c)} -> "
+            f"{res['quant_top1']:.2f}% ({res['wall_s']:.0f}s, recon {res['recon_s']:.0f}s, "
+            f"{res['iter_ms']:.1f} ms/iter)"
+        )
+    report(grid, store, tstore, command, n)
+    if args.smoke:  # what the real grid would cost, scaled from the smoke cells
+        full = plan(list(MODELS), list(METHODS), list(BITS), range(SEEDS), list(PARTS))
+        for part in ("main", "selector", "fast twin", "W3A3", "paper"):
+            group = [c for c in full if part_of(c) == part]
+            log_estimates(group, list(store.rows.values()), f"full grid, {part} (from smoke)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

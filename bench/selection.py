@@ -1,0 +1,681 @@
+"""SelectQ benchmark (issue 3): selectors x calibrators x bits x n, cost ratios, ablation.
+
+    cd bench && ../.venv/bin/python selection.py                  # resumable; done cells skipped
+    cd bench && ../.venv/bin/python selection.py --max-minutes 60
+    cd bench && ../.venv/bin/python selection.py --report-only    # only rewrite the tables
+    cd bench && ../.venv/bin/python selection.py --smoke          # tiny run into selection-smoke.*
+
+Sections, in this order (``--sections`` picks some), so a partial run already answers the
+headline question:
+
+1. ``main``: W4A4, n = 64, min-max on both reference models, every selector (SelectQ x5
+   seeds, balanced, k-center, herding; random x10 seeds from the baseline grid).
+2. ``cost``: per model, in one fresh process: one selection pass of each selector over
+   the full 60k pool vs one plain FP forward pass (no hooks, ``no_grad``, same batch
+   size); SelectQ's peak RSS with the 60k pool vs a 10k pool (a fresh process each).
+3. ``grid``: the rest of the grid (W4A4 then W3A3; n = 64, 32, 128; minmax, percentile,
+   mse).
+4. ``ablation``: ResNet-20, min-max W4A4 n = 64, SelectQ x5 seeds, one factor at a time
+   varied from the default: Knowledge Distance, K, layer combination, statistics,
+   ranking inside a cluster.
+
+Selection depends only on (model, selector, parameters, seed, n) - it reads FP
+activations - not on the calibrator or the bits, so every selected set is computed once
+and cached with its selection time, peak RSS and mismatch score in
+``results/<grid>.indices.jsonl``; quantization cells get the indices from there. One
+fitted selector serves every n in a process (SelectQ's pass 1 is shared, pass 2 runs
+per n). Random rows come from ``results/baseline.cells.jsonl`` (same cell keys); only
+random cells missing there run here.
+
+Outputs in ``results/``: ``selection.{json,md}`` (the grid), ``selection-targets``
+(the issue's targets), ``selection-cost``, ``selection-ablation``; the JSONL stores
+(``selection.cells.jsonl``, ``selection.indices.jsonl``, ``selection-cost.cells.jsonl``,
+``selection-ablation.cells.jsonl``) are what a rerun resumes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from common import CellStore, group_rows, summarize, write_tables
+from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
+from qcalib.data.pool import Pool, TensorImageDataset
+from qcalib.data.registry import load_pool
+from qcalib.measure import Measure
+from qcalib.pipeline import Workbench, quantize
+from qcalib.select import SELECTORS
+from qcalib.select.quality import PoolReference, calibration_mismatch, pool_reference
+from qcalib.zoo.external import load_model
+
+MODELS = ("zoo:fmnist-resnet20", "zoo:fmnist-mobilenetv2")
+SELECTOR_ORDER = ("selectq", "random", "balanced", "kcenter", "herding")
+CALIBRATORS = ("minmax", "percentile", "mse")
+BITS = ((4, 4), (3, 3))
+NS = (64, 32, 128)
+DATA = "fashion-mnist"
+GRID = "selection"
+BATCH = 128  # pool batch size of SelectQ, the baselines and the plain FP forward
+ABLATION_MODEL = "zoo:fmnist-resnet20"
+# One input per ResNet-20 stage (its first conv) plus the classifier input.
+FEW_LAYERS = "layer1.0.conv1,layer2.0.conv1,layer3.0.conv1,fc"
+# (factor, value, SelectQ parameters): one factor at a time away from the default.
+VARIANTS = (
+    ("default", "K=8 w2 mean mean_std nearest", {}),
+    ("metric", "kl", {"metric": "kl"}),
+    ("metric", "cosine", {"metric": "cosine"}),
+    ("K", "4", {"num_clusters": 4}),
+    ("K", "16", {"num_clusters": 16}),
+    ("combine", "max", {"combine": "max"}),
+    ("combine", "few: " + FEW_LAYERS, {"combine": FEW_LAYERS}),
+    ("stats", "mean", {"stats": "mean"}),
+    ("within", "stratified", {"within": "stratified"}),
+)
+
+MISMATCH_FMT = {"mismatch": ".4f", "selectq_mismatch": ".4f", "random_mismatch": ".4f"}
+
+log = logging.getLogger("selection")
+
+
+class OutOfTime(Exception):
+    """The --max-minutes budget is spent; rerun to continue."""
+
+
+def subset_pool(pool: Pool, size: int | None, seed: int = 0) -> Pool:
+    """A seeded uniform subset of an in-memory pool (the pool itself if ``size`` covers it)."""
+    if not size or size >= len(pool):
+        return pool
+    ds = pool.dataset
+    assert isinstance(ds, TensorImageDataset)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:size]
+    idx = idx.sort().values
+    sub = TensorImageDataset(
+        ds.images[idx],
+        None if ds.labels is None else ds.labels[idx],
+        ds.mean.flatten().tolist(),
+        ds.std.flatten().tolist(),
+    )
+    return Pool(sub, name=f"{pool.name}[{size}]")
+
+
+def params_key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def nanmean(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return round(statistics.fmean(vals), 4) if vals else float("nan")
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.grid = args.grid
+        self.store = CellStore(self.grid)
+        self.sel_store = CellStore(self.grid, "indices")
+        self.abl_store = CellStore(f"{self.grid}-ablation")
+        self.cost_store = CellStore(f"{self.grid}-cost")
+        self.baseline: CellStore | None = None
+        self.refresh_baseline()
+        self.benches: dict[str, Workbench] = {}
+        self.fitted: dict[tuple, tuple] = {}
+        self.refs: dict[str, PoolReference] = {}
+        self.start = time.time()
+        self.seeds = {
+            "selectq": args.seeds,
+            "random": args.random_seeds,
+            "balanced": args.other_seeds,
+            "kcenter": args.other_seeds,
+            "herding": args.other_seeds,
+        }
+
+    # ----------------------------------------------------------------- plumbing
+    def refresh_baseline(self) -> None:
+        """Reread the baseline store (its runner may be adding random cells meanwhile)."""
+        if not self.args.no_baseline:
+            self.baseline = CellStore("baseline")
+
+    def check_time(self) -> None:
+        if self.args.max_minutes and time.time() - self.start > 60 * self.args.max_minutes:
+            raise OutOfTime
+
+    def bench(self, model: str) -> Workbench:
+        if model not in self.benches:
+            b = Workbench(model, DATA)
+            if self.args.pool_size:
+                b.pool = subset_pool(b.pool, self.args.pool_size)
+            if self.args.test_size and self.args.test_size < len(b.test_set):
+                ts = b.test_set
+                idx = torch.arange(self.args.test_size)
+                b.test_set = TensorImageDataset(
+                    ts.images[idx], ts.labels[idx], ts.mean.flatten().tolist(),
+                    ts.std.flatten().tolist(),
+                )  # fmt: skip
+            self.benches[model] = b
+        return self.benches[model]
+
+    def reference(self, model: str) -> PoolReference:
+        if model not in self.refs:
+            b = self.bench(model)
+            t0 = time.perf_counter()
+            self.refs[model] = pool_reference(
+                b.model, b.pool, batch_size=BATCH, max_pool=self.args.mismatch_pool or None
+            )
+            log.info(
+                "%s: pool reference for the mismatch (%d samples) in %.1fs",
+                model, self.refs[model].n_pool, time.perf_counter() - t0,
+            )  # fmt: skip
+        return self.refs[model]
+
+    # ---------------------------------------------------------------- selection
+    def selection(self, model: str, selector: str, params: dict, seed: int, n: int) -> dict:
+        """The selected set (cached): indices, timings, peak RSS, mismatch score."""
+        key = {"model": model, "selector": selector, "params": params, "seed": seed, "n": n}
+        if self.sel_store.done(key):
+            return self.sel_store.rows[json.dumps(key, sort_keys=True)]
+        self.check_time()
+        b = self.bench(model)
+        fkey = (model, selector, params_key(params), seed)
+        fresh = fkey not in self.fitted
+        if fresh:
+            sel = SELECTORS.get(selector)(seed=seed, **params)
+            with Measure() as m:
+                if sel.needs_model:
+                    sel.fit(b.pool, model=b.model)
+                else:
+                    sel.fit(b.pool)
+            self.fitted[fkey] = (sel, m.seconds, m.peak_rss_mb)
+        sel, fit_s, fit_rss = self.fitted[fkey]
+        with Measure() as m:
+            idx = sel.select(n)
+        ref = self.reference(model)
+        t0 = time.perf_counter()
+        report = calibration_mismatch(b.model, b.pool, idx, batch_size=BATCH, reference=ref)
+        info = getattr(sel, "selection_", None)
+        metrics = {
+            "indices": idx.tolist(),
+            "fit_s": round(fit_s, 3),
+            "select_s": round(m.seconds, 3),
+            "total_s": round(fit_s + m.seconds, 3),
+            "fit_reused": not fresh,
+            "peak_rss_mb": round(max(fit_rss, m.peak_rss_mb), 1),
+            "pool": len(b.pool),
+            "mismatch": report.average,
+            "mismatch_pool": report.n_pool,
+            "mismatch_s": round(time.perf_counter() - t0, 3),
+            "info": {k: v for k, v in info.items() if k != "masses"} if info else None,
+        }
+        self.sel_store.add(key, metrics)
+        log.info(
+            "selected %s %s %s seed=%d n=%d: fit %.1fs%s, select %.1fs, mismatch %.4f",
+            model, selector, params or "", seed, n, fit_s, " (reused)" if not fresh else "",
+            m.seconds, report.mismatch,
+        )  # fmt: skip
+        return self.sel_store.rows[json.dumps(key, sort_keys=True)]
+
+    def run_cell(self, store: CellStore, cell: dict, params: dict, sel: dict) -> None:
+        self.check_time()
+        b = self.bench(cell["model"])
+        cfg = RunConfig(
+            model=cell["model"],
+            quant=QuantConfig(wbits=cell["wbits"], abits=cell["abits"]),
+            calib=CalibConfig(calibrator=cell["calibrator"], num_calib=cell["n"]),
+            select=SelectConfig(cell["selector"], tuple(sorted(params.items()))),
+            seed=cell["seed"],
+        )
+        t0 = time.perf_counter()
+        _, res = quantize(cfg, bench=b, progress=False, indices=sel["indices"])
+        store.add(cell, {
+            "fp_top1": res.fp_top1, "quant_top1": res.quant_top1,
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "peak_rss_mb": max(res.peak_rss_mb.values()), "seconds": res.seconds,
+        })  # fmt: skip
+        log.info("%s -> %.2f%% (%.1fs)", cell, res.quant_top1, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------- grid
+    def blocks(self) -> list[tuple]:
+        return list(itertools.product(self.args.bits, self.args.ns, self.args.calibrators))
+
+    def run_block(self, block: tuple) -> None:
+        (w, a), n, calib = block
+        self.refresh_baseline()
+        for model in self.args.models:
+            for selector in self.args.selectors:
+                for seed in range(self.seeds[selector]):
+                    sel = self.selection(model, selector, {}, seed, n)
+                    cell = {"model": model, "calibrator": calib, "selector": selector,
+                            "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
+                    if self.store.done(cell) or (
+                        selector == "random" and self.baseline and self.baseline.done(cell)
+                    ):
+                        continue
+                    self.run_cell(self.store, cell, {}, sel)
+
+    def run_ablation(self) -> None:
+        (w, a), n, calib = self.blocks()[0]
+        model = self.args.ablation_model
+        for name, value, params in VARIANTS:
+            for seed in range(self.args.seeds):
+                sel = self.selection(model, "selectq", params, seed, n)
+                cell = {"model": model, "calibrator": calib, "selector": "selectq",
+                        "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
+                if params:
+                    cell["variant"] = f"{name}={value}"
+                    store = self.abl_store
+                else:
+                    store = self.store  # the default is the main grid's SelectQ row
+                if not store.done(cell):
+                    self.run_cell(store, cell, params, sel)
+
+    # ------------------------------------------------------------------- cost
+    def run_cost(self) -> None:
+        big, small = self.args.cost_pools
+        for model in self.args.models:
+            for size, timings in ((big, True), (small, False)):
+                cell = {"model": model, "pool": size, "timings": timings}
+                if self.cost_store.done(cell):
+                    continue
+                self.check_time()
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--cost-probe", model,
+                       "--probe-pool", str(size), "--cost-n", str(self.args.cost_n)]  # fmt: skip
+                if timings:
+                    cmd.append("--probe-timings")
+                log.info("cost probe: %s", " ".join(cmd[2:]))
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                self.cost_store.add(cell, result)
+                log.info("cost %s: %s", cell, result)
+
+    # ----------------------------------------------------------------- tables
+    def write(self) -> None:
+        write_grid(self)
+        write_cost(self)
+        write_ablation(self)
+
+
+def cost_probe(model_name: str, size: int, n: int, timings: bool) -> dict:
+    """Runs in a fresh process: SelectQ's peak RSS on a pool of ``size`` samples and,
+    with ``timings``, every selector's time against one plain FP forward pass."""
+    model = load_model(model_name).eval()
+    pool = subset_pool(load_pool(DATA), size)
+    with torch.no_grad():  # warm-up: first-call allocations are no selector's cost
+        model(pool.get(list(range(min(BATCH, len(pool))))))
+    proc = psutil.Process()
+    out: dict = {"pool": len(pool), "n": n, "batch_size": BATCH,
+                 "threads": torch.get_num_threads()}  # fmt: skip
+    out["rss_before_mb"] = round(proc.memory_info().rss / 2**20, 1)
+    sq = SELECTORS.get("selectq")(seed=0)
+    with Measure() as fit:
+        sq.fit(pool, model=model)
+    with Measure() as sel:
+        sq.select(n)
+    out["selectq"] = {"fit_s": round(fit.seconds, 3), "select_s": round(sel.seconds, 3)}
+    out["selectq_peak_mb"] = round(max(fit.peak_rss_mb, sel.peak_rss_mb), 1)
+    out["selectq_delta_mb"] = round(out["selectq_peak_mb"] - out["rss_before_mb"], 1)
+    del sq
+    if timings:
+
+        def fp_forward() -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for _, x in pool.batches(BATCH):
+                    model(x)
+            return round(time.perf_counter() - t0, 3)
+
+        out["fp_forward_s"] = [fp_forward()]
+        for name in ("kcenter", "herding", "balanced", "random"):
+            s = SELECTORS.get(name)(seed=0)
+            with Measure() as fit:
+                s.fit(pool, model=model) if s.needs_model else s.fit(pool)
+            with Measure() as sel:
+                s.select(n)
+            out[name] = {"fit_s": round(fit.seconds, 3), "select_s": round(sel.seconds, 3)}
+            if hasattr(s, "max_pool"):
+                out[name]["candidates"] = int(s.index_.numel())
+            del s
+        out["fp_forward_s"].append(fp_forward())  # again: drift of a shared machine
+    out["process_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+# --------------------------------------------------------------------- tables
+def fmt_bits(cell: dict) -> str:
+    return f"W{cell['wbits']}A{cell['abits']}"
+
+
+def grid_rows(r: Runner) -> list[dict]:
+    """Aggregated rows of the grid (random merged from the baseline store)."""
+    a = r.args
+    bits = {tuple(b) for b in a.bits}
+    keys = ("model", "calibrator", "selector", "wbits", "abits", "n")
+
+    def in_grid(c: dict) -> bool:
+        return (
+            "variant" not in c
+            and c["model"] in a.models
+            and c["calibrator"] in a.calibrators
+            and (c["wbits"], c["abits"]) in bits
+            and c["n"] in a.ns
+            and c["selector"] in a.selectors
+            and c["seed"] < r.seeds[c["selector"]]
+        )
+
+    cells: dict[str, tuple[dict, str]] = {}
+    if r.baseline is not None:
+        for k, row in r.baseline.rows.items():
+            if in_grid(row["cell"]):
+                cells[k] = (row, "baseline")
+    for k, row in r.store.rows.items():
+        if in_grid(row["cell"]) and k not in cells:
+            cells[k] = (row, "this run")
+    out = []
+    groups = group_rows([row for row, _ in cells.values()], keys)
+    for key, rows in groups.items():
+        rows.sort(key=lambda x: x["cell"]["seed"])
+        c = dict(zip(keys, key, strict=True))
+        seeds = [x["cell"]["seed"] for x in rows]
+        sels = [selection_row(r, c["model"], c["selector"], {}, s, c["n"]) for s in seeds]
+        srcs = sorted({cells[json.dumps(x["cell"], sort_keys=True)][1] for x in rows})
+        accs = [x["quant_top1"] for x in rows]
+        out.append(
+            {
+                **c,
+                "bits": fmt_bits(c),
+                "seeds": len(seeds),
+                "seed_list": seeds,
+                "accs": accs,
+                **summarize(accs),
+                "fp_top1": rows[0]["fp_top1"],
+                "mismatch": nanmean([s["mismatch"]["mismatch"] if s else None for s in sels]),
+                "mismatches": [s["mismatch"]["mismatch"] if s else None for s in sels],
+                "select_s": nanmean([s["total_s"] if s else None for s in sels]),
+                "wall_s": round(statistics.fmean(x["wall_s"] for x in rows), 2),
+                "source": "+".join(srcs),
+            }
+        )
+    order = {m: i for i, m in enumerate(SELECTOR_ORDER)}
+    out.sort(
+        key=lambda x: (x["model"], -x["wbits"], a.ns.index(x["n"]),
+                       a.calibrators.index(x["calibrator"]), order[x["selector"]])
+    )  # fmt: skip
+    return out
+
+
+def selection_row(r: Runner, model: str, selector: str, params: dict, seed: int, n: int):  # noqa: ANN201
+    key = {"model": model, "selector": selector, "params": params, "seed": seed, "n": n}
+    return r.sel_store.rows.get(json.dumps(key, sort_keys=True))
+
+
+def target_rows(r: Runner, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    (w, a), n, calib = r.blocks()[0]
+    idx = {(x["model"], x["calibrator"], x["wbits"], x["abits"], x["n"], x["selector"]): x
+           for x in rows}  # fmt: skip
+    targets = []
+    for model in r.args.models:
+        sq = idx.get((model, calib, w, a, n, "selectq"))
+        rnd = idx.get((model, calib, w, a, n, "random"))
+        if not sq or not rnd:
+            continue
+
+        def add(what: str, value: float, goal: str, met: bool, model: str = model) -> None:
+            targets.append({"model": model, "target": what, "value": round(value, 3),
+                            "goal": goal, "met": "yes" if met else "no"})  # fmt: skip
+
+        gain = sq["mean"] - rnd["mean"]
+        add("selectq mean - random mean", gain, ">= +10", gain >= 10)
+        best = sq["mean"] - rnd["max"]
+        add("selectq mean - random best seed", best, ">= 0", best >= 0)
+        ratio = sq["std"] / rnd["std"] if rnd["std"] > 0 else float("inf")
+        add("selectq std / random std", ratio, "<= 0.2", ratio <= 0.2)
+        mm = sq["mismatch"] / rnd["mismatch"] if rnd["mismatch"] > 0 else float("nan")
+        add("selectq mismatch / random mismatch", mm, "< 1", mm < 1)
+    shortfalls = []
+    for x in rows:
+        if x["selector"] != "selectq":
+            continue
+        rnd = idx.get((x["model"], x["calibrator"], x["wbits"], x["abits"], x["n"], "random"))
+        if rnd and x["mean"] < rnd["mean"] - 0.5:
+            shortfalls.append({
+                "model": x["model"], "calibrator": x["calibrator"], "bits": x["bits"],
+                "n": x["n"], "selectq_mean": x["mean"], "random_mean": rnd["mean"],
+                "diff": round(x["mean"] - rnd["mean"], 2), "selectq_mismatch": x["mismatch"],
+                "random_mismatch": rnd["mismatch"],
+            })  # fmt: skip
+    for model in r.args.models:
+        paired = sum(
+            1 for x in rows if x["selector"] == "selectq" and x["model"] == model
+            and (x["model"], x["calibrator"], x["wbits"], x["abits"], x["n"], "random") in idx
+        )  # fmt: skip
+        short = sum(1 for s in shortfalls if s["model"] == model)
+        targets.append({"model": model, "target": "rows with selectq mean < random mean - 0.5 "
+                        f"(of {paired} rows with both)", "value": short,
+                        "goal": "0", "met": "yes" if short == 0 else "no"})  # fmt: skip
+    return targets, shortfalls
+
+
+def write_grid(r: Runner) -> None:
+    rows = grid_rows(r)
+    mp = r.args.mismatch_pool
+    pool = f"a seeded {mp}-sample subsample of the pool" if mp else "the whole pool"
+    notes = (
+        "Accuracies are Fashion-MNIST test top-1 (%) over seeds (per-seed values in the JSON). "
+        "Random rows (10 seeds) come from the baseline grid (`source`). mismatch = mean over "
+        "the row's sets of `calibration_mismatch(...).mismatch` (average over layers of range "
+        f"gap, quantile gap and moment distance) against {pool}, computed once per set. "
+        "select_s = fit + select of one set (SelectQ's fit is shared by the n of a process); "
+        "wall_s = calibrate + evaluate per cell (selection cached)."
+    )
+    if r.args.smoke:
+        notes = "SMOKE RUN (pool/test subsets, 1 seed): not results. " + notes
+    cols = ["model", "selector", "calibrator", "bits", "n", "seeds", "mean", "std", "min", "max",
+            "fp_top1", "mismatch", "select_s", "wall_s", "source"]  # fmt: skip
+    write_tables(r.grid, "SelectQ and baseline selectors: accuracy and mismatch of the sets",
+                 command(r), rows, cols, notes, formats=MISMATCH_FMT)  # fmt: skip
+    targets, shortfalls = target_rows(r, rows)
+    (w, a), n, calib = r.blocks()[0]
+    write_tables(
+        f"{r.grid}-targets",
+        f"Issue 3 targets (SelectQ + {calib} W{w}A{a}, n = {n}, vs random)",
+        command(r),
+        targets,
+        ["model", "target", "value", "goal", "met"],
+        notes="From the grid table; random = the baseline grid's seeds, selectq = its seeds.",
+        extra=[("Rows where SelectQ's mean is more than 0.5 point below random's", shortfalls,
+                ["model", "calibrator", "bits", "n", "selectq_mean", "random_mean", "diff",
+                 "selectq_mismatch", "random_mismatch"])],
+        formats={"value": ".3f", **MISMATCH_FMT},
+    )  # fmt: skip
+
+
+def write_cost(r: Runner) -> None:
+    rows, rss = [], []
+    big, small = r.args.cost_pools
+    for model in r.args.models:
+        key = {"model": model, "pool": big, "timings": True}
+        t = r.cost_store.rows.get(json.dumps(key, sort_keys=True))
+        if t:
+            fwd = statistics.fmean(t["fp_forward_s"])
+            runs = ", ".join(f"{v:.1f}s" for v in t["fp_forward_s"])
+            rows.append({"model": model, "what": "plain FP forward (no hooks, no_grad)",
+                         "seconds": round(fwd, 2), "ratio": 1.0, "goal": "",
+                         "note": f"runs: {runs}"})  # fmt: skip
+            items = [
+                ("selectq pass 1 (fit)", t["selectq"]["fit_s"], "<= 1.5", ""),
+                ("selectq pass 2 (select)", t["selectq"]["select_s"], "<= 1.5", ""),
+                ("selectq fit + select", t["selectq"]["fit_s"] + t["selectq"]["select_s"], "", ""),
+            ]
+            for name in ("kcenter", "herding", "balanced", "random"):
+                s = t[name]
+                cand = f"{s['candidates']} candidates (max_pool)" if "candidates" in s else ""
+                items.append((f"{name} fit + select", s["fit_s"] + s["select_s"], "", cand))
+            for what, sec, goal, note in items:
+                rows.append({"model": model, "what": what, "seconds": round(sec, 2),
+                             "ratio": round(sec / fwd, 3), "goal": goal, "note": note})  # fmt: skip
+        probes = {}
+        for size, timings in ((big, True), (small, False)):
+            key = {"model": model, "pool": size, "timings": timings}
+            probes[size] = r.cost_store.rows.get(json.dumps(key, sort_keys=True))
+        if probes[big] and probes[small]:
+            b, s = probes[big], probes[small]
+            rss.append({
+                "model": model, "pool_big": b["pool"], "pool_small": s["pool"],
+                "peak_big_mb": b["selectq_peak_mb"], "peak_small_mb": s["selectq_peak_mb"],
+                "peak_ratio": round(b["selectq_peak_mb"] / s["selectq_peak_mb"], 3),
+                "delta_big_mb": b["selectq_delta_mb"], "delta_small_mb": s["selectq_delta_mb"],
+                "goal": "peak_ratio <= 1.15",
+            })  # fmt: skip
+    n = r.args.cost_n
+    notes = (
+        f"Each model measured in one fresh process (n = {n}, batch {BATCH}, "
+        f"{big}-sample pool): ratio = seconds / plain FP forward over the same pool (the mean "
+        "of the forward runs before and after the selectors). The k-center and herding "
+        "baselines forward only their seeded candidate subsample (default max_pool=5000). "
+        "RSS: SelectQ fit + select(n) in a fresh process per pool size; peak = process RSS "
+        "(model, data and selection), delta = peak minus the RSS before selection."
+    )
+    if r.args.smoke:
+        notes = "SMOKE RUN (small pools): not results. " + notes
+    write_tables(
+        f"{r.grid}-cost", "Selection cost: time vs a plain FP forward pass, and peak RSS",
+        command(r), rows, ["model", "what", "seconds", "ratio", "goal", "note"], notes,
+        extra=[("SelectQ peak RSS: large vs small pool", rss,
+                ["model", "pool_big", "pool_small", "peak_big_mb", "peak_small_mb",
+                 "peak_ratio", "delta_big_mb", "delta_small_mb", "goal"])],
+    )  # fmt: skip
+
+
+def write_ablation(r: Runner) -> None:
+    (w, a), n, calib = r.blocks()[0]
+    model = r.args.ablation_model
+    out = []
+    base = {"model": model, "calibrator": calib, "wbits": w, "abits": a, "n": n}
+    for name, value, params in VARIANTS:
+        accs, sels, seeds, fp = [], [], [], None
+        for seed in range(r.args.seeds):
+            cell = {**base, "selector": "selectq", "seed": seed}
+            if params:
+                cell["variant"] = f"{name}={value}"
+            store = r.abl_store if params else r.store
+            row = store.rows.get(json.dumps(cell, sort_keys=True))
+            if row:
+                accs.append(row["quant_top1"])
+                fp = row["fp_top1"]
+                seeds.append(seed)
+                sels.append(selection_row(r, model, "selectq", params, seed, n))
+        if not accs:
+            continue
+        out.append({
+            "factor": name, "value": value, "params": params, "seeds": len(seeds),
+            "accs": accs, **summarize(accs), "fp_top1": fp,
+            "mismatch": nanmean([s["mismatch"]["mismatch"] if s else None for s in sels]),
+            "select_s": nanmean([s["total_s"] if s else None for s in sels]),
+        })  # fmt: skip
+    want = (model, calib, w, a, n, "random")
+    rnd = [
+        x for x in grid_rows(r)
+        if (x["model"], x["calibrator"], x["wbits"], x["abits"], x["n"], x["selector"]) == want
+    ]  # fmt: skip
+    for x in rnd:
+        out.append({"factor": "reference", "value": f"random ({x['source']})", "params": {},
+                    **{k: x[k] for k in ("seeds", "accs", "mean", "std", "min", "max", "fp_top1",
+                                         "mismatch", "select_s")}})  # fmt: skip
+    notes = (
+        f"{model}, {calib} W{w}A{a}, n = {n}; SelectQ seeds 0..{r.args.seeds - 1}; one factor "
+        "varied at a time from the default (K=8, metric w2, combine mean over all layers, "
+        "stats mean_std, within nearest). mismatch as in the grid table."
+    )
+    if r.args.smoke:
+        notes = "SMOKE RUN: not results. " + notes
+    write_tables(f"{r.grid}-ablation", "SelectQ ablation", command(r), out,
+                 ["factor", "value", "seeds", "mean", "std", "min", "max", "fp_top1",
+                  "mismatch", "select_s"], notes, formats=MISMATCH_FMT)  # fmt: skip
+
+
+def command(r: Runner) -> str:
+    return "cd bench && python selection.py" + (" --smoke" if r.args.smoke else "")
+
+
+# ----------------------------------------------------------------------- main
+SECTIONS = ("main", "cost", "grid", "ablation")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--models", nargs="+", default=None, help="default: both reference models")
+    p.add_argument("--selectors", nargs="+", choices=SELECTOR_ORDER, default=list(SELECTOR_ORDER))
+    p.add_argument("--calibrators", nargs="+", default=list(CALIBRATORS))
+    p.add_argument("--seeds", type=int, default=5, help="SelectQ seeds (grid and ablation)")
+    p.add_argument("--random-seeds", type=int, default=10)
+    p.add_argument("--other-seeds", type=int, default=1, help="balanced / kcenter / herding")
+    p.add_argument("--mismatch-pool", type=int, default=10000,
+                   help="pool subsample for the mismatch score (0: whole pool)")  # fmt: skip
+    p.add_argument("--ablation-model", default=ABLATION_MODEL)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny check: ResNet-20 (or --models), n=32, 1 seed, 2000-image pool, "
+                   "1000 test images, W4A4 only, into selection-smoke.* (not results)")  # fmt: skip
+    # Internal: one cost measurement in a fresh process (see run_cost).
+    p.add_argument("--cost-probe", metavar="MODEL", help=argparse.SUPPRESS)
+    p.add_argument("--probe-pool", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--probe-timings", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cost-n", type=int, default=64, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.grid, args.bits, args.ns = GRID, [list(b) for b in BITS], list(NS)
+    args.pool_size = args.test_size = None
+    args.cost_pools = (60000, 10000)
+    args.no_baseline = False
+    if args.smoke:
+        args.grid, args.bits, args.ns = f"{GRID}-smoke", [[4, 4]], [32]
+        args.models = args.models or [ABLATION_MODEL]
+        args.seeds = args.random_seeds = args.other_seeds = 1
+        args.pool_size, args.test_size, args.mismatch_pool = 2000, 1000, 1000
+        args.cost_pools, args.cost_n = (2000, 500), 32
+        args.no_baseline = True  # the baseline's cells used the full pool and test set
+    args.bits = [tuple(b) for b in args.bits]
+    args.models = args.models or list(MODELS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.cost_probe:
+        print(json.dumps(cost_probe(args.cost_probe, args.probe_pool, args.cost_n,
+                                    args.probe_timings)))  # fmt: skip
+        return 0
+    r = Runner(args)
+    blocks = r.blocks()
+    steps = {
+        "main": lambda: r.run_block(blocks[0]),
+        "cost": r.run_cost,
+        "grid": lambda: [r.run_block(b) for b in blocks[1:]],
+        "ablation": r.run_ablation,
+    }
+    try:
+        for name in SECTIONS:
+            if name in args.sections and not args.report_only:
+                log.info("section %s", name)
+                steps[name]()
+                r.write()
+    except OutOfTime:
+        log.info("time budget reached; rerun to continue")
+    r.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""CL-Calib: the loss on hand-computed cases, the frozen critic (traced tail, no gradient,
+weights unchanged), errors, and the add-on through calibrators, pipeline and CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcalib.calibrate import CALIBRATORS
+from qcalib.calibrate.contrastive import (
+    ContrastiveLoss,
+    FrozenTailCritic,
+    contrastive_loss,
+    pool_features,
+)
+from qcalib.calibrate.reconstruct import BlockInfo, BlockReconstructor
+from qcalib.calibrate.rounding import AdaRoundQuantizer
+from qcalib.cli import build_parser, config_from_args, main
+from qcalib.config import (
+    CalibConfig,
+    ContrastiveConfig,
+    QuantConfig,
+    ReconConfig,
+    RunConfig,
+)
+from qcalib.errors import QCalibError
+from qcalib.model.partition import partition_blocks
+from qcalib.pipeline import Workbench, build_quant_model, quantize
+from qcalib.zoo.resnet import ResNet20
+
+FAST = {"iters": 6, "act_iters": 2, "batch_size": 8, "w_observer": "minmax", "a_observer": "minmax"}
+
+
+# -- the loss -----------------------------------------------------------------------------
+
+
+def _unit(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_nce_and_infonce_on_a_hand_computed_3x3_case():
+    # Orthonormal FP features; quantized ones rotated so every similarity is known:
+    # s = z_q @ z_f^T = [[.6, .8, 0], [0, 1, 0], [0, 0, 1]] (row 0 leans toward sample 1).
+    z_f = _unit([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    z_q = _unit([0.6, 0.8, 0], [0, 1, 0], [0, 0, 1])
+    tau = 0.5  # s / tau = [[1.2, 1.6, 0], [0, 2, 0], [0, 0, 2]]
+
+    def softplus(x):  # -log sigmoid(-x)
+        return math.log1p(math.exp(x))
+
+    pos = [1.2, 2.0, 2.0]
+    neg = [1.6, 0.0, 0.0, 0.0, 0.0, 0.0]
+    nce = sum(softplus(-p) for p in pos) / 3 + sum(softplus(n) for n in neg) / 6
+    assert contrastive_loss(z_q, z_f, tau, "nce").item() == pytest.approx(nce, rel=1e-12)
+
+    rows = [[1.2, 1.6, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]]
+    info = sum(-r[i] + math.log(sum(math.exp(v) for v in r)) for i, r in enumerate(rows)) / 3
+    assert contrastive_loss(z_q, z_f, tau, "infonce").item() == pytest.approx(info, rel=1e-12)
+
+
+def test_loss_decreases_as_quantized_outputs_move_to_their_fp_partners():
+    # FP features orthonormal; q_i = cos(a) f_i + sin(a) u_i with u_i orthogonal to every
+    # f: the similarity to the negatives stays 0 and only the positive pair changes, so
+    # the loss must fall strictly as a shrinks. (With arbitrary features the NCE minimum
+    # is not q = fp: it also pushes q_i away from the other samples' FP features.)
+    b, d = 6, 16
+    basis = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))[0]
+    f, u = basis[:b], basis[b : 2 * b]
+    for kind in ("nce", "infonce"):
+        values = []
+        for a in (1.5, 1.0, 0.5, 0.2, 0.0):
+            q = math.cos(a) * f + math.sin(a) * u
+            values.append(contrastive_loss(q, f, 0.1, kind).item())
+        assert all(v0 > v1 for v0, v1 in zip(values, values[1:], strict=False)), (kind, values)
+        assert values[0] > values[-1] + 0.3
+
+
+def test_batch_of_one_is_an_error_naming_the_fix():
+    z = F.normalize(torch.randn(1, 4), dim=1)
+    with pytest.raises(QCalibError, match="at least 2 samples"):
+        contrastive_loss(z, z, 0.1)
+
+
+def test_pool_features_shapes():
+    assert torch.equal(pool_features(torch.ones(2, 3, 4, 5)), torch.ones(2, 3))
+    tokens = torch.arange(12.0).reshape(1, 3, 4)
+    assert torch.equal(pool_features(tokens), tokens.mean(1))
+    assert pool_features(torch.ones(2, 7)).shape == (2, 7)
+
+
+# -- the critic ---------------------------------------------------------------------------
+
+
+class GlueNet(nn.Module):
+    """Blocks glued by a ReLU module, then pooling, a *functional* flatten and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.c3 = nn.Conv2d(6, 5, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        x = self.c3(self.c2(self.act(self.c1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _info(qmodel, blocks, index, x, seed=0):
+    fp = copy.deepcopy(qmodel)
+    fp.set_quant_state(False, False)
+    for p in fp.parameters():
+        p.requires_grad_(False)
+    fp_out = fp.model.get_submodule(blocks[index].name)
+    return BlockInfo(blocks[index], index, len(blocks), None, qmodel, fp.eval(), fp_out,
+                     blocks, x, 4, seed)  # fmt: skip
+
+
+def test_traced_tail_follows_module_chains_and_stops_at_functional_code():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 6, 6)
+    q = build_quant_model(GlueNet(), QuantConfig(8, 8), x[:1])
+    blocks = partition_blocks(q, example_input=x[:1])
+    assert [b.name for b in blocks] == ["c1", "c2", "c3", "fc"]
+    tails = {
+        (b.name, k): FrozenTailCritic.trace(_info(q, blocks, i, x), k).names
+        for i, b in enumerate(blocks)
+        for k in (0, 1, None)
+    }
+    assert tails[("c1", 0)] == [] and tails[("c1", 1)] == ["act", "c2"]
+    assert tails[("c1", None)] == ["act", "c2", "c3", "pool"]  # flatten(1) ends the chain
+    assert tails[("c3", 1)] == ["pool"] and tails[("fc", None)] == []
+
+    # The full critic of c1 is exactly the FP network's pooled features.
+    info = _info(q, blocks, 0, x)
+    critic = FrozenTailCritic.trace(info, None)
+    net = info.fp_model.model
+    with torch.no_grad():
+        h1 = net.c1(x)
+        expected = net.pool(net.c3(net.c2(torch.relu(h1)))).flatten(1)
+        before = h1.clone()
+        assert torch.allclose(critic(h1), expected, atol=1e-6)
+    assert torch.equal(h1, before)  # the in-place ReLU ran on a copy
+
+
+def _calibrate(method, cfg_cl, x, model=None, **recon):
+    model = model or _tiny_resnet()
+    q = build_quant_model(model, QuantConfig(2, 4), x[:1])
+    recon = ReconConfig(**{**FAST, **recon, "contrastive": cfg_cl})
+    cal = CALIBRATORS.get(method)(CalibConfig(calibrator=method, batch_size=8, recon=recon))
+    return q, cal
+
+
+def _tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    m = ResNet20(widths=(4, 8, 8), depth=1)
+    with torch.no_grad():  # BN statistics that fold into something non-trivial
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(16, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+
+
+class _Spy(ContrastiveLoss):
+    """Checks, at every iteration, where gradients went, and the critic's weights."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.engine: BlockReconstructor | None = None
+        self.checked = 0
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def begin_block(self, info):
+        super().begin_block(info)
+        # Centered FP features: their mean over the calibration set is the critic's
+        # constant, so the raw cached features average to it.
+        raw = torch.cat([self._critic(f) for f in info.cache.fp_out.split(5)])
+        assert torch.allclose(raw.mean(0), self._center, atol=1e-5)
+        norms = self._z_fp.norm(dim=1)  # unit, or 0 where a feature equals the mean
+        assert torch.all(((norms - 1).abs() < 1e-5) | (norms == 0))
+        self.snapshots.append({k: v.clone() for k, v in self._critic.state_dict().items()})
+
+    def end_block(self, info):
+        for k, v in self._critic.state_dict().items():
+            assert torch.equal(v, self.snapshots[-1][k]), k
+        super().end_block(info)
+
+    def on_iteration(self, *_):
+        eng = self.engine
+        assert all(p.grad is None for p in eng.fp_model.parameters())
+        assert all(p.grad is None for p in self._critic.parameters())
+        trained = 0
+        for name, p in eng.qmodel.named_parameters():
+            if p.grad is not None:
+                assert name.endswith(".v") or name.endswith(".scale"), name
+                trained += 1
+        assert trained > 0
+        self.checked += 1
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop"])
+def test_gradients_reach_only_quantization_parameters_and_the_critic_stays_frozen(method, x):
+    model = _tiny_resnet()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    q, cal = _calibrate(method, ContrastiveConfig(), x, model=model)
+    spy = _Spy(ContrastiveConfig())
+    cal.extra_terms = lambda: [spy]
+
+    def on_iteration(*a):
+        spy.engine = cal.engine
+        spy.on_iteration(*a)
+
+    cal.on_iteration = on_iteration
+    cal.calibrate(q, x, progress=False)
+    assert spy.checked > 0 and len(spy.history) == len(cal.engine.blocks)
+    assert all(h["iterations"] > 0 for h in spy.history)
+    assert all(isinstance(m.weight_quantizer, nn.Module) for _, m in q.quant_modules())
+    assert not any(isinstance(m.weight_quantizer, AdaRoundQuantizer) for _, m in q.quant_modules())
+    for k, v in model.state_dict().items():  # the user's FP model is untouched
+        assert torch.equal(v, reference[k]), k
+    assert any(h["tail"] for h in spy.history)  # a real FP tail was used somewhere
+
+
+def test_the_term_changes_the_result_and_is_deterministic(x):
+    outs = []
+    for cl in (None, ContrastiveConfig(), ContrastiveConfig()):
+        q, cal = _calibrate("qdrop", cl, x)
+        cal.calibrate(q, x, seed=3, progress=False)
+        with torch.no_grad():
+            outs.append(q(x))
+    assert torch.equal(outs[1], outs[2])
+    assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize(
+    "cl",
+    [
+        ContrastiveConfig(critic="full", loss="infonce"),
+        ContrastiveConfig(critic="projection", weight=0.5, temperature=0.5),
+        ContrastiveConfig(tail_blocks=0),
+        ContrastiveConfig(center=False),
+    ],
+)
+def test_critic_and_loss_variants_run(cl, x):
+    q, cal = _calibrate("brecq", cl, x)
+    cal.calibrate(q, x, progress=False)
+    term = cal.engine.extra_terms[0]
+    assert len(term.history) == len(cal.engine.blocks)
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()
+
+
+def test_batch_size_one_is_a_clear_error(x):
+    q, cal = _calibrate("qdrop", ContrastiveConfig(), x, batch_size=1)
+    with pytest.raises(QCalibError, match="at least 2 samples per reconstruction batch"):
+        cal.calibrate(q, x, progress=False)
+
+
+def test_contrastive_with_an_observer_calibrator_is_refused():
+    cfg = CalibConfig(calibrator="minmax", recon=ReconConfig(contrastive=ContrastiveConfig()))
+    with pytest.raises(QCalibError, match="add-on to the reconstruction calibrators"):
+        CALIBRATORS.get("minmax")(cfg)
+
+
+def test_config_validation_and_round_trip():
+    cfg = RunConfig(
+        calib=CalibConfig(
+            calibrator="qdrop",
+            recon=ReconConfig(contrastive=ContrastiveConfig(weight=0.5, loss="infonce")),
+        )
+    )
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    d = ContrastiveConfig()
+    assert (d.weight, d.temperature, d.loss, d.critic, d.tail_blocks, d.center) == (
+        1.0, 0.1, "nce", "truncated", 1, True
+    )  # fmt: skip
+    for bad in ({"temperature": 0.0}, {"weight": -1.0}, {"loss": "triplet"},
+                {"critic": "mlp"}, {"tail_blocks": -1}):  # fmt: skip
+        with pytest.raises(QCalibError):
+            ContrastiveConfig(**bad)
+
+
+def test_cli_flags():
+    def recon(*flags):
+        return config_from_args(build_parser().parse_args(["quantize", *flags])).calib.recon
+
+    assert recon().contrastive is None
+    assert recon("--contrastive").contrastive == ContrastiveConfig()
+    cl = recon("--contrastive", "--cl-weight", "0.5", "--cl-loss", "infonce",
+               "--cl-critic", "full", "--cl-temperature", "0.05").contrastive  # fmt: skip
+    assert cl == ContrastiveConfig(weight=0.5, temperature=0.05, loss="infonce", critic="full")
+    assert main(["quantize", "--no-progress", "--cl-weight", "2"]) == 2  # needs --contrastive
+    assert main(["quantize", "--no-progress", "--contrastive"]) == 2  # minmax refuses it
+
+
+def test_end_to_end_on_digits_with_artifact(trained_tiny, tmp_path):
+    bench = Workbench(trained_tiny, "digits")
+    recon = ReconConfig(iters=20, act_iters=5, contrastive=ContrastiveConfig())
+    cfg = RunConfig(model="api", data="digits", quant=QuantConfig(4, 4),
+                    calib=CalibConfig(calibrator="qdrop", num_calib=64, recon=recon))  # fmt: skip
+    _, res = quantize(cfg, bench, out=tmp_path / "run", progress=False)
+    assert res.quant_top1 >= bench.fp_top1 - 5.0
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["config"]["calib"]["recon"]["contrastive"]["loss"] == "nce"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_short_run_on_torchvision_architectures(arch):
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = models.get_model(arch, weights=None, num_classes=10).eval()
+    xs = torch.randn(4, 3, 32, 32)
+    q = build_quant_model(model, QuantConfig(4, 4), xs[:1])
+    recon = ReconConfig(iters=2, act_iters=1, batch_size=4, w_observer="minmax",
+                        contrastive=ContrastiveConfig())  # fmt: skip
+    cal = CALIBRATORS.get("qdrop")(CalibConfig(calibrator="qdrop", batch_size=4, recon=recon))
+    cal.calibrate(q, xs, progress=False)
+    tails = [h["tail"] for h in cal.engine.extra_terms[0].history]
+    assert sum(bool(t) for t in tails) >= len(tails) // 2
+    with torch.no_grad():
+        assert torch.isfinite(q(xs)).all()
