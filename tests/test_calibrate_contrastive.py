@@ -318,6 +318,9 @@ def test_end_to_end_on_digits_with_artifact(trained_tiny, tmp_path):
     assert res.quant_top1 >= bench.fp_top1 - 5.0
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["config"]["calib"]["recon"]["contrastive"]["loss"] == "nce"
+    st = saved["calib_stats"]  # the run reports its cost, the term's share included
+    assert st["iterations"] == 20 * st["blocks"] and st["blocks"] >= 3
+    assert 0 < st["cl_forward_ms_per_iter"] < st["ms_per_iter"]
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])

@@ -18,6 +18,8 @@ _LAZY = {
     "QuantConfig": "qcalib.config",
     "CalibConfig": "qcalib.config",
     "SelectConfig": "qcalib.config",
+    "ReconConfig": "qcalib.config",
+    "ContrastiveConfig": "qcalib.config",
     "quantize": "qcalib.pipeline",
     "Workbench": "qcalib.pipeline",
     "load_run": "qcalib.artifact",

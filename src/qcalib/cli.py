@@ -155,6 +155,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     _, result = quantize(cfg, out=args.out, progress=not args.no_progress)
     print(f"FP top-1:        {result.fp_top1:.2f}%")
     print(f"quantized top-1: {result.quant_top1:.2f}%  ({result.summary()})")
+    st = result.calib_stats
+    if st.get("ms_per_iter") is not None:
+        extra = ""
+        if "cl_forward_ms_per_iter" in st:
+            extra = f", of which contrastive term forward {st['cl_forward_ms_per_iter']:.1f} ms"
+        print(
+            f"reconstruction:  {st['blocks']} blocks, {st['iterations']} iterations, "
+            f"{st['ms_per_iter']:.1f} ms/iter{extra}"
+        )
     if args.out:
         print(f"saved to {args.out}")
     return 0

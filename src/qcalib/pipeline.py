@@ -97,6 +97,7 @@ class RunResult:
     calib_indices: list[int]
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    calib_stats: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         q = self.config["quant"]
@@ -200,6 +201,7 @@ def quantize(
         calib_indices=indices.tolist(),
         seconds={k: round(v, 3) for k, v in seconds.items()},
         peak_rss_mb={k: round(v, 1) for k, v in rss.items()},
+        calib_stats=calibrator.report(),
     )
     if out is not None:
         save_run(Path(out), result, qmodel)

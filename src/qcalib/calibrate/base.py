@@ -54,6 +54,11 @@ class Calibrator(ABC):
         """Set every quantizer's parameters. ``work_dir``, when given, is where a long
         calibrator keeps resumable state (a rerun with the same config continues there)."""
 
+    def report(self) -> dict:
+        """What the last :meth:`calibrate` cost (iterations, time per iteration...);
+        empty for one-pass calibrators. Goes into ``result.json`` as ``calib_stats``."""
+        return {}
+
 
 CALIBRATORS: Registry[type[Calibrator]] = Registry("calibrator")
 

@@ -89,6 +89,29 @@ class ReconCalibrator(ObserverCalibrator):
         cl = self.cfg.recon.contrastive
         return [ContrastiveLoss(cl)] if cl is not None else []
 
+    def report(self) -> dict:
+        """Cost of the last run: blocks, iterations, optimization ms per iteration and,
+        with CL-Calib, the ms per iteration spent in the contrastive term's forward pass."""
+        if self.engine is None:
+            return {}
+        stages = [h for h in self.engine.history if "stage" in h]
+        iters = sum(h["iters"] for h in stages)
+        out = {
+            "blocks": len(self.engine.blocks),
+            "resumed_from_block": self.engine.resumed_from,
+            "iterations": iters,
+            "ms_per_iter": round(1000 * sum(h["seconds"] for h in stages) / iters, 3)
+            if iters
+            else None,
+        }
+        for term in self.engine.extra_terms:
+            hist = getattr(term, "history", None)
+            calls = sum(h.get("iterations", 0) for h in hist or [])
+            if calls:
+                secs = sum(h["seconds"] for h in hist)
+                out[f"{term.name}_forward_ms_per_iter"] = round(1000 * secs / calls, 3)
+        return out
+
     def calibrate(
         self,
         qmodel: QuantModel,
