@@ -28,10 +28,12 @@ from qcalib.config import (
     QuantConfig,
     ReconConfig,
     RunConfig,
+    SelectConfig,
 )
 from qcalib.errors import QCalibError
 from qcalib.model.partition import partition_blocks
 from qcalib.pipeline import Workbench, build_quant_model, quantize
+from qcalib.select import SELECTORS
 from qcalib.zoo.resnet import ResNet20
 
 FAST = {"iters": 6, "act_iters": 2, "batch_size": 8, "w_observer": "minmax", "a_observer": "minmax"}
@@ -321,6 +323,36 @@ def test_end_to_end_on_digits_with_artifact(trained_tiny, tmp_path):
     st = saved["calib_stats"]  # the run reports its cost, the term's share included
     assert st["iterations"] == 20 * st["blocks"] and st["blocks"] >= 3
     assert 0 < st["cl_forward_ms_per_iter"] < st["ms_per_iter"]
+
+
+@pytest.mark.parametrize("selector", SELECTORS.names())
+def test_works_with_every_selector(trained_tiny, selector):
+    bench = Workbench(trained_tiny, "digits")
+    recon = ReconConfig(iters=2, act_iters=1, contrastive=ContrastiveConfig())
+    calib = CalibConfig(calibrator="qdrop", num_calib=32, recon=recon)
+    cfg = RunConfig(model="api", data="digits", quant=QuantConfig(4, 4),
+                    select=SelectConfig(selector), calib=calib)  # fmt: skip
+    _, r = quantize(cfg, bench, progress=False)
+    assert len(r.calib_indices) == 32 and r.calib_stats["cl_forward_ms_per_iter"] > 0
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop"])
+@pytest.mark.parametrize("arch", ["fmnist-resnet20", "fmnist-mobilenetv2"])
+def test_reference_architectures_trace_a_tail_for_every_block_but_the_last(arch, method):
+    from qcalib.zoo.reference import reference_entry
+
+    torch.manual_seed(0)
+    model = reference_entry(arch).builder().eval()  # the architecture; weights random
+    xs = torch.randn(4, 1, 28, 28)
+    q = build_quant_model(model, QuantConfig(2, 4), xs[:1])
+    recon = ReconConfig(iters=1, act_iters=1, batch_size=4, w_observer="minmax",
+                        contrastive=ContrastiveConfig())  # fmt: skip
+    cal = CALIBRATORS.get(method)(CalibConfig(calibrator=method, batch_size=4, recon=recon))
+    cal.calibrate(q, xs, progress=False)
+    tails = [h["tail"] for h in cal.engine.extra_terms[0].history]
+    assert len(tails) == len(cal.engine.blocks) and tails[-1] == []  # the classifier
+    if method != "adaround":  # block-wise: every conv block chains into its successor
+        assert all(tails[:-1]), tails
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
