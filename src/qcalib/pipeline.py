@@ -110,6 +110,7 @@ class RunResult:
 
 def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> torch.Tensor:
     selector = SELECTORS.get(cfg.select.selector)(seed=cfg.seed, **cfg.select.kwargs())
+    selector.progress = progress
     if getattr(selector, "needs_model", False):
         selector.fit(bench.pool, model=bench.model)
     else:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from qcalib.data.pool import Pool
 from qcalib.errors import QCalibError
@@ -55,6 +56,9 @@ class _SelectorMeta(ABCMeta):
 class Selector(ABC, metaclass=_SelectorMeta):
     #: Whether ``fit`` needs the full-precision model (activation-based strategies).
     needs_model = False
+    #: Show a bar over passes through the pool. Set by the caller, not a parameter: it
+    #: does not change the selection.
+    progress = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -91,6 +95,17 @@ class Selector(ABC, metaclass=_SelectorMeta):
 
     @abstractmethod
     def _select(self, n: int) -> torch.Tensor: ...
+
+    def _pass(self, pool: Pool, batch_size: int, indices: Any = None, desc: str = "pool"):  # noqa: ANN202
+        """``pool.batches(...)`` behind a progress bar when :attr:`progress` is set."""
+        total = len(pool) if indices is None else len(indices)
+        return tqdm(
+            pool.batches(batch_size, indices),
+            total=-(-total // batch_size),
+            desc=f"{type(self).__name__}: {desc}",
+            leave=False,
+            disable=not self.progress,
+        )
 
 
 SELECTORS: Registry[type[Selector]] = Registry("selector")

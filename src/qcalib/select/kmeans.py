@@ -213,7 +213,7 @@ class StreamingKMeans:
         if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
             raise QCalibError(
                 f"the number of clusters must be a positive integer, got {n_clusters!r}; "
-                "set --num-clusters to 1 or more"
+                "set num_clusters to 1 or more (CLI: --selector-param num_clusters=N)"
             )
         if not (isinstance(decay, (int, float)) and 0.0 < float(decay) <= 1.0):
             raise QCalibError(f"decay must be in (0, 1], got {decay!r}; use 1.0 for running means")
@@ -337,7 +337,7 @@ class StreamingKMeans:
                 where = f" for layer {self.name!r}" if self.name is not None else ""
                 raise QCalibError(
                     f"K={self.n_clusters} exceeds the pool size {self.n_seen_}{where}; "
-                    "lower --num-clusters (or enlarge the candidate pool)"
+                    "lower num_clusters (CLI: --selector-param num_clusters=N) or enlarge the pool"
                 )
             x = self._take_buffer()
             self._seed_centers(x)

@@ -287,7 +287,7 @@ class SelectQSelector(Selector):
         buffer: dict[str, list[Tensor]] | None = {}
         n_buf = 0
         seeded = False
-        for _, x in pool.batches(self.batch_size, order):
+        for _, x in self._pass(pool, self.batch_size, order, desc="cluster pass"):
             rows = collector(x)
             if not seeded:
                 assert buffer is not None
@@ -381,7 +381,7 @@ class SelectQSelector(Selector):
         stratified = self.within == "stratified"
         top = ClusterTopK(self.num_clusters, max(16 * n, 4096) if stratified else n)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, -1))
-        for idx, x in self._pool.batches(self.batch_size):
+        for idx, x in self._pass(self._pool, self.batch_size, desc="ranking pass"):
             rows = self._collector(x)
             per_layer, labels = [], None
             for s in active:
@@ -440,7 +440,7 @@ class SelectQSelector(Selector):
             raise RuntimeError("call fit(pool, model=...) first")
         active = self.active_sites_ or []
         out_i, out_d, out_c = [], [], []
-        for idx, x in self._pool.batches(self.batch_size, indices):
+        for idx, x in self._pass(self._pool, self.batch_size, indices, desc="distances"):
             rows = self._collector(x)
             per_layer = []
             for s in active:
