@@ -54,6 +54,7 @@ def aggregate(store: CellStore) -> list[dict]:
                 **dict(zip(keys, key, strict=True)),
                 "bits": f"W{key[3]}A{key[4]}",
                 "seeds": [r["cell"]["seed"] for r in rows],
+                "n_seeds": len(rows),
                 "accs": accs,
                 **summarize(accs),
                 "fp_top1": rows[0]["fp_top1"],
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     title = "Baseline: observer calibrators with random calibration sets"
     notes = (
         "Accuracies are Fashion-MNIST test top-1 (%), over random-selection seeds "
-        "(see the JSON for per-seed values). wall_s = select + calibrate + evaluate per seed."
+        "(see the JSON for per-seed values). wall_s = select + calibrate + evaluate per seed, "
+        "mean over seeds, on a 2-core machine often shared with other benchmark processes "
+        "(compare wall times within a row group, not across sessions)."
     )
     if args.protocol != "standard":
         command += f" --protocol {args.protocol} --bits {' '.join(args.bits)} --ns " + " ".join(
@@ -130,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         [
             "model",
             "calibrator",
+            "selector",
             "bits",
             "n",
+            "n_seeds",
             "mean",
             "std",
             "min",
