@@ -128,7 +128,7 @@ def test_k_larger_than_pool_raises_at_finalize():
     km = StreamingKMeans(10, name="layer1.conv")
     km.partial_fit(torch.randn(4, 3))
     km.partial_fit(torch.randn(3, 3))
-    with pytest.raises(QCalibError, match=r"K=10 exceeds the pool size 7.*--selector-param num_clusters=N"):
+    with pytest.raises(QCalibError, match=r"K=10 exceeds the pool size 7.*num_clusters=N"):
         km.finalize()
 
 
