@@ -41,7 +41,6 @@ import torch
 from common import CellStore, cell_key, group_rows, summarize, write_tables
 from qcalib.config import ContrastiveConfig
 from qcalib.data.pool import Pool, TensorImageDataset
-from qcalib.data.registry import load_dataset
 from qcalib.pipeline import Workbench
 from recon import GRID as RECON_GRID
 from recon import MOBILENET, RESNET, bits_label, make_cell, profile_label, run_cell
@@ -100,7 +99,7 @@ def ablation_cells(seeds: int, iters=None, variants=None) -> list[dict]:
 def validation_workbench(model: str) -> Workbench:
     """Pool: 55k training images; eval: the 5k held-out training images (fixed seed)."""
     bench = Workbench(model, "fashion-mnist")
-    train = load_dataset("fashion-mnist", "train")
+    train = bench.pool.dataset  # the training split, already in memory
     if not isinstance(train, TensorImageDataset):
         raise TypeError("expected the in-memory Fashion-MNIST dataset")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))

@@ -22,6 +22,23 @@ class TinyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def tiny_resnet(seed: int = 0) -> nn.Module:
+    """A ResNet-20 with three residual blocks (one per stage) and BN statistics that fold
+    into something non-trivial; weights random. Shared by the reconstruction tests."""
+    from qcalib.zoo.resnet import ResNet20
+
+    torch.manual_seed(seed)
+    m = ResNet20(widths=(4, 8, 8), depth=1)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
 @pytest.fixture(scope="session")
 def trained_tiny() -> nn.Module:
     """TinyNet trained for a few epochs on digits: enough for quantization to matter."""

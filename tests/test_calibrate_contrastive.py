@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import tiny_resnet
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.contrastive import (
     ContrastiveLoss,
@@ -34,7 +35,6 @@ from qcalib.errors import QCalibError
 from qcalib.model.partition import partition_blocks
 from qcalib.pipeline import Workbench, build_quant_model, quantize
 from qcalib.select import SELECTORS
-from qcalib.zoo.resnet import ResNet20
 
 FAST = {"iters": 6, "act_iters": 2, "batch_size": 8, "w_observer": "minmax", "a_observer": "minmax"}
 
@@ -154,24 +154,11 @@ def test_traced_tail_follows_module_chains_and_stops_at_functional_code():
 
 
 def _calibrate(method, cfg_cl, x, model=None, **recon):
-    model = model or _tiny_resnet()
+    model = model or tiny_resnet()
     q = build_quant_model(model, QuantConfig(2, 4), x[:1])
     recon = ReconConfig(**{**FAST, **recon, "contrastive": cfg_cl})
     cal = CALIBRATORS.get(method)(CalibConfig(calibrator=method, batch_size=8, recon=recon))
     return q, cal
-
-
-def _tiny_resnet() -> nn.Module:
-    torch.manual_seed(0)
-    m = ResNet20(widths=(4, 8, 8), depth=1)
-    with torch.no_grad():  # BN statistics that fold into something non-trivial
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.1)
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +205,7 @@ class _Spy(ContrastiveLoss):
 
 @pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop"])
 def test_gradients_reach_only_quantization_parameters_and_the_critic_stays_frozen(method, x):
-    model = _tiny_resnet()
+    model = tiny_resnet()
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     q, cal = _calibrate(method, ContrastiveConfig(), x, model=model)
     spy = _Spy(ContrastiveConfig())

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import tiny_resnet
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import MinMaxCalibrator, calibrate_weights
 from qcalib.calibrate.reconstruct import (
@@ -23,28 +24,13 @@ from qcalib.calibrate.reconstruct import (
 from qcalib.config import CalibConfig, QuantConfig, ReconConfig
 from qcalib.model.partition import Block, partition_blocks
 from qcalib.pipeline import build_quant_model
-from qcalib.zoo.resnet import ResNet20
 
 FAST = {"iters": 4, "act_iters": 2, "batch_size": 8, "w_observer": "minmax", "a_observer": "minmax"}
 
 
-def _tiny_resnet(seed: int = 0) -> nn.Module:
-    """Three residual blocks (one per stage) with non-trivial BN statistics."""
-    torch.manual_seed(seed)
-    m = ResNet20(widths=(4, 8, 8), depth=1)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.1)
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    model = _tiny_resnet()
+    model = tiny_resnet()
     x = torch.randn(16, 1, 10, 10, generator=torch.Generator().manual_seed(1))
     return model, x
 
@@ -78,7 +64,7 @@ def _block_input(qmodel, block, x):
 def test_registered_and_stages_follow_the_methods():
     for name in ("adaround", "brecq", "qdrop"):
         assert name in CALIBRATORS
-    block = partition_blocks(_tiny_resnet())[1]
+    block = partition_blocks(tiny_resnet())[1]
     ada = _calibrator("adaround").stages(block)
     brecq = _calibrator("brecq").stages(block)
     qdrop = _calibrator("qdrop", drop_prob=0.25).stages(block)

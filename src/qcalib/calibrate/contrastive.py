@@ -46,7 +46,6 @@ benchmark compares whole iterations with and without it.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict
 from typing import Any
@@ -55,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcalib.calibrate.reconstruct import BlockInfo, LossContext
+from qcalib.calibrate.reconstruct import BlockInfo, LossContext, derive_seed
 from qcalib.config import ContrastiveConfig
 from qcalib.errors import QCalibError
 
@@ -177,11 +176,6 @@ class FrozenTailCritic(nn.Module):
         return cls(modules, names)
 
 
-def _seed(*parts: int) -> int:
-    text = ":".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
 class ContrastiveLoss:
     """The CL-Calib loss term for :class:`~qcalib.calibrate.reconstruct.BlockReconstructor`.
 
@@ -220,7 +214,7 @@ class ContrastiveLoss:
             self._critic = FrozenTailCritic([], [])
             self._center = None
             width = pool_features(info.cache.fp_out[:1]).shape[1]
-            gen = torch.Generator().manual_seed(_seed(info.seed, info.index))
+            gen = torch.Generator().manual_seed(derive_seed(info.seed, info.index))
             head = nn.Linear(width, c.proj_dim)
             with torch.no_grad():
                 bound = 1.0 / width**0.5

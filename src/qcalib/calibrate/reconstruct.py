@@ -103,6 +103,7 @@ __all__ = [
     "RoundingRegularizer",
     "Stage",
     "block_layers",
+    "derive_seed",
     "stage_quantizers",
 ]
 
@@ -311,7 +312,7 @@ def block_layers(block: Block) -> list[QuantModule]:
     return [m for _, m in block.layers() if isinstance(m, QuantModule)]
 
 
-def _derive_seed(seed: int, *parts: int) -> int:
+def derive_seed(seed: int, *parts: int) -> int:
     text = ":".join(str(p) for p in (seed, *parts))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
@@ -646,7 +647,7 @@ class BlockReconstructor:
     def _run_stage(self, info: BlockInfo, stage_index: int, stage: Stage) -> None:
         cfg, block, cache, index = self.cfg, info.block, info.cache, info.index
         device = cache.fp_out.device
-        seed = _derive_seed(self.seed, index, stage_index)
+        seed = derive_seed(self.seed, index, stage_index)
         idx_gen = torch.Generator().manual_seed(seed)
         drop_gen = torch.Generator(device=device).manual_seed(seed)
         with stage_quantizers(block, stage, drop_gen) as (rounding, acts):
