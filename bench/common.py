@@ -8,6 +8,8 @@ committed JSONL is what lets a grid span several sessions on a small machine.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import math
 import os
@@ -41,11 +43,54 @@ class CellStore:
 
     def add(self, cell: dict, metrics: dict) -> None:
         row = {"cell": cell, **metrics}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # One write() on an O_APPEND descriptor: workers sharing the file (--claims) never
+        # interleave their lines.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self.rows[cell_key(cell)] = row
+
+
+class Claims:
+    """Work sharing between runner processes: a cell is run by the one process that
+    creates its claim file first (``O_EXCL``), so several workers can walk the same plan.
+    Without a directory every cell is claimed (a lone runner)."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.dir = Path(directory) if directory else None
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def take(self, cell: dict) -> bool:
+        if self.dir is None:
+            return True
+        name = hashlib.sha1(cell_key(cell).encode()).hexdigest()
+        try:
+            os.close(os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        return True
+
+
+def add_runner_args(p: argparse.ArgumentParser) -> None:
+    """Where a runner computes: device, data location and work sharing."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cells record it)")
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
+    p.add_argument("--claims", default=None, metavar="DIR",
+                   help="share the plan with other runner processes through claim files in "
+                        "DIR (each cell runs once)")  # fmt: skip
+
+
+def device_name(device: object) -> str:
+    import torch
+
+    dev = torch.device(str(device))
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    return "cpu"
 
 
 def summarize(values: Sequence[float]) -> dict:

@@ -29,6 +29,7 @@ iteration, measured by ``recon.run_cell``), paired by seed.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import logging
 import statistics
@@ -38,7 +39,15 @@ from dataclasses import asdict
 
 import torch
 
-from common import CellStore, cell_key, group_rows, summarize, write_tables
+from common import (
+    CellStore,
+    Claims,
+    add_runner_args,
+    cell_key,
+    group_rows,
+    summarize,
+    write_tables,
+)
 from qcalib.config import ContrastiveConfig
 from qcalib.data.pool import Pool, TensorImageDataset
 from qcalib.pipeline import Workbench
@@ -96,9 +105,10 @@ def ablation_cells(seeds: int, iters=None, variants=None) -> list[dict]:
     return out
 
 
-def validation_workbench(model: str) -> Workbench:
-    """Pool: 55k training images; eval: the 5k held-out training images (fixed seed)."""
-    bench = Workbench(model, "fashion-mnist")
+def validation_workbench(model: str, **kwargs) -> Workbench:
+    """Pool: 55k training images; eval: the 5k held-out training images (fixed seed).
+    ``kwargs``: further ``Workbench`` arguments (device, data_root)."""
+    bench = Workbench(model, "fashion-mnist", **kwargs)
     train = bench.pool.dataset  # the training split, already in memory
     if not isinstance(train, TensorImageDataset):
         raise TypeError("expected the in-memory Fashion-MNIST dataset")
@@ -123,6 +133,19 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _device(row: dict) -> str:
+    """Cells made before the device was recorded ran on this project's CPU machine."""
+    return row.get("device", "cpu").removeprefix("cuda:NVIDIA ").split(" ")[0]
+
+
+def _mean_ms(pairs: list[tuple[dict, dict]], side: int) -> float:
+    """Mean ms per iteration of one side over the pairs of the most common device."""
+    if not pairs:
+        return float("nan")
+    main = collections.Counter(_device(b) for b, _ in pairs).most_common(1)[0][0]
+    return round(statistics.fmean(p[side]["iter_ms"] for p in pairs if _device(p[0]) == main), 2)
+
+
 def paired_rows(base_store: CellStore, cl_store: CellStore, models, iters=None) -> list[dict]:
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for base, cl in paired_cells(models, iters=iters):
@@ -139,7 +162,9 @@ def paired_rows(base_store: CellStore, cl_store: CellStore, models, iters=None) 
         (mb, sb), (mc, sc), (md, sd) = _stats(accs_b), _stats(accs_c), _stats(diffs)
         gap = fp - mb
         target = min(0.25 * gap, 0.3) if gap > 0 else 0.0
-        ratios = [c["iter_ms"] / b["iter_ms"] for b, c in pairs if b.get("iter_ms")]
+        # A time ratio means something only when both runs of a pair ran on one device.
+        same = [(b, c) for b, c in pairs if _device(b) == _device(c)]
+        ratios = [c["iter_ms"] / b["iter_ms"] for b, c in same if b.get("iter_ms")]
         rows.append(
             {
                 "model": model.removeprefix("zoo:fmnist-"),
@@ -158,8 +183,14 @@ def paired_rows(base_store: CellStore, cl_store: CellStore, models, iters=None) 
                 "target": round(target, 2),
                 "met": "yes" if md >= target else "no",
                 "overhead": round(statistics.fmean(ratios), 2) if ratios else float("nan"),
-                "iter_ms_base": round(statistics.fmean(b["iter_ms"] for b, _ in pairs), 2),
-                "iter_ms_cl": round(statistics.fmean(c["iter_ms"] for _, c in pairs), 2),
+                "devices": ", ".join(
+                    f"{k} x{v}"
+                    for k, v in collections.Counter(
+                        "+".join(sorted({_device(b), _device(c)})) for b, c in pairs
+                    ).items()
+                ),
+                "iter_ms_base": _mean_ms(same, 0),
+                "iter_ms_cl": _mean_ms(same, 1),
             }
         )
     order = {m: i for i, m in enumerate(MODELS)}
@@ -199,7 +230,8 @@ def ablation_rows(store: CellStore) -> list[dict]:
 
 
 PAIRED_COLS = ["model", "method", "bits", "seeds", "base", "+CL", "diff", "fp_top1",
-               "gap_to_fp", "target", "met", "overhead", "iter_ms_base", "iter_ms_cl"]  # fmt: skip
+               "gap_to_fp", "target", "met", "overhead", "devices", "iter_ms_base",
+               "iter_ms_cl"]  # fmt: skip
 ABLATION_COLS = ["variant", "seeds", "accs", "mean", "std", "diff_vs_base", "overhead",
                  "fp_val_top1"]  # fmt: skip
 
@@ -215,7 +247,10 @@ def report(
             "random calibration set (n = 256); `diff` = paired difference (+CL minus base), "
             "mean ± std over seeds. `target` = min(0.25 x base gap to FP, 0.3): the "
             "issue's bar for the mean paired difference. `overhead` = optimization time "
-            "per iteration with the term / without, mean over pairs. Contrastive defaults: "
+            "per iteration with the term / without, mean over the pairs whose two runs "
+            "ran on one device (`devices`: H100 = one H100 shared by 14 runner processes, "
+            "so contended throughput; cpu = this project's 2-core machine; `iter_ms_*`: "
+            "mean over the pairs of the most common device). Contrastive defaults: "
             f"{DEFAULT}."
         )
         write_tables(grid, "CL-Calib: base vs base + contrastive (paired)", command, rows,
@@ -244,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     p.add_argument("--smoke", action="store_true",
                    help="5 iterations, ResNet-20, 1 seed, 2 ablation rows: *-smoke")  # fmt: skip
+    add_runner_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     grid, recon_grid, iters, variants = GRID, RECON_GRID, None, None
@@ -266,16 +302,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.info("%d cells to run", len(todo))
     start = time.time()
     benches: dict[tuple[str, str], Workbench] = {}
+    claims = Claims(args.claims)
+    where = {"device": args.device, "data_root": args.data_root}
     for i, (store, c, split) in enumerate(todo):
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
             logging.info("time budget reached; rerun to continue")
             break
+        if not claims.take(c):
+            continue
         key = (c["model"], split)
         if key not in benches:
             benches[key] = (
-                Workbench(c["model"], "fashion-mnist")
+                Workbench(c["model"], "fashion-mnist", **where)
                 if split == "test"
-                else validation_workbench(c["model"])
+                else validation_workbench(c["model"], **where)
             )
             logging.info("%s %s: FP top-1 %.2f%%", *key, benches[key].fp_top1)
         res = run_cell(c, benches[key])

@@ -29,7 +29,9 @@ average, so a measurement taken on a busy machine can be recognized).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import hashlib
 import itertools
 import logging
 import os
@@ -37,11 +39,21 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 
-from common import CellStore, cell_key, group_rows, summarize, write_tables
+from common import (
+    CellStore,
+    Claims,
+    add_runner_args,
+    cell_key,
+    device_name,
+    group_rows,
+    summarize,
+    write_tables,
+)
 from qcalib.calibrate import CALIBRATORS
 from qcalib.config import (
     RECON_PROFILES,
@@ -67,8 +79,10 @@ PAPER = {"model": RESNET, "method": "qdrop", "bits": "W2A4", "n": 1024, "seed": 
 # One block of each kind: (plain layer, residual / inverted residual).
 TIMING_BLOCKS = {RESNET: ("conv1", "layer1.0"), MOBILENET: ("features.12.0", "features.2")}
 TIMING_BITS, TIMING_N, TIMING_WARMUP, TIMING_ITERS = "W2A4", 256, 10, 50
+CL_TIMING_METHOD = "qdrop"
 PARTS = ("timing", "main", "selector", "paper")
 GRID = "recon"
+CACHE = Path(__file__).parent / "cache"
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -167,17 +181,29 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         st[1], st[2] = t, st[2] + 1
 
     calibrator.on_iteration = stamp
+    # Hours-long cells (the published profile) checkpoint after every block under
+    # bench/cache/, so a killed runner resumes them at the next block.
+    out = (
+        CACHE / hashlib.sha1(cell_key(c).encode()).hexdigest()[:16]
+        if c["profile"] == "paper"
+        else None
+    )
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    _, res = quantize(cfg, bench=bench, progress=False, calibrator=calibrator)
+    _, res = quantize(cfg, bench=bench, out=out, progress=False, calibrator=calibrator)
     wall = time.perf_counter() - t0
+    history = calibrator.engine.history
     # Block entries of the engine history (stage entries carry a "stage" key).
-    blocks = [h for h in calibrator.engine.history if "stage" not in h]
+    blocks = [h for h in history if "stage" not in h]
     secs = [h["seconds"] for h in blocks]
-    # Optimization time (without the block's capture): first to last iteration stamp,
-    # extrapolated by one iteration.
-    opt = [(last - first) * k / (k - 1) for first, last, k in stamps.values() if k > 1]
-    its = sum(k for _, _, k in stamps.values() if k > 1)
+    if calibrator.engine.resumed_from:  # stamps cover only this process: use the stages
+        stages = [h for h in history if "stage" in h]
+        opt, its = [h["seconds"] for h in stages], sum(h["iters"] for h in stages)
+    else:
+        # Optimization time (without the block's capture): first to last iteration
+        # stamp, extrapolated by one iteration.
+        opt = [(last - first) * k / (k - 1) for first, last, k in stamps.values() if k > 1]
+        its = sum(k for _, _, k in stamps.values() if k > 1)
     return {
         "fp_top1": res.fp_top1,
         "quant_top1": res.quant_top1,
@@ -193,6 +219,8 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         "seconds": res.seconds,
         "threads": torch.get_num_threads(),
         "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        "device": device_name(bench.device),
+        "resumed_from_block": calibrator.engine.resumed_from,
     }
 
 
@@ -313,7 +341,8 @@ def run_timing(c: dict, bench: Workbench) -> dict:
     other block runs 0 iterations (it is still captured and hardened), the chosen ones
     ``warmup + iters`` per stage; an ``on_iteration`` hook stamps the end of each."""
     total = c["warmup"] + c["iters"]
-    recon = ReconConfig(iters=total, act_iters=total, batch_size=c["batch_size"])
+    cl = ContrastiveConfig(**c["contrastive"]) if c.get("contrastive") else None
+    recon = ReconConfig(iters=total, act_iters=total, batch_size=c["batch_size"], contrastive=cl)
     cfg = RunConfig(
         model=c["model"],
         quant=QuantConfig(wbits=c["wbits"], abits=c["abits"]),
@@ -366,7 +395,7 @@ def run_timing(c: dict, bench: Workbench) -> dict:
                     "input_shape": "x".join(map(str, shape)),
                     "batch": c["batch_size"],
                     "threads": c["threads"],
-                    "method": c["method"],
+                    "method": c["method"] + ("+CL" if cl else ""),
                     "stage": stage,
                     "ms_per_iter": round(med, 3),
                     "ms_mean": round(mean, 3),
@@ -385,7 +414,12 @@ def run_timing(c: dict, bench: Workbench) -> dict:
 
 
 def timing_cells(models, methods, warmup: int, iters: int, n: int) -> list[dict]:
+    """Each method on the timing blocks, plus QDrop with the CL-Calib term (its default
+    configuration) for the add-on's overhead on an otherwise idle machine."""
     w, a = parse_bits(TIMING_BITS)
+    variants = [(m, None) for m in methods]
+    if CL_TIMING_METHOD in methods:
+        variants.append((CL_TIMING_METHOD, asdict(ContrastiveConfig())))
     return [
         {
             "model": model,
@@ -398,9 +432,10 @@ def timing_cells(models, methods, warmup: int, iters: int, n: int) -> list[dict]
             "iters": iters,
             "blocks": list(TIMING_BLOCKS[model]),
             "threads": torch.get_num_threads(),
+            **({"contrastive": cl} if cl else {}),
         }
         for model in models
-        for m in methods
+        for m, cl in variants
     ]
 
 
@@ -421,7 +456,15 @@ def _order(c: dict) -> tuple:
     )
 
 
-def aggregate(store: CellStore) -> list[dict]:
+def _short_device(row: dict) -> str:
+    """Cells made before the device was recorded ran on this project's CPU machine."""
+    return row.get("device", "cpu").removeprefix("cuda:NVIDIA ").split(" ")[0]
+
+
+def aggregate(store: CellStore, seeds: range | None = None) -> list[dict]:
+    """One row per configuration over its seeds (only ``seeds`` when given). Time columns
+    average the cells of the row's main device (the one most of its cells ran on): a CPU
+    second and a GPU second do not mix."""
     keys = (
         "model",
         "calibrator",
@@ -435,11 +478,15 @@ def aggregate(store: CellStore) -> list[dict]:
         "batch_size",
     )
     out = []
-    for key, rows in group_rows(store.rows.values(), keys).items():
+    chosen = [r for r in store.rows.values() if seeds is None or r["cell"]["seed"] in seeds]
+    for key, rows in group_rows(chosen, keys).items():
         rows.sort(key=lambda r: r["cell"]["seed"])
         accs = [r["quant_top1"] for r in rows]
+        devices = collections.Counter(_short_device(r) for r in rows)
+        main_device = devices.most_common(1)[0][0]
+        timed = [r for r in rows if _short_device(r) == main_device]
 
-        def mean(k: str, rows: list[dict] = rows) -> float:
+        def mean(k: str, rows: list[dict] = timed) -> float:
             return round(statistics.fmean(r[k] for r in rows), 3)
 
         c = dict(zip(keys, key, strict=True))
@@ -460,10 +507,13 @@ def aggregate(store: CellStore) -> list[dict]:
                 "block_s_max": mean("block_s_max"),
                 "iter_ms": mean("iter_ms"),
                 "select_s": round(
-                    statistics.fmean(r["seconds"].get("select", 0.0) for r in rows), 2
+                    statistics.fmean(r["seconds"].get("select", 0.0) for r in timed), 2
                 ),
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
                 "threads": sorted({r["threads"] for r in rows}),
+                "device": ", ".join(
+                    [main_device] + [f"{k} x{v}" for k, v in devices.items() if k != main_device]
+                ),
             }
         )
     out.sort(key=_order)
@@ -472,12 +522,13 @@ def aggregate(store: CellStore) -> list[dict]:
 
 # fmt: off
 MAIN_COLS = ["model", "method", "bits", "n", "profile_iters", "n_seeds", "accs", "mean", "std",
-             "fp_top1", "wall_s", "recon_s", "block_s_mean", "block_s_max", "iter_ms",
+             "fp_top1", "device", "wall_s", "recon_s", "block_s_mean", "block_s_max", "iter_ms",
              "peak_rss_mb"]
 SELECTOR_COLS = ["model", "bits", "selector", "profile_iters", "n_seeds", "accs", "mean", "std",
-                 "vs_random", "fp_top1", "select_s", "wall_s"]
+                 "vs_random", "fp_top1", "device", "select_s", "wall_s"]
 PAPER_COLS = ["model", "method", "bits", "n", "seed", "profile_iters", "quant_top1", "fp_top1",
-              "recon_s", "block_s_mean", "block_s_max", "iter_ms", "wall_s", "peak_rss_mb"]
+              "device", "recon_s", "block_s_mean", "block_s_max", "iter_ms", "wall_s",
+              "peak_rss_mb"]
 TIMING_COLS = ["model", "block", "kind", "layers", "input_shape", "batch", "threads", "method",
                "stage", "ms_per_iter", "ms_min", "floor_ms", "floor_min", "ratio", "ratio_min",
                "loadavg"]
@@ -489,7 +540,12 @@ MAIN_NOTES = (
     "+ eval; `recon_s` = reconstruction (capture + optimization, all blocks); "
     "`block_s_mean` / `block_s_max` = mean / max over blocks (AdaRound: over layers); "
     "`iter_ms` = optimization time per iteration, averaged over all blocks and stages. Peak "
-    "RSS: max over seeds. Threads and load average per cell are in the cells file."
+    "RSS: max over seeds. Threads and load average per cell are in the cells file. "
+    "`device`: where the cells ran; `H100` = one borrowed H100 shared by 14 runner "
+    "processes at once (`bench/parallel.sh`), so its times are contended throughput "
+    "figures, not single-run latency; `cpu x1` = one cell (seed 0) ran on this project's "
+    "2-core CPU machine, and time columns average the main device's cells only. Seeds 0-2 "
+    "(the CL-Calib grid adds seeds 3-4 of some QDrop rows: see `contrastive.md`)."
 )
 TIMING_NOTES = (
     "`ms_per_iter` / `ms_min`: median / minimum wall time of one engine iteration (batch "
@@ -502,7 +558,8 @@ TIMING_NOTES = (
     "step) on the same batch; `ratio` = ms_per_iter / floor_ms, `ratio_min` = ms_min / "
     "floor_min. `input_shape` is the block input per sample (C x H x W). `loadavg`: "
     "1-minute load average before / after the cell: a busy machine inflates the numbers "
-    "(the minimum suffers least)."
+    "(the minimum suffers least). `qdrop+CL`: QDrop with the CL-Calib term at its defaults "
+    "(critic forward included); its ms over qdrop's is the add-on's overhead."
 )
 
 
@@ -525,7 +582,7 @@ def _paper_twins(store: CellStore) -> list[dict]:
 
 
 def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int) -> None:
-    rows = aggregate(store)
+    rows = aggregate(store, seeds=range(SEEDS))
     main = [r for r in rows if r["selector"] == "random" and r["n"] == n]
     if main:
         title = "Reconstruction calibrators (AdaRound / BRECQ / QDrop), random calibration sets"
@@ -559,7 +616,8 @@ def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int)
         model_i = {m: i for i, m in enumerate(MODELS)}
         trows.sort(
             key=lambda r: (model_i.get(r["model"], 9), r["block"], r["threads"],
-                           METHODS.index(r["method"]), r["stage"] == "act")
+                           METHODS.index(r["method"].removesuffix("+CL")), r["method"],
+                           r["stage"] == "act")
         )  # fmt: skip
         title = "Time per reconstruction iteration vs the forward+backward floor of the FP block"
         write_tables(f"{grid}-timing", title, command, trows, TIMING_COLS, notes=TIMING_NOTES)
@@ -579,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
+    add_runner_args(p)
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -621,7 +680,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def workbench(model: str) -> Workbench:
         if model not in benches:
-            benches[model] = Workbench(model, "fashion-mnist")
+            benches[model] = Workbench(
+                model, "fashion-mnist", data_root=args.data_root, device=args.device
+            )
             logging.info("%s: FP top-1 %.2f%%", model, benches[model].fp_top1)  # outside timings
         return benches[model]
 
@@ -631,10 +692,13 @@ def main(argv: list[str] | None = None) -> int:
             return True
         return False
 
+    claims = Claims(args.claims)
     stopped = False
     for i, c in enumerate(todo_t):
         if stopped := out_of_time():
             break
+        if not claims.take(c):
+            continue
         res = run_timing(c, workbench(c["model"]))
         tstore.add(c, res)
         for r in res["rows"]:
@@ -646,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, c in enumerate([] if stopped else todo):
         if out_of_time():
             break
+        if not claims.take(c):
+            continue
         if c["profile"] == "paper":
             e = estimate_s(c, list(store.rows.values()))
             logging.info(

@@ -50,7 +50,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from common import CellStore, group_rows, summarize, write_tables
+from common import CellStore, cell_key, group_rows, summarize, write_tables
 from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
 from qcalib.data.pool import Pool, TensorImageDataset
 from qcalib.data.registry import load_pool
@@ -264,21 +264,27 @@ class Runner:
                         continue
                     self.run_cell(self.store, cell, {}, sel)
 
+    def ablation_blocks(self) -> list[tuple]:
+        """Every bit width at the first n and calibrator: a selection is the expensive
+        part, and W4A4 alone is flat on these models (W3A3 is where selection matters)."""
+        n, calib = self.args.ns[0], self.args.calibrators[0]
+        return [(bits, n, calib) for bits in self.args.bits]
+
     def run_ablation(self) -> None:
-        (w, a), n, calib = self.blocks()[0]
         model = self.args.ablation_model
         for name, value, params in VARIANTS:
             for seed in range(self.args.seeds):
-                sel = self.selection(model, "selectq", params, seed, n)
-                cell = {"model": model, "calibrator": calib, "selector": "selectq",
-                        "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
-                if params:
-                    cell["variant"] = f"{name}={value}"
-                    store = self.abl_store
-                else:
-                    store = self.store  # the default is the main grid's SelectQ row
-                if not store.done(cell):
-                    self.run_cell(store, cell, params, sel)
+                for (w, a), n, calib in self.ablation_blocks():
+                    sel = self.selection(model, "selectq", params, seed, n)
+                    cell = {"model": model, "calibrator": calib, "selector": "selectq",
+                            "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
+                    if params:
+                        cell["variant"] = f"{name}={value}"
+                        store = self.abl_store
+                    else:
+                        store = self.store  # the default is the main grid's SelectQ row
+                    if not store.done(cell):
+                        self.run_cell(store, cell, params, sel)
 
     # ------------------------------------------------------------------- cost
     def run_cost(self) -> None:
@@ -558,50 +564,63 @@ def write_cost(r: Runner) -> None:
 
 
 def write_ablation(r: Runner) -> None:
-    (w, a), n, calib = r.blocks()[0]
     model = r.args.ablation_model
+    blocks = r.ablation_blocks()
+    n = blocks[0][1]
+    grid = grid_rows(r)
     out = []
-    base = {"model": model, "calibrator": calib, "wbits": w, "abits": a, "n": n}
     for name, value, params in VARIANTS:
-        accs, sels, seeds, fp = [], [], [], None
-        for seed in range(r.args.seeds):
-            cell = {**base, "selector": "selectq", "seed": seed}
-            if params:
-                cell["variant"] = f"{name}={value}"
-            store = r.abl_store if params else r.store
-            row = store.rows.get(json.dumps(cell, sort_keys=True))
-            if row:
-                accs.append(row["quant_top1"])
-                fp = row["fp_top1"]
-                seeds.append(seed)
-                sels.append(selection_row(r, model, "selectq", params, seed, n))
-        if not accs:
+        row: dict = {"factor": name, "value": value, "params": params}
+        sels = []
+        for (w, a), _, calib in blocks:
+            accs, fp = [], None
+            for seed in range(r.args.seeds):
+                cell = {"model": model, "calibrator": calib, "selector": "selectq",
+                        "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
+                if params:
+                    cell["variant"] = f"{name}={value}"
+                found = (r.abl_store if params else r.store).rows.get(cell_key(cell))
+                if found:
+                    accs.append(found["quant_top1"])
+                    fp = found["fp_top1"]
+                    sels.append(selection_row(r, model, "selectq", params, seed, n))
+            if accs:
+                stats = summarize(accs)
+                row.update({f"W{w}A{a}": f"{stats['mean']:.2f} ± {stats['std']:.2f}",
+                            f"W{w}A{a}_min": stats["min"], f"W{w}A{a}_seeds": len(accs),
+                            f"W{w}A{a}_accs": accs, "fp_top1": fp})  # fmt: skip
+        if "fp_top1" not in row:
             continue
-        out.append({
-            "factor": name, "value": value, "params": params, "seeds": len(seeds),
-            "accs": accs, **summarize(accs), "fp_top1": fp,
-            "mismatch": nanmean([s["mismatch"]["mismatch"] if s else None for s in sels]),
-            "select_s": nanmean([s["total_s"] if s else None for s in sels]),
-        })  # fmt: skip
-    want = (model, calib, w, a, n, "random")
-    rnd = [
-        x for x in grid_rows(r)
-        if (x["model"], x["calibrator"], x["wbits"], x["abits"], x["n"], x["selector"]) == want
-    ]  # fmt: skip
-    for x in rnd:
-        out.append({"factor": "reference", "value": f"random ({x['source']})", "params": {},
-                    **{k: x[k] for k in ("seeds", "accs", "mean", "std", "min", "max", "fp_top1",
-                                         "mismatch", "select_s")}})  # fmt: skip
+        row["mismatch"] = nanmean([s["mismatch"]["mismatch"] if s else None for s in sels])
+        row["select_s"] = nanmean([s["total_s"] if s else None for s in sels])
+        out.append(row)
+    ref: dict = {"factor": "reference", "value": "random", "params": {}}
+    for (w, a), _, calib in blocks:
+        want = (model, calib, w, a, n, "random")
+        for x in grid:
+            if (x["model"], x["calibrator"], x["wbits"], x["abits"], x["n"], x["selector"]) == want:
+                ref.update({f"W{w}A{a}": f"{x['mean']:.2f} ± {x['std']:.2f}",
+                            f"W{w}A{a}_min": x["min"], f"W{w}A{a}_seeds": x["seeds"],
+                            "value": f"random ({x['source']})", "fp_top1": x["fp_top1"],
+                            "mismatch": x["mismatch"], "select_s": x["select_s"]})  # fmt: skip
+    if "fp_top1" in ref:
+        out.append(ref)
+    labels = [f"W{w}A{a}" for (w, a), _, _ in blocks]
+    cols = ["factor", "value"]
+    for lab in labels:
+        cols += [f"{lab}_seeds", lab, f"{lab}_min"]
+    cols += ["fp_top1", "mismatch", "select_s"]
     notes = (
-        f"{model}, {calib} W{w}A{a}, n = {n}; SelectQ seeds 0..{r.args.seeds - 1}; one factor "
+        f"{model}, {blocks[0][2]}, n = {n}; SelectQ seeds 0..{r.args.seeds - 1}; one factor "
         "varied at a time from the default (K=8, metric w2, combine mean over all layers, "
-        "stats mean_std, within nearest). mismatch as in the grid table."
+        "stats mean_std, within nearest). Each SelectQ set is calibrated and evaluated at "
+        f"{' and '.join(labels)} (mean ± std over seeds, and the worst seed). mismatch as in "
+        "the grid table, averaged over the variant's sets."
     )
     if r.args.smoke:
         notes = "SMOKE RUN: not results. " + notes
-    write_tables(f"{r.grid}-ablation", "SelectQ ablation", command(r), out,
-                 ["factor", "value", "seeds", "mean", "std", "min", "max", "fp_top1",
-                  "mismatch", "select_s"], notes, formats=MISMATCH_FMT)  # fmt: skip
+    write_tables(f"{r.grid}-ablation", "SelectQ ablation", command(r), out, cols, notes,
+                 formats=MISMATCH_FMT)  # fmt: skip
 
 
 def command(r: Runner) -> str:

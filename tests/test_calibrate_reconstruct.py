@@ -278,6 +278,11 @@ def test_interrupted_run_resumes_to_the_identical_result(tiny, tmp_path, method)
     resumed, eng = run(tmp_path / "b")
     assert eng.resumed_from == 2
     _assert_same_state(_state(resumed), ref)
+    # The history covers every block: the first two restored from the state file.
+    assert [(h["index"], h.get("stage")) for h in eng.history] == [
+        (h["index"], h.get("stage")) for h in run(None)[1].history
+    ]
+    assert {h["index"] for h in eng.history if h.get("restored")} == {0, 1}
 
     def kill_mid_block(index, stage, it):
         if index == 3 and stage == 0 and it == 1:
@@ -291,7 +296,8 @@ def test_interrupted_run_resumes_to_the_identical_result(tiny, tmp_path, method)
 
     # A finished state replays without any work; no work_dir gives the same result too.
     again, eng = run(tmp_path / "a")
-    assert eng.resumed_from == 5 and not [h for h in eng.history if "stage" in h]
+    assert eng.resumed_from == 5 and all(h["restored"] for h in eng.history)
+    assert len([h for h in eng.history if "stage" not in h]) == 5
     _assert_same_state(_state(again), ref)
     _assert_same_state(_state(run(None)[0]), ref)
 

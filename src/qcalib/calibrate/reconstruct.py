@@ -456,6 +456,8 @@ class BlockReconstructor:
             "blocks": [b.name for b in self.blocks],
             "seed": self.seed,
             "model": {k: v.detach().cpu() for k, v in self.qmodel.state_dict().items()},
+            # The finished blocks' timings and losses, so a resumed run reports them all.
+            "history": [h for h in self.history if h["index"] < done],
         }
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
@@ -478,6 +480,7 @@ class BlockReconstructor:
             )
             return 0
         self.qmodel.load_state_dict(state["model"])
+        self.history = [{**h, "restored": True} for h in state.get("history", [])]
         return min(int(state["done"]), len(self.blocks))
 
     # -- one block ----------------------------------------------------------------
