@@ -134,3 +134,83 @@ def test_precomputed_indices_skip_selection_and_match_the_selected_run(bench):
 def test_precomputed_indices_errors(bench, indices, message):
     with pytest.raises(QCalibError, match=message):
         quantize(_cfg(), bench, progress=False, indices=indices)
+
+
+# -- an unlabeled file pool with separate labeled evaluation data ----------------------------
+
+
+def _png(path, seed: int) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (40, 40, 3), generator=g, dtype=torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGB").save(path)
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """``files:`` list of 6 unlabeled images; an image folder whose val/ has 2 classes."""
+    root = tmp_path_factory.mktemp("images")
+    for i in range(6):
+        _png(root / "pool" / f"{i}.png", i)
+    (root / "pool.txt").write_text("\n".join(f"pool/{i}.png" for i in range(6)) + "\n")
+    for c, name in enumerate(("ant", "bee")):
+        for i in range(3):
+            _png(root / "labeled" / "val" / name / f"{i}.png", 100 + 10 * c + i)
+    return root
+
+
+def _image_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 7, stride=8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
+    )  # fmt: skip
+
+
+def test_file_pool_is_evaluated_on_eval_data(image_data, tmp_path):
+    from qcalib.data.registry import load_dataset
+
+    model = _image_model()
+    spec, eval_spec = f"files:{image_data / 'pool.txt'}", f"imagefolder:{image_data / 'labeled'}"
+    bench = Workbench(model, spec, eval_data=eval_spec)
+    cfg = RunConfig(model="api", data=spec, eval_data=eval_spec, calib=CalibConfig(num_calib=4))
+    _, res = quantize(cfg, bench, out=tmp_path / "run", progress=False)
+    # FP top-1 by hand: the model's argmax against the val/ folder's labels.
+    val = load_dataset(eval_spec, "val")
+    with torch.no_grad():
+        pred = model(torch.stack([val[i][0] for i in range(len(val))])).argmax(1)
+    labels = torch.as_tensor([val[i][1] for i in range(len(val))])
+    assert len(val) == 6 and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert res.fp_top1 == pytest.approx(100.0 * float((pred == labels).float().mean()))
+    assert 0.0 <= res.quant_top1 <= 100.0 and len(res.calib_indices) == 4
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["config"]["eval_data"] == (
+        eval_spec
+    )
+
+
+def test_file_pool_without_eval_data_names_the_flag(image_data):
+    with pytest.raises(QCalibError, match="--eval-data"):
+        Workbench(_image_model(), f"files:{image_data / 'pool.txt'}")
+
+
+def test_eval_data_none_skips_evaluation(image_data, tmp_path):
+    spec = f"files:{image_data / 'pool.txt'}"
+    bench = Workbench(_image_model(), spec, eval_data="none")
+    cfg = RunConfig(model="api", data=spec, eval_data="none", calib=CalibConfig(num_calib=4))
+    _, res = quantize(cfg, bench, out=tmp_path / "run", progress=False)
+    assert res.fp_top1 is None and res.quant_top1 is None and "eval" not in res.seconds
+    assert res.summary().endswith("not evaluated")
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["quant_top1"] is None and len(saved["calib_indices"]) == 4
+    with pytest.raises(QCalibError, match="no evaluation data"):
+        bench.accuracy(bench.model)
+
+
+def test_cli_file_pool_without_eval_data_is_one_line_error(image_data, capsys):
+    argv = ["quantize", "--no-progress", "--model", "torchvision:resnet18",
+            "--data", f"files:{image_data / 'pool.txt'}", "--num-calib", "4"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qcalib: error:") and "--eval-data none" in err and "\n" not in err

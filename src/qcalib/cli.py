@@ -143,6 +143,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         seed=args.seed,
         eval_batch_size=args.eval_batch_size,
         device=args.device,
+        eval_data=args.eval_data,
     )
 
 
@@ -153,8 +154,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     log.info("quantizing %s at W%dA%d with %s", cfg.model, cfg.quant.wbits, cfg.quant.abits,
              cfg.calib.calibrator)  # fmt: skip
     _, result = quantize(cfg, out=args.out, progress=not args.no_progress)
-    print(f"FP top-1:        {result.fp_top1:.2f}%")
-    print(f"quantized top-1: {result.quant_top1:.2f}%  ({result.summary()})")
+    if result.quant_top1 is None:
+        print(f"not evaluated: {result.summary()}")
+    else:
+        print(f"FP top-1:        {result.fp_top1:.2f}%")
+        print(f"quantized top-1: {result.quant_top1:.2f}%  ({result.summary()})")
     st = result.calib_stats
     if st.get("ms_per_iter") is not None:
         extra = ""
@@ -170,13 +174,19 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from qcalib.artifact import load_run
     from qcalib.pipeline import Workbench
 
     cfg, qmodel, result = load_run(args.run)
+    if args.eval_data is not None:
+        cfg = replace(cfg, eval_data=args.eval_data)
     bench = Workbench.from_config(cfg)
     top1 = bench.accuracy(qmodel.to(bench.device), progress=not args.no_progress)
-    print(f"quantized top-1: {top1:.2f}%  (recorded at calibration: {result['quant_top1']:.2f}%)")
+    rec = result["quant_top1"]
+    recorded = "not evaluated" if rec is None else f"{rec:.2f}%"
+    print(f"quantized top-1: {top1:.2f}%  (recorded at calibration: {recorded})")
     return 0
 
 
@@ -191,6 +201,10 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default="fashion-mnist",
                    help="fashion-mnist, digits, imagefolder:DIR or files:LIST")  # fmt: skip
     g.add_argument("--data-root", default=None, help="directory of the dataset files")
+    g.add_argument("--eval-data", default=None, metavar="SPEC",
+                   help="labeled evaluation data when --data is an unlabeled pool (same "
+                        "forms; imagefolder reads its val/ or test/), or 'none' to skip "
+                        "evaluation; default: the test split of --data")  # fmt: skip
     g = q.add_argument_group("quantization")
     g.add_argument("--wbits", type=int, default=4)
     g.add_argument("--abits", type=int, default=4)
@@ -271,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="load a saved run and evaluate it again")
     e.add_argument("run", help="run directory written by `qcalib quantize --out`")
+    e.add_argument("--eval-data", default=None, metavar="SPEC",
+                   help="evaluate on this labeled data instead of the run's")  # fmt: skip
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_eval)
 

@@ -207,6 +207,9 @@ class RunConfig:
     seed: int = 0
     eval_batch_size: int = 500
     device: str = "cpu"
+    # Labeled evaluation data when ``data`` is an unlabeled pool (a spec like ``data``);
+    # None: the test/val split of ``data``; "none": no evaluation (no accuracy reported).
+    eval_data: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import Calibrator
@@ -37,8 +38,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+NO_EVAL = "none"
+
+
+def load_eval_set(data: str, data_root: str | None, eval_data: str | None) -> Dataset | None:
+    """The labeled evaluation set of a run (see ``RunConfig.eval_data``); None for "none"."""
+    if eval_data == NO_EVAL:
+        return None
+    if eval_data is None and data.startswith("files:"):
+        raise QCalibError(
+            f"{data} is an unlabeled calibration pool with nothing to evaluate on; name "
+            "labeled data with --eval-data (e.g. imagefolder:/data/imagenet, whose val/ is "
+            "read) or skip evaluation with --eval-data none"
+        )
+    return load_dataset(eval_data or data, "test", data_root)
+
+
 class Workbench:
-    """The fixed parts of a run: FP model, calibration pool, labeled test set."""
+    """The fixed parts of a run: FP model, calibration pool, labeled test set (None when
+    the run is not evaluated)."""
 
     def __init__(
         self,
@@ -48,6 +66,7 @@ class Workbench:
         weights: str | None = None,
         device: str = "cpu",
         eval_batch_size: int = 500,
+        eval_data: str | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.model_name = model if isinstance(model, str) else type(model).__name__
@@ -55,15 +74,25 @@ class Workbench:
             model = load_model(model, weights)
         self.model = model.eval().to(self.device)
         self.pool = load_pool(data, data_root, split="train")
-        self.test_set = load_dataset(data, "test", data_root)
+        self.test_set = load_eval_set(data, data_root, eval_data)
         self.eval_batch_size = eval_batch_size
         self._fp_top1: float | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Workbench:
-        return cls(cfg.model, cfg.data, cfg.data_root, cfg.weights, cfg.device, cfg.eval_batch_size)
+        return cls(cfg.model, cfg.data, cfg.data_root, cfg.weights, cfg.device,
+                   cfg.eval_batch_size, cfg.eval_data)  # fmt: skip
+
+    @property
+    def evaluates(self) -> bool:
+        return self.test_set is not None
 
     def accuracy(self, model: nn.Module, progress: bool = False) -> float:
+        if self.test_set is None:
+            raise QCalibError(
+                "this run has no evaluation data (--eval-data none); give a labeled "
+                "dataset with --eval-data to measure accuracy"
+            )
         return accuracy(model, self.test_set, self.eval_batch_size, progress, self.device)
 
     @property
@@ -92,8 +121,8 @@ def build_quant_model(model: nn.Module, q: QuantConfig, example_input: torch.Ten
 class RunResult:
     config: dict[str, Any]
     model: str
-    fp_top1: float
-    quant_top1: float
+    fp_top1: float | None  # None: not evaluated (eval_data "none")
+    quant_top1: float | None
     calib_indices: list[int]
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
@@ -104,7 +133,11 @@ class RunResult:
         return (
             f"{self.model} W{q['wbits']}A{q['abits']} {self.config['calib']['calibrator']} "
             f"({self.config['select']['selector']}, n={len(self.calib_indices)}): "
-            f"FP {self.fp_top1:.2f}% -> quantized {self.quant_top1:.2f}%"
+            + (
+                f"FP {self.fp_top1:.2f}% -> quantized {self.quant_top1:.2f}%"
+                if self.fp_top1 is not None and self.quant_top1 is not None
+                else "not evaluated"
+            )
         )
 
 
@@ -187,12 +220,14 @@ def quantize(
         calibrator.calibrate(qmodel, calib, seed=cfg.seed, progress=progress, work_dir=work_dir)
     seconds["calibrate"], rss["calibrate"] = m.seconds, m.peak_rss_mb
 
-    t0 = time.perf_counter()
-    fp = bench.fp_top1
-    with Measure() as m:
-        q_top1 = bench.accuracy(qmodel, progress)
-    seconds["eval"], rss["eval"] = m.seconds, m.peak_rss_mb
-    log.debug("FP accuracy took %.1fs", time.perf_counter() - t0 - m.seconds)
+    fp = q_top1 = None
+    if bench.evaluates:
+        t0 = time.perf_counter()
+        fp = bench.fp_top1
+        with Measure() as m:
+            q_top1 = bench.accuracy(qmodel, progress)
+        seconds["eval"], rss["eval"] = m.seconds, m.peak_rss_mb
+        log.debug("FP accuracy took %.1fs", time.perf_counter() - t0 - m.seconds)
 
     result = RunResult(
         config=cfg.to_dict(),
