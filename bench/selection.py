@@ -50,7 +50,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from common import CellStore, cell_key, group_rows, summarize, write_tables
+from common import CellStore, Claims, add_runner_args, cell_key, group_rows, summarize, write_tables
 from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
 from qcalib.data.pool import Pool, TensorImageDataset
 from qcalib.data.registry import load_pool
@@ -134,6 +134,7 @@ class Runner:
         self.fitted: dict[tuple, tuple] = {}
         self.refs: dict[str, PoolReference] = {}
         self.start = time.time()
+        self.claims = Claims(args.claims)
         self.seeds = {
             "selectq": args.seeds,
             "random": args.random_seeds,
@@ -154,7 +155,7 @@ class Runner:
 
     def bench(self, model: str) -> Workbench:
         if model not in self.benches:
-            b = Workbench(model, DATA)
+            b = Workbench(model, DATA, data_root=self.args.data_root, device=self.args.device)
             if self.args.pool_size:
                 b.pool = subset_pool(b.pool, self.args.pool_size)
             if self.args.test_size and self.args.test_size < len(b.test_set):
@@ -255,13 +256,17 @@ class Runner:
         for model in self.args.models:
             for selector in self.args.selectors:
                 for seed in range(self.seeds[selector]):
-                    sel = self.selection(model, selector, {}, seed, n)
                     cell = {"model": model, "calibrator": calib, "selector": selector,
                             "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
                     if self.store.done(cell) or (
                         selector == "random" and self.baseline and self.baseline.done(cell)
                     ):
+                        # The table's mismatch column needs every set (cached once made).
+                        self.selection(model, selector, {}, seed, n)
                         continue
+                    if not self.claims.take(cell):
+                        continue
+                    sel = self.selection(model, selector, {}, seed, n)
                     self.run_cell(self.store, cell, {}, sel)
 
     def ablation_blocks(self) -> list[tuple]:
@@ -275,7 +280,6 @@ class Runner:
         for name, value, params in VARIANTS:
             for seed in range(self.args.seeds):
                 for (w, a), n, calib in self.ablation_blocks():
-                    sel = self.selection(model, "selectq", params, seed, n)
                     cell = {"model": model, "calibrator": calib, "selector": "selectq",
                             "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
                     if params:
@@ -283,8 +287,10 @@ class Runner:
                         store = self.abl_store
                     else:
                         store = self.store  # the default is the main grid's SelectQ row
-                    if not store.done(cell):
-                        self.run_cell(store, cell, params, sel)
+                    if store.done(cell) or not self.claims.take(cell):
+                        continue
+                    sel = self.selection(model, "selectq", params, seed, n)
+                    self.run_cell(store, cell, params, sel)
 
     # ------------------------------------------------------------------- cost
     def run_cost(self) -> None:
@@ -645,6 +651,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ablation-model", default=ABLATION_MODEL)
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
+    add_runner_args(p)
     p.add_argument("--smoke", action="store_true",
                    help="tiny check: ResNet-20 (or --models), n=32, 1 seed, 2000-image pool, "
                    "1000 test images, W4A4 only, into selection-smoke.* (not results)")  # fmt: skip
