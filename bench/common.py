@@ -84,6 +84,12 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
                         "DIR (each cell runs once)")  # fmt: skip
 
 
+def row_device(row: dict) -> str:
+    """Short device of a finished cell ("H100", "cpu"); cells made before the device was
+    recorded ran on this project's CPU machine."""
+    return row.get("device", "cpu").removeprefix("cuda:NVIDIA ").split(" ")[0]
+
+
 def device_name(device: object) -> str:
     import torch
 

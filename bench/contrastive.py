@@ -45,6 +45,7 @@ from common import (
     add_runner_args,
     cell_key,
     group_rows,
+    row_device,
     summarize,
     write_tables,
 )
@@ -133,17 +134,12 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _device(row: dict) -> str:
-    """Cells made before the device was recorded ran on this project's CPU machine."""
-    return row.get("device", "cpu").removeprefix("cuda:NVIDIA ").split(" ")[0]
-
-
 def _mean_ms(pairs: list[tuple[dict, dict]], side: int) -> float:
     """Mean ms per iteration of one side over the pairs of the most common device."""
     if not pairs:
         return float("nan")
-    main = collections.Counter(_device(b) for b, _ in pairs).most_common(1)[0][0]
-    return round(statistics.fmean(p[side]["iter_ms"] for p in pairs if _device(p[0]) == main), 2)
+    main = collections.Counter(row_device(b) for b, _ in pairs).most_common(1)[0][0]
+    return round(statistics.fmean(p[side]["iter_ms"] for p in pairs if row_device(p[0]) == main), 2)
 
 
 def paired_rows(base_store: CellStore, cl_store: CellStore, models, iters=None) -> list[dict]:
@@ -163,7 +159,7 @@ def paired_rows(base_store: CellStore, cl_store: CellStore, models, iters=None) 
         gap = fp - mb
         target = min(0.25 * gap, 0.3) if gap > 0 else 0.0
         # A time ratio means something only when both runs of a pair ran on one device.
-        same = [(b, c) for b, c in pairs if _device(b) == _device(c)]
+        same = [(b, c) for b, c in pairs if row_device(b) == row_device(c)]
         ratios = [c["iter_ms"] / b["iter_ms"] for b, c in same if b.get("iter_ms")]
         rows.append(
             {
@@ -186,7 +182,7 @@ def paired_rows(base_store: CellStore, cl_store: CellStore, models, iters=None) 
                 "devices": ", ".join(
                     f"{k} x{v}"
                     for k, v in collections.Counter(
-                        "+".join(sorted({_device(b), _device(c)})) for b, c in pairs
+                        "+".join(sorted({row_device(b), row_device(c)})) for b, c in pairs
                     ).items()
                 ),
                 "iter_ms_base": _mean_ms(same, 0),

@@ -51,6 +51,7 @@ from common import (
     cell_key,
     device_name,
     group_rows,
+    row_device,
     summarize,
     write_tables,
 )
@@ -456,11 +457,6 @@ def _order(c: dict) -> tuple:
     )
 
 
-def _short_device(row: dict) -> str:
-    """Cells made before the device was recorded ran on this project's CPU machine."""
-    return row.get("device", "cpu").removeprefix("cuda:NVIDIA ").split(" ")[0]
-
-
 def aggregate(store: CellStore, seeds: range | None = None) -> list[dict]:
     """One row per configuration over its seeds (only ``seeds`` when given). Time columns
     average the cells of the row's main device (the one most of its cells ran on): a CPU
@@ -482,9 +478,9 @@ def aggregate(store: CellStore, seeds: range | None = None) -> list[dict]:
     for key, rows in group_rows(chosen, keys).items():
         rows.sort(key=lambda r: r["cell"]["seed"])
         accs = [r["quant_top1"] for r in rows]
-        devices = collections.Counter(_short_device(r) for r in rows)
+        devices = collections.Counter(row_device(r) for r in rows)
         main_device = devices.most_common(1)[0][0]
-        timed = [r for r in rows if _short_device(r) == main_device]
+        timed = [r for r in rows if row_device(r) == main_device]
 
         def mean(k: str, rows: list[dict] = timed) -> float:
             return round(statistics.fmean(r[k] for r in rows), 3)
