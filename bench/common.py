@@ -9,6 +9,7 @@ committed JSONL is what lets a grid span several sessions on a small machine.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import math
@@ -88,6 +89,11 @@ def row_device(row: dict) -> str:
     """Short device of a finished cell ("H100", "cpu"); cells made before the device was
     recorded ran on this project's CPU machine."""
     return row.get("device", "cpu").removeprefix("cuda:NVIDIA ").split(" ")[0]
+
+
+def main_device(rows: Iterable[dict]) -> str:
+    """The device most of ``rows`` ran on (time columns average its cells only)."""
+    return collections.Counter(row_device(r) for r in rows).most_common(1)[0][0]
 
 
 def device_name(device: object) -> str:

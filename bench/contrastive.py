@@ -45,6 +45,7 @@ from common import (
     add_runner_args,
     cell_key,
     group_rows,
+    main_device,
     row_device,
     summarize,
     write_tables,
@@ -138,7 +139,7 @@ def _mean_ms(pairs: list[tuple[dict, dict]], side: int) -> float:
     """Mean ms per iteration of one side over the pairs of the most common device."""
     if not pairs:
         return float("nan")
-    main = collections.Counter(row_device(b) for b, _ in pairs).most_common(1)[0][0]
+    main = main_device(b for b, _ in pairs)
     return round(statistics.fmean(p[side]["iter_ms"] for p in pairs if row_device(p[0]) == main), 2)
 
 

@@ -51,6 +51,7 @@ from common import (
     cell_key,
     device_name,
     group_rows,
+    main_device,
     row_device,
     summarize,
     write_tables,
@@ -160,11 +161,11 @@ def plan(models, methods, bits, seeds, parts, n=N, iters=None) -> list[dict]:
 
 
 def run_cell(c: dict, bench: Workbench) -> dict:
-    # A "contrastive" entry (bench/contrastive.py) adds the CL-Calib term.
-    cl = ContrastiveConfig(**c["contrastive"]) if c.get("contrastive") else None
+    # A "contrastive" entry (bench/contrastive.py) adds the CL-Calib term; ReconConfig
+    # reads the dict.
     recon = ReconConfig(
         profile=c["profile"], iters=c["iters"], act_iters=c["act_iters"],
-        batch_size=c["batch_size"], contrastive=cl,
+        batch_size=c["batch_size"], contrastive=c.get("contrastive"),
     )  # fmt: skip
     cfg = RunConfig(
         model=c["model"],
@@ -342,7 +343,7 @@ def run_timing(c: dict, bench: Workbench) -> dict:
     other block runs 0 iterations (it is still captured and hardened), the chosen ones
     ``warmup + iters`` per stage; an ``on_iteration`` hook stamps the end of each."""
     total = c["warmup"] + c["iters"]
-    cl = ContrastiveConfig(**c["contrastive"]) if c.get("contrastive") else None
+    cl = c.get("contrastive")
     recon = ReconConfig(iters=total, act_iters=total, batch_size=c["batch_size"], contrastive=cl)
     cfg = RunConfig(
         model=c["model"],
@@ -479,8 +480,8 @@ def aggregate(store: CellStore, seeds: range | None = None) -> list[dict]:
         rows.sort(key=lambda r: r["cell"]["seed"])
         accs = [r["quant_top1"] for r in rows]
         devices = collections.Counter(row_device(r) for r in rows)
-        main_device = devices.most_common(1)[0][0]
-        timed = [r for r in rows if row_device(r) == main_device]
+        main = main_device(rows)
+        timed = [r for r in rows if row_device(r) == main]
 
         def mean(k: str, rows: list[dict] = timed) -> float:
             return round(statistics.fmean(r[k] for r in rows), 3)
@@ -508,7 +509,7 @@ def aggregate(store: CellStore, seeds: range | None = None) -> list[dict]:
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
                 "threads": sorted({r["threads"] for r in rows}),
                 "device": ", ".join(
-                    [main_device] + [f"{k} x{v}" for k, v in devices.items() if k != main_device]
+                    [main] + [f"{k} x{v}" for k, v in devices.items() if k != main]
                 ),
             }
         )

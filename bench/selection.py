@@ -275,21 +275,25 @@ class Runner:
         n, calib = self.args.ns[0], self.args.calibrators[0]
         return [(bits, n, calib) for bits in self.args.bits]
 
+    def ablation_cell(self, variant: str, params: dict, block: tuple, seed: int) -> tuple:
+        """``(store, cell)`` of one ablation run; the default variant is the main grid's
+        SelectQ row."""
+        (w, a), n, calib = block
+        cell = {"model": self.args.ablation_model, "calibrator": calib, "selector": "selectq",
+                "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
+        if not params:
+            return self.store, cell
+        return self.abl_store, {**cell, "variant": variant}
+
     def run_ablation(self) -> None:
         model = self.args.ablation_model
         for name, value, params in VARIANTS:
             for seed in range(self.args.seeds):
-                for (w, a), n, calib in self.ablation_blocks():
-                    cell = {"model": model, "calibrator": calib, "selector": "selectq",
-                            "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
-                    if params:
-                        cell["variant"] = f"{name}={value}"
-                        store = self.abl_store
-                    else:
-                        store = self.store  # the default is the main grid's SelectQ row
+                for block in self.ablation_blocks():
+                    store, cell = self.ablation_cell(f"{name}={value}", params, block, seed)
                     if store.done(cell) or not self.claims.take(cell):
                         continue
-                    sel = self.selection(model, "selectq", params, seed, n)
+                    sel = self.selection(model, "selectq", params, seed, cell["n"])
                     self.run_cell(store, cell, params, sel)
 
     # ------------------------------------------------------------------- cost
@@ -577,19 +581,16 @@ def write_ablation(r: Runner) -> None:
     out = []
     for name, value, params in VARIANTS:
         row: dict = {"factor": name, "value": value, "params": params}
-        sels = []
-        for (w, a), _, calib in blocks:
-            accs, fp = [], None
+        sels = {}  # seed -> its set: one per seed, whatever the bits it was evaluated at
+        for block in blocks:
+            (w, a), accs, fp = block[0], [], None
             for seed in range(r.args.seeds):
-                cell = {"model": model, "calibrator": calib, "selector": "selectq",
-                        "wbits": w, "abits": a, "n": n, "seed": seed}  # fmt: skip
-                if params:
-                    cell["variant"] = f"{name}={value}"
-                found = (r.abl_store if params else r.store).rows.get(cell_key(cell))
+                store, cell = r.ablation_cell(f"{name}={value}", params, block, seed)
+                found = store.rows.get(cell_key(cell))
                 if found:
                     accs.append(found["quant_top1"])
                     fp = found["fp_top1"]
-                    sels.append(selection_row(r, model, "selectq", params, seed, n))
+                    sels[seed] = selection_row(r, model, "selectq", params, seed, n)
             if accs:
                 stats = summarize(accs)
                 row.update({f"W{w}A{a}": f"{stats['mean']:.2f} ± {stats['std']:.2f}",
@@ -597,8 +598,8 @@ def write_ablation(r: Runner) -> None:
                             f"W{w}A{a}_accs": accs, "fp_top1": fp})  # fmt: skip
         if "fp_top1" not in row:
             continue
-        row["mismatch"] = nanmean([s["mismatch"]["mismatch"] if s else None for s in sels])
-        row["select_s"] = nanmean([s["total_s"] if s else None for s in sels])
+        row["mismatch"] = nanmean([s["mismatch"]["mismatch"] if s else None for s in sels.values()])
+        row["select_s"] = nanmean([s["total_s"] if s else None for s in sels.values()])
         out.append(row)
     ref: dict = {"factor": "reference", "value": "random", "params": {}}
     for (w, a), _, calib in blocks:

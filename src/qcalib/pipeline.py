@@ -45,12 +45,6 @@ def load_eval_set(data: str, data_root: str | None, eval_data: str | None) -> Da
     """The labeled evaluation set of a run (see ``RunConfig.eval_data``); None for "none"."""
     if eval_data == NO_EVAL:
         return None
-    if eval_data is None and data.startswith("files:"):
-        raise QCalibError(
-            f"{data} is an unlabeled calibration pool with nothing to evaluate on; name "
-            "labeled data with --eval-data (e.g. imagefolder:/data/imagenet, whose val/ is "
-            "read) or skip evaluation with --eval-data none"
-        )
     return load_dataset(eval_data or data, "test", data_root)
 
 

@@ -103,7 +103,9 @@ def load_dataset(
     if split in _EVAL and getattr(dataset, "labels", None) is None:
         raise QCalibError(
             f"the {split} split of {spec} has no labels, so it cannot be evaluated on; "
-            "use a folder with one sub-directory per class (e.g. imagefolder:PATH)"
+            "name labeled data with --eval-data SPEC (a folder with one sub-directory per "
+            "class, e.g. imagefolder:PATH, whose val/ is read) or skip evaluation with "
+            "--eval-data none"
         )
     return dataset
 
