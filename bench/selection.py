@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -324,45 +325,59 @@ class Runner:
 
 def cost_probe(model_name: str, size: int, n: int, timings: bool) -> dict:
     """Runs in a fresh process: SelectQ's peak RSS on a pool of ``size`` samples and,
-    with ``timings``, every selector's time against one plain FP forward pass."""
+    with ``timings``, each SelectQ pass against the plain FP forward passes run right
+    before and after it (forward, fit, forward, select, forward), then the baselines.
+
+    Why bracketed: on a shared machine the speed of the same forward drifts by up to 2x
+    within minutes, so a ratio to a forward timed at another moment measures the drift.
+    Wall and process CPU seconds are both kept."""
     model = load_model(model_name).eval()
     pool = subset_pool(load_pool(DATA), size)
     with torch.no_grad():  # warm-up: first-call allocations are no selector's cost
         model(pool.get(list(range(min(BATCH, len(pool))))))
     proc = psutil.Process()
-    out: dict = {"pool": len(pool), "n": n, "batch_size": BATCH,
+    out: dict = {"pool": len(pool), "n": n, "batch_size": BATCH, "protocol": "bracketed",
                  "threads": torch.get_num_threads()}  # fmt: skip
     out["rss_before_mb"] = round(proc.memory_info().rss / 2**20, 1)
+
+    def fp_forward() -> dict:
+        w0, c0 = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            for _, x in pool.batches(BATCH):
+                model(x)
+        return {"wall_s": round(time.perf_counter() - w0, 3),
+                "cpu_s": round(time.process_time() - c0, 3)}  # fmt: skip
+
+    def measured(f: Callable[[], object]) -> tuple[dict, float]:
+        c0 = time.process_time()
+        with Measure() as m:
+            f()
+        spent = {"wall_s": round(m.seconds, 3), "cpu_s": round(time.process_time() - c0, 3)}
+        return spent, m.peak_rss_mb
+
+    forwards = [fp_forward()] if timings else []
     sq = SELECTORS.get("selectq")(seed=0)
-    with Measure() as fit:
-        sq.fit(pool, model=model)
-    with Measure() as sel:
-        sq.select(n)
-    out["selectq"] = {"fit_s": round(fit.seconds, 3), "select_s": round(sel.seconds, 3)}
-    out["selectq_peak_mb"] = round(max(fit.peak_rss_mb, sel.peak_rss_mb), 1)
-    out["selectq_delta_mb"] = round(out["selectq_peak_mb"] - out["rss_before_mb"], 1)
-    del sq
+    fit, fit_peak = measured(lambda: sq.fit(pool, model=model))
     if timings:
-
-        def fp_forward() -> float:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for _, x in pool.batches(BATCH):
-                    model(x)
-            return round(time.perf_counter() - t0, 3)
-
-        out["fp_forward_s"] = [fp_forward()]
+        forwards.append(fp_forward())
+    sel, sel_peak = measured(lambda: sq.select(n))
+    if timings:
+        forwards.append(fp_forward())
+    out["selectq"] = {"fit": fit, "select": sel}
+    out["selectq_peak_mb"] = round(max(fit_peak, sel_peak), 1)
+    out["selectq_delta_mb"] = round(out["selectq_peak_mb"] - out["rss_before_mb"], 1)
+    sq = None  # its fitted state is no baseline's memory
+    if timings:
+        out["fp_forward"] = forwards
         for name in ("kcenter", "herding", "balanced", "random"):
             s = SELECTORS.get(name)(seed=0)
-            with Measure() as fit:
-                s.fit(pool, model=model) if s.needs_model else s.fit(pool)
-            with Measure() as sel:
-                s.select(n)
-            out[name] = {"fit_s": round(fit.seconds, 3), "select_s": round(sel.seconds, 3)}
+            spent, _ = measured(
+                lambda s=s: (s.fit(pool, model=model) if s.needs_model else s.fit(pool)).select(n)
+            )
+            out[name] = spent
             if hasattr(s, "max_pool"):
                 out[name]["candidates"] = int(s.index_.numel())
             del s
-        out["fp_forward_s"].append(fp_forward())  # again: drift of a shared machine
     out["process_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
 
@@ -522,24 +537,28 @@ def write_cost(r: Runner) -> None:
     for model in r.args.models:
         key = {"model": model, "pool": big, "timings": True}
         t = r.cost_store.rows.get(json.dumps(key, sort_keys=True))
-        if t:
-            fwd = statistics.fmean(t["fp_forward_s"])
-            runs = ", ".join(f"{v:.1f}s" for v in t["fp_forward_s"])
-            rows.append({"model": model, "what": "plain FP forward (no hooks, no_grad)",
-                         "seconds": round(fwd, 2), "ratio": 1.0, "goal": "",
-                         "note": f"runs: {runs}"})  # fmt: skip
+        if t and t.get("protocol") == "bracketed":
+            f0, f1, f2 = t["fp_forward"]
             items = [
-                ("selectq pass 1 (fit)", t["selectq"]["fit_s"], "<= 1.5", ""),
-                ("selectq pass 2 (select)", t["selectq"]["select_s"], "<= 1.5", ""),
-                ("selectq fit + select", t["selectq"]["fit_s"] + t["selectq"]["select_s"], "", ""),
-            ]
+                ("plain FP forward, before pass 1", f0, [f0], "", ""),
+                ("selectq pass 1 (fit)", t["selectq"]["fit"], [f0, f1], "<= 1.5",
+                 "vs forwards 1-2"),
+                ("plain FP forward, between", f1, [f1], "", ""),
+                ("selectq pass 2 (select)", t["selectq"]["select"], [f1, f2], "<= 1.5",
+                 "vs forwards 2-3"),
+                ("plain FP forward, after pass 2", f2, [f2], "", ""),
+            ]  # fmt: skip
             for name in ("kcenter", "herding", "balanced", "random"):
                 s = t[name]
                 cand = f"{s['candidates']} candidates (max_pool)" if "candidates" in s else ""
-                items.append((f"{name} fit + select", s["fit_s"] + s["select_s"], "", cand))
-            for what, sec, goal, note in items:
-                rows.append({"model": model, "what": what, "seconds": round(sec, 2),
-                             "ratio": round(sec / fwd, 3), "goal": goal, "note": note})  # fmt: skip
+                items.append((f"{name} fit + select", s, [f0, f1, f2], "", cand))
+            for what, spent, ref, goal, note in items:
+                row = {"model": model, "what": what}
+                for clock in ("wall", "cpu"):
+                    base = statistics.fmean(f[f"{clock}_s"] for f in ref)
+                    row[f"{clock}_s"] = round(spent[f"{clock}_s"], 2)
+                    row[f"{clock}_ratio"] = round(spent[f"{clock}_s"] / base, 3)
+                rows.append({**row, "goal": goal, "note": note})
         probes = {}
         for size, timings in ((big, True), (small, False)):
             key = {"model": model, "pool": size, "timings": timings}
@@ -556,8 +575,10 @@ def write_cost(r: Runner) -> None:
     n = r.args.cost_n
     notes = (
         f"Each model measured in one fresh process (n = {n}, batch {BATCH}, "
-        f"{big}-sample pool): ratio = seconds / plain FP forward over the same pool (the mean "
-        "of the forward runs before and after the selectors). The k-center and herding "
+        f"{big}-sample pool, one thread) in the order forward, SelectQ fit, forward, SelectQ "
+        "select, forward, baselines: a pass's ratio is its seconds over the mean of the two "
+        "forwards around it (a forward's own ratio is 1), for wall-clock and process CPU "
+        "seconds; the baselines are divided by the mean of all three. The k-center and herding "
         "baselines forward only their seeded candidate subsample (default max_pool=5000). "
         "RSS: SelectQ fit + select(n) in a fresh process per pool size; peak = process RSS "
         "(model, data and selection), delta = peak minus the RSS before selection."
@@ -566,7 +587,8 @@ def write_cost(r: Runner) -> None:
         notes = "SMOKE RUN (small pools): not results. " + notes
     write_tables(
         f"{r.grid}-cost", "Selection cost: time vs a plain FP forward pass, and peak RSS",
-        command(r), rows, ["model", "what", "seconds", "ratio", "goal", "note"], notes,
+        command(r), rows,
+        ["model", "what", "wall_s", "wall_ratio", "cpu_s", "cpu_ratio", "goal", "note"], notes,
         extra=[("SelectQ peak RSS: large vs small pool", rss,
                 ["model", "pool_big", "pool_small", "peak_big_mb", "peak_small_mb",
                  "peak_ratio", "delta_big_mb", "delta_small_mb", "goal"])],

