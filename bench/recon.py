@@ -67,6 +67,7 @@ from qcalib.config import (
     SelectConfig,
 )
 from qcalib.model.partition import partition_blocks
+from qcalib.model.qmodules import first_tensor
 from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
 
 RESNET, MOBILENET = "zoo:fmnist-resnet20", "zoo:fmnist-mobilenetv2"
@@ -285,10 +286,6 @@ class _Stop(Exception):
     pass
 
 
-def _first_tensor(out: object) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else next(iter(out))  # type: ignore[call-overload]
-
-
 def _stats(ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(ms), statistics.fmean(ms), min(ms)
 
@@ -322,12 +319,12 @@ def floor_ms(fp_model, name: str, x: torch.Tensor, warmup: int, iters: int) -> t
     for p in params:
         p.requires_grad_(True)
     with torch.no_grad():
-        target = _first_tensor(block(*args, **kwargs))
+        target = first_tensor(block(*args, **kwargs))
     times = []
     try:
         for _ in range(warmup + iters):
             t0 = time.perf_counter()
-            out = _first_tensor(block(*args, **kwargs))
+            out = first_tensor(block(*args, **kwargs))
             (out - target).square().sum(1).mean().backward()  # the engine's MSE form
             times.append(1000 * (time.perf_counter() - t0))
             for p in params:

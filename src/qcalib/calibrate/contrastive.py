@@ -57,6 +57,7 @@ from torch import nn
 from qcalib.calibrate.reconstruct import BlockInfo, LossContext, derive_seed
 from qcalib.config import ContrastiveConfig
 from qcalib.errors import QCalibError
+from qcalib.model.qmodules import first_tensor
 
 __all__ = ["ContrastiveLoss", "FrozenTailCritic", "contrastive_loss", "pool_features"]
 
@@ -86,14 +87,6 @@ def pool_features(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 3:
         return t.mean(1)
     return t.flatten(1)
-
-
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    return None
 
 
 class FrozenTailCritic(nn.Module):
@@ -158,7 +151,7 @@ class FrozenTailCritic(nn.Module):
         names: list[str] = []
         if start is None:
             return cls(modules, names)
-        cur = _first_tensor(calls[start]["out"])
+        cur = first_tensor(calls[start]["out"])
         n_blocks = 0
         for c in calls[start + 1 :]:
             if cur is None or (max_blocks is not None and n_blocks >= max_blocks):

@@ -88,7 +88,7 @@ from qcalib.calibrate.rounding import (
 from qcalib.config import ReconConfig
 from qcalib.errors import QCalibError
 from qcalib.model.partition import Block
-from qcalib.model.qmodules import QuantModule
+from qcalib.model.qmodules import QuantModule, first_tensor
 from qcalib.model.wrap import QuantModel
 
 __all__ = [
@@ -253,12 +253,11 @@ class _StopForward(Exception):
     """Raised from a hook once the block's data is captured."""
 
 
-def _first_tensor(out: Any, what: str = "block output") -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise QCalibError(f"{what} is a {type(out).__name__}, not a tensor; cannot reconstruct it")
+def _output_tensor(out: Any, what: str = "block output") -> torch.Tensor:
+    t = first_tensor(out)
+    if t is None:
+        raise QCalibError(f"{what} is a {type(out).__name__}, not a tensor; cannot reconstruct it")
+    return t
 
 
 def _replace_first(out: Any, new: torch.Tensor) -> Any:
@@ -271,7 +270,7 @@ def _logits(out: Any) -> torch.Tensor:
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    return _first_tensor(out, "model output")
+    return _output_tensor(out, "model output")
 
 
 def _clone(x: Any) -> Any:
@@ -579,7 +578,7 @@ class BlockReconstructor:
         store: dict[str, Any] = {}
 
         def fp_hook(_m: nn.Module, _a: Any, out: Any) -> None:
-            store.setdefault("fp", _first_tensor(out).detach().clone())
+            store.setdefault("fp", _output_tensor(out).detach().clone())
             if not fisher:
                 raise _StopForward
 
@@ -593,7 +592,7 @@ class BlockReconstructor:
         def grad_hook(_m: nn.Module, _a: Any, out: Any) -> Any:
             if "leaf" in store:
                 return None
-            leaf = _first_tensor(out).detach().requires_grad_()
+            leaf = _output_tensor(out).detach().requires_grad_()
             store["leaf"] = leaf
             return _replace_first(out, leaf.clone())
 
@@ -680,7 +679,7 @@ class BlockReconstructor:
                 idx = torch.randperm(n, generator=idx_gen)[:batch].to(device)
                 inputs = cache.inputs(idx)
                 with torch.enable_grad():
-                    q_out = _first_tensor(block.module(*inputs[0], **inputs[1]))
+                    q_out = _output_tensor(block.module(*inputs[0], **inputs[1]))
                     fisher = cache.fisher[idx] if cache.fisher is not None else None
                     ctx = LossContext(
                         q_out, cache.fp_out[idx], fisher, inputs, idx, block, index, stage, it,

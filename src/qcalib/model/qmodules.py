@@ -210,6 +210,16 @@ def quant_twin(layer: nn.Module) -> type[QuantModule]:
     raise TypeError(f"no quantized twin for {type(layer).__name__}")
 
 
+def first_tensor(out: Any) -> torch.Tensor | None:
+    """The tensor a module call returned: ``out`` itself, or the first element of a
+    tuple/list output (a block that also returns e.g. attention weights); else None."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
 def run_example(model: nn.Module, example_input: Any) -> Any:
     """Call ``model`` on an example: a tensor, a tuple/list of args, or a dict of kwargs."""
     if isinstance(example_input, dict):
