@@ -77,6 +77,8 @@ VARIANTS = (
     ("default", "K=8 w2 mean mean_std nearest", {}),
     # First: the main grid shows "nearest" sets narrower than the pool (mismatch).
     ("within", "stratified", {"within": "stratified"}),
+    # No trimming: every rank of a cluster can be drawn, so the set spans its tails too.
+    ("within", "stratified, trim=0", {"within": "stratified", "trim": 0.0}),
     ("metric", "kl", {"metric": "kl"}),
     ("metric", "cosine", {"metric": "cosine"}),
     ("K", "4", {"num_clusters": 4}),
