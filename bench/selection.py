@@ -273,10 +273,19 @@ class Runner:
                     self.run_cell(self.store, cell, {}, sel)
 
     def ablation_blocks(self) -> list[tuple]:
-        """Every bit width at the first n and calibrator: a selection is the expensive
-        part, and W4A4 alone is flat on these models (W3A3 is where selection matters)."""
+        """Every bit width at the first n and calibrator, plus the lowest bits with MSE:
+        a selection is the expensive part, W4A4 alone is flat on these models, and the
+        grid shows SelectQ's sets losing to random ones under MSE at 3 bits (is that the
+        narrow sets of ``within=nearest``? the within variants answer it)."""
         n, calib = self.args.ns[0], self.args.calibrators[0]
-        return [(bits, n, calib) for bits in self.args.bits]
+        blocks = [(bits, n, calib) for bits in self.args.bits]
+        if "mse" in self.args.calibrators and calib != "mse":
+            blocks.append((min(self.args.bits), n, "mse"))
+        return blocks
+
+    def ablation_label(self, block: tuple) -> str:
+        (w, a), _, calib = block
+        return f"W{w}A{a}" + ("" if calib == self.args.calibrators[0] else f" {calib}")
 
     def ablation_cell(self, variant: str, params: dict, block: tuple, seed: int) -> tuple:
         """``(store, cell)`` of one ablation run; the default variant is the main grid's
@@ -607,7 +616,7 @@ def write_ablation(r: Runner) -> None:
         row: dict = {"factor": name, "value": value, "params": params}
         sels = {}  # seed -> its set: one per seed, whatever the bits it was evaluated at
         for block in blocks:
-            (w, a), accs, fp = block[0], [], None
+            lab, accs, fp = r.ablation_label(block), [], None
             for seed in range(r.args.seeds):
                 store, cell = r.ablation_cell(f"{name}={value}", params, block, seed)
                 found = store.rows.get(cell_key(cell))
@@ -617,32 +626,35 @@ def write_ablation(r: Runner) -> None:
                     sels[seed] = selection_row(r, model, "selectq", params, seed, n)
             if accs:
                 stats = summarize(accs)
-                row.update({f"W{w}A{a}": f"{stats['mean']:.2f} ± {stats['std']:.2f}",
-                            f"W{w}A{a}_min": stats["min"], f"W{w}A{a}_seeds": len(accs),
-                            f"W{w}A{a}_accs": accs, "fp_top1": fp})  # fmt: skip
+                row.update({lab: f"{stats['mean']:.2f} ± {stats['std']:.2f}",
+                            f"{lab}_min": stats["min"], f"{lab}_seeds": len(accs),
+                            f"{lab}_accs": accs, "fp_top1": fp})  # fmt: skip
         if "fp_top1" not in row:
             continue
         row["mismatch"] = nanmean([s["mismatch"]["mismatch"] if s else None for s in sels.values()])
         row["select_s"] = nanmean([s["total_s"] if s else None for s in sels.values()])
         out.append(row)
     ref: dict = {"factor": "reference", "value": "random", "params": {}}
-    for (w, a), _, calib in blocks:
+    for block in blocks:
+        (w, a), _, calib = block
+        lab = r.ablation_label(block)
         want = (model, calib, w, a, n, "random")
         for x in grid:
             if (x["model"], x["calibrator"], x["wbits"], x["abits"], x["n"], x["selector"]) == want:
-                ref.update({f"W{w}A{a}": f"{x['mean']:.2f} ± {x['std']:.2f}",
-                            f"W{w}A{a}_min": x["min"], f"W{w}A{a}_seeds": x["seeds"],
+                ref.update({lab: f"{x['mean']:.2f} ± {x['std']:.2f}",
+                            f"{lab}_min": x["min"], f"{lab}_seeds": x["seeds"],
                             "value": f"random ({x['source']})", "fp_top1": x["fp_top1"],
                             "mismatch": x["mismatch"], "select_s": x["select_s"]})  # fmt: skip
     if "fp_top1" in ref:
         out.append(ref)
-    labels = [f"W{w}A{a}" for (w, a), _, _ in blocks]
+    labels = [r.ablation_label(b) for b in blocks]
     cols = ["factor", "value"]
     for lab in labels:
         cols += [f"{lab}_seeds", lab, f"{lab}_min"]
     cols += ["fp_top1", "mismatch", "select_s"]
     notes = (
-        f"{model}, {blocks[0][2]}, n = {n}; SelectQ seeds 0..{r.args.seeds - 1}; one factor "
+        f"{model}, n = {n}, {blocks[0][2]} unless a column names another calibrator; "
+        f"SelectQ seeds 0..{r.args.seeds - 1}; one factor "
         "varied at a time from the default (K=8, metric w2, combine mean over all layers, "
         "stats mean_std, within nearest). Each SelectQ set is calibrated and evaluated at "
         f"{' and '.join(labels)} (mean ± std over seeds, and the worst seed). mismatch as in "
