@@ -8,6 +8,8 @@
 # RUNNER_ARGS holds (e.g. RUNNER_ARGS="--device cuda --data-root ../.fmnist"). Every cell
 # is appended to bench/results/*.cells.jsonl when it ends; worker logs go to DIR/*.log.
 # Workers are one-threaded (OMP_NUM_THREADS=1): many processes, not many threads.
+# Each worker writes the tables from the cells it had read or run, so the last one to
+# stop misses the others' later cells: rerun the runner with --report-only afterwards.
 set -euo pipefail
 minutes=$1 dir=$2
 shift 2

@@ -300,12 +300,21 @@ class Runner:
     def run_ablation(self) -> None:
         model = self.args.ablation_model
         for name, value, params in VARIANTS:
+            if self.args.variants is not None and f"{name}={value}" not in self.args.variants:
+                continue
             for seed in range(self.args.seeds):
+                todo = []
                 for block in self.ablation_blocks():
                     store, cell = self.ablation_cell(f"{name}={value}", params, block, seed)
-                    if store.done(cell) or not self.claims.take(cell):
-                        continue
-                    sel = self.selection(model, "selectq", params, seed, cell["n"])
+                    if not store.done(cell):
+                        todo.append((store, cell))
+                # One claim per set, not per cell: the selection is the expensive part,
+                # and two workers claiming two cells of one seed would both compute it.
+                claim = {"ablation": f"{name}={value}", "model": model, "seed": seed}
+                if not todo or not self.claims.take(claim):
+                    continue
+                sel = self.selection(model, "selectq", params, seed, todo[0][1]["n"])
+                for store, cell in todo:
                     self.run_cell(store, cell, params, sel)
 
     # ------------------------------------------------------------------- cost
@@ -662,7 +671,13 @@ def write_ablation(r: Runner) -> None:
     )
     if r.args.smoke:
         notes = "SMOKE RUN: not results. " + notes
-    write_tables(f"{r.grid}-ablation", "SelectQ ablation", command(r), out, cols, notes,
+    name, cmd = f"{r.grid}-ablation", command(r)
+    if model != ABLATION_MODEL:
+        name += "-" + model.split(":")[-1]
+        cmd += f" --sections ablation --ablation-model {model}"
+        if r.args.variants:
+            cmd += " --variants " + " ".join(f"'{v}'" for v in r.args.variants)
+    write_tables(name, "SelectQ ablation", cmd, out, cols, notes,
                  formats=MISMATCH_FMT)  # fmt: skip
 
 
@@ -685,7 +700,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--other-seeds", type=int, default=1, help="balanced / kcenter / herding")
     p.add_argument("--mismatch-pool", type=int, default=10000,
                    help="pool subsample for the mismatch score (0: whole pool)")  # fmt: skip
-    p.add_argument("--ablation-model", default=ABLATION_MODEL)
+    p.add_argument(
+        "--ablation-model",
+        default=ABLATION_MODEL,
+        help="another model writes selection-ablation-MODEL.{json,md}",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="ablation variants to run, as FACTOR=VALUE (default: all)",
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     add_runner_args(p)
