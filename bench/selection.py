@@ -300,17 +300,18 @@ class Runner:
     def run_ablation(self) -> None:
         model = self.args.ablation_model
         for name, value, params in VARIANTS:
-            if self.args.variants is not None and f"{name}={value}" not in self.args.variants:
+            variant = f"{name}={value}"
+            if self.args.variants is not None and variant not in self.args.variants:
                 continue
             for seed in range(self.args.seeds):
                 todo = []
                 for block in self.ablation_blocks():
-                    store, cell = self.ablation_cell(f"{name}={value}", params, block, seed)
+                    store, cell = self.ablation_cell(variant, params, block, seed)
                     if not store.done(cell):
                         todo.append((store, cell))
                 # One claim per set, not per cell: the selection is the expensive part,
                 # and two workers claiming two cells of one seed would both compute it.
-                claim = {"ablation": f"{name}={value}", "model": model, "seed": seed}
+                claim = {"ablation": variant, "model": model, "seed": seed}
                 if not todo or not self.claims.take(claim):
                     continue
                 sel = self.selection(model, "selectq", params, seed, todo[0][1]["n"])
@@ -723,6 +724,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-timings", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cost-n", type=int, default=64, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    known = [f"{name}={value}" for name, value, _ in VARIANTS]
+    for v in args.variants or ():
+        if v not in known:  # a typo would otherwise run nothing, silently
+            p.error(f"unknown variant {v!r}; choose from: " + ", ".join(repr(k) for k in known))
     args.grid, args.bits, args.ns = GRID, [list(b) for b in BITS], list(NS)
     args.pool_size = args.test_size = None
     args.cost_pools = (60000, 10000)
