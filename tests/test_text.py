@@ -12,7 +12,7 @@ from qcalib.data.registry import load_dataset, load_pool
 from qcalib.data.text import check_enough_tokens, iter_documents, load_text_pool, split_documents
 from qcalib.data.tokens import is_token_batch
 from qcalib.errors import QCalibError
-from text_models import WORDS, tiny_tokenizer
+from text_models import WORDS, tiny_llama, tiny_tokenizer
 
 # Word i of WORDS has token id i + 4 ([PAD]=0, [UNK]=1, </s>=2, <s>=3).
 PAD, EOS, BOS = 0, 2, 3
@@ -173,3 +173,49 @@ def test_registry_text_spec_and_config_round_trip(tmp_path):
     cfg = RunConfig(data=f"text:{path}", text=text)
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     assert RunConfig.from_dict({"model": "m"}).text == TextConfig()
+
+
+# --- token statistics for selection -------------------------------------------------
+
+
+def test_masked_statistics_of_a_padded_batch_equal_the_unpadded_sequences(tmp_path):
+    from qcalib.select.stats import ActivationStatsCollector
+
+    tok = tiny_tokenizer(bos=True)
+    model = tiny_llama(tok)
+    path = write_lines(tmp_path / "d.txt", ["the cat sat on the mat", "dog ran", "sun rose over"])
+    pool = load_text_pool(path, tok, TextConfig(seq_len=8, mode="doc", eval_fraction=0.0))
+    batch = pool.get([0, 1, 2])
+    assert batch[:, 1].sum(1).tolist() == [7, 3, 4]  # padding present
+    padded = ActivationStatsCollector(model)(batch)
+    assert len(padded) == 15  # 7 linear layers x 2 decoder layers, then lm_head
+    for i, n in enumerate([7, 3, 4]):
+        alone = ActivationStatsCollector(model)(batch[i : i + 1, :, :n])
+        for site, rows in alone.items():
+            torch.testing.assert_close(padded[site][i], rows[0], rtol=1e-4, atol=1e-5)
+    # by hand, for the first layer's input: mean/std over the valid tokens only
+    emb = model.model.model.embed_tokens(batch[1, 0, :3])  # q_proj input = RMSNorm(emb)
+    norm = model.model.model.layers[0].input_layernorm(emb)
+    site = next(iter(padded))
+    c = norm.shape[1]
+    torch.testing.assert_close(padded[site][1, :c], norm.mean(0), rtol=1e-4, atol=1e-5)
+    std = norm.std(0, correction=0)
+    torch.testing.assert_close(padded[site][1, c:], std, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("selector", ["random", "selectq", "kcenter", "herding"])
+def test_selectors_pick_whole_sequences_from_a_tiny_llama_text_pool(tmp_path, selector):
+    from qcalib.select import select_indices
+    from text_models import sentences
+
+    tok = tiny_tokenizer(bos=True)
+    model = tiny_llama(tok)
+    path = write_lines(tmp_path / "d.txt", sentences(30, seed=1))
+    pool = load_text_pool(path, tok, TextConfig(seq_len=8, mode="doc", eval_fraction=0.0))
+    params = {"num_clusters": 2, "batch_size": 8, "init_size": 8} if selector == "selectq" else {}
+    idx = select_indices(selector, pool, 6, model=model, seed=0, **params)
+    assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == 6
+    assert int(idx.min()) >= 0 and int(idx.max()) < len(pool)
+    again = select_indices(selector, pool, 6, model=model, seed=0, **params)
+    assert torch.equal(idx, again)
+    assert pool.get(idx).shape == (6, 2, 8)
