@@ -59,6 +59,7 @@ __all__ = [
     "TokenSamples",
     "check_enough_tokens",
     "iter_documents",
+    "limit_tokens",
     "load_text_pool",
     "split_documents",
     "tokenize_documents",
@@ -319,3 +320,18 @@ def check_enough_tokens(pool: Pool, seq_len: int, num_calib: int) -> None:
         f"the text pool has {have} documents, fewer than --num-calib {num_calib}; lower "
         "--num-calib, use --text-mode chunk, or give more documents"
     )
+
+
+def limit_tokens(samples: TokenSamples, max_tokens: int | None) -> TokenSamples:
+    """The leading samples of ``samples`` that hold at most ``max_tokens`` valid tokens
+    (at least one sample); ``None`` keeps all. Used to cap an evaluation set's cost."""
+    if max_tokens is None or samples.num_tokens <= max_tokens:
+        return samples
+    if samples.mode == "chunk":
+        keep = max(1, max_tokens // samples.seq_len)
+        tokens, offsets = samples.tokens[: keep * samples.seq_len], samples.offsets
+    else:
+        lengths = np.minimum(np.diff(samples.offsets), samples.seq_len)
+        keep = max(1, int(np.searchsorted(np.cumsum(lengths), max_tokens, side="right")))
+        tokens, offsets = samples.tokens, samples.offsets[: keep + 1]
+    return TokenSamples(tokens, offsets, samples.seq_len, samples.mode, samples.pad_id)
