@@ -124,7 +124,7 @@ def validation_workbench(model: str, **kwargs) -> Workbench:
 
     bench.pool = Pool(part(pool_idx), name="fashion-mnist-train-55k")
     bench.test_set = part(val_idx)
-    bench._fp_top1 = None
+    bench._fp_metric = None
     return bench
 
 

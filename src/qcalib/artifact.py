@@ -96,7 +96,8 @@ def load_run(
     cfg = RunConfig.from_dict(result["config"])
     if model is None:
         model = load_model(cfg.model, cfg.weights)
-    example = load_pool(cfg.data, cfg.data_root, split="train").example()
+    tokenizer = getattr(model, "tokenizer", None)
+    example = load_pool(cfg.data, cfg.data_root, tokenizer=tokenizer, text=cfg.text).example()
     qmodel = build_quant_model(model.eval(), cfg.quant, example)
     qmodel.load_state_dict(load_file(str(run_dir / STATE_FILE)))
     return cfg, qmodel.eval(), result

@@ -115,7 +115,7 @@ def _recon_config(args: argparse.Namespace):  # noqa: ANN202
 
 
 def config_from_args(args: argparse.Namespace):  # noqa: ANN201
-    from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
+    from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig, TextConfig
 
     flb = args.first_last_bits
     return RunConfig(
@@ -144,6 +144,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         eval_batch_size=args.eval_batch_size,
         device=args.device,
         eval_data=args.eval_data,
+        text=TextConfig(seq_len=args.seq_len, mode=args.text_mode, field=args.text_field),
     )
 
 
@@ -154,11 +155,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     log.info("quantizing %s at W%dA%d with %s", cfg.model, cfg.quant.wbits, cfg.quant.abits,
              cfg.calib.calibrator)  # fmt: skip
     _, result = quantize(cfg, out=args.out, progress=not args.no_progress)
-    if result.quant_top1 is None:
+    if result.quant_metric is None:
         print(f"not evaluated: {result.summary()}")
-    else:
+    elif result.metric == "top1":
         print(f"FP top-1:        {result.fp_top1:.2f}%")
         print(f"quantized top-1: {result.quant_top1:.2f}%  ({result.summary()})")
+    else:
+        print(f"FP {result.metric}:        {result.fp_metric:.4f}")
+        print(f"quantized {result.metric}: {result.quant_metric:.4f}  ({result.summary()})")
     st = result.calib_stats
     if st.get("ms_per_iter") is not None:
         extra = ""
@@ -183,10 +187,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_data is not None:
         cfg = replace(cfg, eval_data=args.eval_data)
     bench = Workbench.from_config(cfg)
-    top1 = bench.accuracy(qmodel.to(bench.device), progress=not args.no_progress)
-    rec = result["quant_top1"]
-    recorded = "not evaluated" if rec is None else f"{rec:.2f}%"
-    print(f"quantized top-1: {top1:.2f}%  (recorded at calibration: {recorded})")
+    value = bench.evaluate(qmodel.to(bench.device), progress=not args.no_progress)
+    if bench.metric == "top1":
+        rec = result["quant_top1"]
+        recorded = "not evaluated" if rec is None else f"{rec:.2f}%"
+        print(f"quantized top-1: {value:.2f}%  (recorded at calibration: {recorded})")
+    else:
+        rec = result.get("quant_metric")
+        recorded = "not evaluated" if rec is None else f"{rec:.4f}"
+        print(f"quantized {bench.metric}: {value:.4f}  (recorded at calibration: {recorded})")
     return 0
 
 
@@ -198,13 +207,23 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="zoo:fmnist-resnet20",
                    help="zoo:NAME, torchvision:NAME, timm:NAME or hf:PATH")  # fmt: skip
     g.add_argument("--weights", default=None, help="local .safetensors/.pt weights file")
-    g.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, digits, imagefolder:DIR or files:LIST")  # fmt: skip
+    g.add_argument(
+        "--data",
+        default="fashion-mnist",  # fmt: skip
+        help="fashion-mnist, digits, imagefolder:DIR, files:LIST or text:PATH",
+    )
     g.add_argument("--data-root", default=None, help="directory of the dataset files")
     g.add_argument("--eval-data", default=None, metavar="SPEC",
                    help="labeled evaluation data when --data is an unlabeled pool (same "
                         "forms; imagefolder reads its val/ or test/), or 'none' to skip "
                         "evaluation; default: the test split of --data")  # fmt: skip
+    g = q.add_argument_group("text data (--data text:PATH with an hf: model)")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    g.add_argument("--text-mode", choices=("chunk", "doc"), default="chunk",
+                   help="chunk: documents concatenated and cut into --seq-len windows; doc: "
+                        "one padded sample per document")  # fmt: skip
+    g.add_argument("--text-field", default="text",
+                   help="text field of .json/.jsonl documents (e.g. extract)")  # fmt: skip
     g = q.add_argument_group("quantization")
     g.add_argument("--wbits", type=int, default=4)
     g.add_argument("--abits", type=int, default=4)

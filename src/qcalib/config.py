@@ -195,6 +195,54 @@ class SelectConfig:
         return dict(self.params)
 
 
+TEXT_MODES = ("chunk", "doc")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """How a ``text:PATH`` pool is tokenized and split (see :mod:`qcalib.data.text`).
+
+    ``seq_len`` tokens a sample; ``mode`` ``"chunk"`` (documents concatenated and cut into
+    windows, GPTQ's convention) or ``"doc"`` (one padded sample per document); ``field`` the
+    text entry of JSON / JSONL documents. The held-out split (perplexity / embedding
+    evaluation) is ``eval_fraction`` of the documents, at most ``eval_max_docs``, drawn
+    with ``split_seed``; ``eval_max_tokens`` caps the tokens scored (None: all windows).
+    """
+
+    seq_len: int = 512
+    mode: str = "chunk"
+    field: str = "text"
+    eval_fraction: float = 0.1
+    eval_max_docs: int | None = 1000
+    eval_max_tokens: int | None = None
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}"),
+            (
+                self.mode in TEXT_MODES,
+                f"--text-mode must be one of {', '.join(TEXT_MODES)}, got {self.mode!r}",
+            ),
+            (bool(self.field), "--text-field must name a field, got an empty string"),
+            (
+                0.0 <= self.eval_fraction < 1.0,
+                f"eval_fraction must be in [0, 1), got {self.eval_fraction}",
+            ),
+            (
+                self.eval_max_docs is None or self.eval_max_docs >= 0,
+                f"eval_max_docs must be at least 0, got {self.eval_max_docs}",
+            ),
+            (
+                self.eval_max_tokens is None or self.eval_max_tokens >= 1,
+                f"eval_max_tokens must be at least 1, got {self.eval_max_tokens}",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise QCalibError(message)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: str = "zoo:fmnist-resnet20"
@@ -210,6 +258,12 @@ class RunConfig:
     # Labeled evaluation data when ``data`` is an unlabeled pool (a spec like ``data``);
     # None: the test/val split of ``data``; "none": no evaluation (no accuracy reported).
     eval_data: str | None = None
+    # Tokenization and held-out split of ``text:`` data (ignored for image data).
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            object.__setattr__(self, "text", TextConfig(**self.text))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

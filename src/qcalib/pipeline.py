@@ -2,6 +2,12 @@
 
 :class:`Workbench` holds what stays fixed across runs (FP model, pool, test set, FP
 accuracy) so a benchmark grid reuses it; :func:`quantize` is one run.
+
+The metric follows the model: top-1 accuracy for classifiers; for a Hugging Face text
+model (:class:`~qcalib.zoo.hf.HFTextModel`) on ``text:`` data, perplexity on the held-out
+documents in ``chunk`` windows (causal LMs) or the mean cosine similarity of the
+quantized to the FP embeddings on the held-out documents in the run's text mode
+(encoders; the FP model's own figure is 1 by definition and is not computed).
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +25,11 @@ from torch.utils.data import Dataset
 
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import Calibrator
-from qcalib.config import QuantConfig, RunConfig
-from qcalib.data.registry import load_dataset, load_pool
+from qcalib.config import QuantConfig, RunConfig, TextConfig
+from qcalib.data.registry import is_text_spec, load_dataset, load_pool
+from qcalib.data.text import TokenSamples, check_enough_tokens, limit_tokens
 from qcalib.errors import QCalibError
-from qcalib.evaluate import accuracy
+from qcalib.evaluate import accuracy, embedding_cosine, perplexity
 from qcalib.measure import Measure
 from qcalib.model.wrap import QuantModel, quantize_model
 from qcalib.quant.quantizer import QuantSpec
@@ -39,6 +46,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 NO_EVAL = "none"
+METRICS = ("top1", "perplexity", "embedding_cosine")
+# What each HFTextModel task is evaluated with.
+TEXT_METRICS = {"causal-lm": "perplexity", "embedding": "embedding_cosine"}
 
 
 def load_eval_set(data: str, data_root: str | None, eval_data: str | None) -> Dataset | None:
@@ -48,9 +58,41 @@ def load_eval_set(data: str, data_root: str | None, eval_data: str | None) -> Da
     return load_dataset(eval_data or data, "test", data_root)
 
 
+def text_metric(model: nn.Module) -> str:
+    """The metric of a text model (see :data:`TEXT_METRICS`), or a :class:`QCalibError`."""
+    task = getattr(model, "task", None)
+    if task not in TEXT_METRICS:
+        raise QCalibError(
+            f"text data needs a Hugging Face text model (causal LM or encoder), got "
+            f"{type(model).__name__}; load one with --model hf:PATH or wrap it in "
+            "qcalib.zoo.hf.HFCausalLM / HFEncoder"
+        )
+    return TEXT_METRICS[task]
+
+
+def load_text_eval_set(
+    model: nn.Module, data: str, data_root: str | None, eval_data: str | None, text: TextConfig
+) -> TokenSamples | None:
+    """The held-out text of a run: perplexity reads ``chunk`` windows, embedding cosine
+    the run's own text mode; capped at ``text.eval_max_tokens``. None for "none"."""
+    if eval_data == NO_EVAL:
+        return None
+    spec = eval_data or data
+    if not is_text_spec(spec):
+        raise QCalibError(
+            f"--eval-data {spec} is not text; a text model is evaluated on text:PATH "
+            "(default: the held-out documents of --data) or --eval-data none"
+        )
+    if text_metric(model) == "perplexity":
+        text = replace(text, mode="chunk")
+    samples = load_dataset(spec, "test", data_root, tokenizer=model.tokenizer, text=text)
+    assert isinstance(samples, TokenSamples)
+    return limit_tokens(samples, text.eval_max_tokens)
+
+
 class Workbench:
-    """The fixed parts of a run: FP model, calibration pool, labeled test set (None when
-    the run is not evaluated)."""
+    """The fixed parts of a run: FP model, calibration pool, test set (None when the run is
+    not evaluated): labeled images for classifiers, held-out text for text models."""
 
     def __init__(
         self,
@@ -61,27 +103,78 @@ class Workbench:
         device: str = "cpu",
         eval_batch_size: int = 500,
         eval_data: str | None = None,
+        text: TextConfig | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.model_name = model if isinstance(model, str) else type(model).__name__
         if isinstance(model, str):
             model = load_model(model, weights)
         self.model = model.eval().to(self.device)
-        self.pool = load_pool(data, data_root, split="train")
-        self.test_set = load_eval_set(data, data_root, eval_data)
         self.eval_batch_size = eval_batch_size
-        self._fp_top1: float | None = None
+        self.text = text or TextConfig()
+        self.test_set: Dataset | None
+        if is_text_spec(data):
+            self.metric = text_metric(model)
+            tokenizer = getattr(model, "tokenizer", None)
+            self.pool = load_pool(data, data_root, tokenizer=tokenizer, text=self.text)
+            self.test_set = load_text_eval_set(model, data, data_root, eval_data, self.text)
+        else:
+            self.metric = "top1"
+            self.pool = load_pool(data, data_root, split="train")
+            self.test_set = load_eval_set(data, data_root, eval_data)
+        self._fp_metric: float | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Workbench:
         return cls(cfg.model, cfg.data, cfg.data_root, cfg.weights, cfg.device,
-                   cfg.eval_batch_size, cfg.eval_data)  # fmt: skip
+                   cfg.eval_batch_size, cfg.eval_data, cfg.text)  # fmt: skip
 
     @property
     def evaluates(self) -> bool:
         return self.test_set is not None
 
+    @property
+    def eval_tokens(self) -> int | None:
+        """Tokens in the text evaluation set (scored by perplexity: one fewer per window)."""
+        return self.test_set.num_tokens if isinstance(self.test_set, TokenSamples) else None
+
+    def evaluate(self, model: nn.Module, progress: bool = False) -> float:
+        """``model``'s figure under :attr:`metric` (quantized models: against the FP one)."""
+        if self.metric == "top1":
+            return self.accuracy(model, progress)
+        test_set = self._require_test_set()
+        if self.metric == "perplexity":
+            return self.perplexity(model, progress)[0]
+        if model is self.model:
+            return 1.0
+        return embedding_cosine(self.model, model, test_set, self.eval_batch_size, progress,
+                                self.device)  # fmt: skip
+
+    def perplexity(self, model: nn.Module, progress: bool = False) -> tuple[float, int]:
+        """``(perplexity, tokens scored)`` of a causal LM on the held-out windows."""
+        return perplexity(model, self._require_test_set(), self.eval_batch_size, progress,
+                          self.device)  # fmt: skip
+
+    @property
+    def fp_metric(self) -> float:
+        if self._fp_metric is None:
+            self._fp_metric = self.evaluate(self.model)
+        return self._fp_metric
+
+    def _require_test_set(self) -> Dataset:
+        if self.test_set is None:
+            raise QCalibError(
+                "this run has no evaluation data (--eval-data none); drop --eval-data none "
+                "to evaluate on the held-out split"
+            )
+        return self.test_set
+
     def accuracy(self, model: nn.Module, progress: bool = False) -> float:
+        if self.metric != "top1":
+            raise QCalibError(
+                f"a text model has no top-1 accuracy; it is evaluated by {self.metric} "
+                "(Workbench.evaluate)"
+            )
         if self.test_set is None:
             raise QCalibError(
                 "this run has no evaluation data (--eval-data none); give a labeled "
@@ -91,9 +184,9 @@ class Workbench:
 
     @property
     def fp_top1(self) -> float:
-        if self._fp_top1 is None:
-            self._fp_top1 = self.accuracy(self.model)
-        return self._fp_top1
+        if self.metric != "top1":
+            self.accuracy(self.model)  # raises: names the text metric
+        return self.fp_metric
 
     def example_input(self) -> torch.Tensor:
         return self.pool.example().to(self.device)
@@ -121,17 +214,29 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     calib_stats: dict[str, Any] = field(default_factory=dict)
+    # The run's metric (one of METRICS) and its FP / quantized figures; for "top1" they
+    # repeat fp_top1 / quant_top1. eval_tokens: tokens scored (perplexity) or held in the
+    # evaluation set (embedding cosine); None for images. Defaults keep old result.json.
+    metric: str = "top1"
+    fp_metric: float | None = None
+    quant_metric: float | None = None
+    eval_tokens: int | None = None
 
     def summary(self) -> str:
         q = self.config["quant"]
-        return (
+        head = (
             f"{self.model} W{q['wbits']}A{q['abits']} {self.config['calib']['calibrator']} "
             f"({self.config['select']['selector']}, n={len(self.calib_indices)}): "
-            + (
-                f"FP {self.fp_top1:.2f}% -> quantized {self.quant_top1:.2f}%"
-                if self.fp_top1 is not None and self.quant_top1 is not None
-                else "not evaluated"
-            )
+        )
+        if self.metric == "top1":
+            if self.fp_top1 is None or self.quant_top1 is None:
+                return head + "not evaluated"
+            return head + f"FP {self.fp_top1:.2f}% -> quantized {self.quant_top1:.2f}%"
+        if self.fp_metric is None or self.quant_metric is None:
+            return head + "not evaluated"
+        return head + (
+            f"{self.metric} FP {self.fp_metric:.4g} -> quantized {self.quant_metric:.4g} "
+            f"({self.eval_tokens} tokens)"
         )
 
 
@@ -187,6 +292,7 @@ def quantize(
     from qcalib.artifact import save_indices, save_run
 
     bench = bench or Workbench.from_config(cfg)
+    check_enough_tokens(bench.pool, bench.text.seq_len, cfg.calib.num_calib)
     torch.manual_seed(cfg.seed)
     seconds, rss = {}, {}
     cls = CALIBRATORS.get(cfg.calib.calibrator)
@@ -214,24 +320,32 @@ def quantize(
         calibrator.calibrate(qmodel, calib, seed=cfg.seed, progress=progress, work_dir=work_dir)
     seconds["calibrate"], rss["calibrate"] = m.seconds, m.peak_rss_mb
 
-    fp = q_top1 = None
+    fp = q_metric = eval_tokens = None
     if bench.evaluates:
         t0 = time.perf_counter()
-        fp = bench.fp_top1
+        fp = bench.fp_metric
         with Measure() as m:
-            q_top1 = bench.accuracy(qmodel, progress)
+            if bench.metric == "perplexity":
+                q_metric, eval_tokens = bench.perplexity(qmodel, progress)
+            else:
+                q_metric, eval_tokens = bench.evaluate(qmodel, progress), bench.eval_tokens
         seconds["eval"], rss["eval"] = m.seconds, m.peak_rss_mb
-        log.debug("FP accuracy took %.1fs", time.perf_counter() - t0 - m.seconds)
+        log.debug("FP evaluation took %.1fs", time.perf_counter() - t0 - m.seconds)
+    top1 = bench.metric == "top1"
 
     result = RunResult(
         config=cfg.to_dict(),
         model=bench.model_name,
-        fp_top1=fp,
-        quant_top1=q_top1,
+        fp_top1=fp if top1 else None,
+        quant_top1=q_metric if top1 else None,
         calib_indices=indices.tolist(),
         seconds={k: round(v, 3) for k, v in seconds.items()},
         peak_rss_mb={k: round(v, 1) for k, v in rss.items()},
         calib_stats=calibrator.report(),
+        metric=bench.metric,
+        fp_metric=fp,
+        quant_metric=q_metric,
+        eval_tokens=eval_tokens,
     )
     if out is not None:
         save_run(Path(out), result, qmodel)

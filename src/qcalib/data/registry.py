@@ -8,6 +8,9 @@ The CLI and configs carry a single ``--data SPEC`` string instead of per-dataset
   itself when it has no train/val/test sub-folders), ``test``/``val`` read ``PATH/val`` or
   ``PATH/test``. ``imagefolder`` alone takes PATH from ``root``.
 * ``files:LISTFILE``     a text file of image paths: an unlabeled calibration pool only.
+* ``text:PATH``          documents (``.txt`` / ``.jsonl`` / ``.json`` / a folder of ``.txt``)
+  tokenized by the model's tokenizer (:mod:`qcalib.data.text`); ``train`` is the
+  calibration pool, ``test``/``val`` the held-out documents. Needs ``tokenizer=``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from qcalib.data.pool import Pool
 from qcalib.errors import QCalibError
 
 if TYPE_CHECKING:
+    from qcalib.config import TextConfig
     from qcalib.data.imagefolder import EvalTransform
 
-SPECS = ("fashion-mnist", "digits", "imagefolder:PATH", "files:LISTFILE")
+SPECS = ("fashion-mnist", "digits", "imagefolder:PATH", "files:LISTFILE", "text:PATH")
 _TRAIN, _EVAL = ("train",), ("test", "val")
 
 
@@ -56,8 +60,26 @@ def _imagefolder_dir(path: Path, split: str) -> tuple[Path, Path | None]:
     return evals[0], (train if train.is_dir() else None)
 
 
-def _load(spec: str, split: str, root: str | None, transform: EvalTransform | None) -> Dataset:
+def is_text_spec(spec: str) -> bool:
+    return spec.partition(":")[0] == "text"
+
+
+def _load(
+    spec: str,
+    split: str,
+    root: str | None,
+    transform: EvalTransform | None,
+    tokenizer: object = None,
+    text: TextConfig | None = None,
+) -> Dataset:
     kind, sep, arg = spec.partition(":")
+    if kind == "text":
+        from qcalib.data.text import load_text_pool
+
+        if not arg:
+            raise QCalibError("text needs a file or folder: use text:PATH")
+        pool = load_text_pool(arg, tokenizer, text, "train" if split in _TRAIN else "test")
+        return pool.dataset
     if kind == "fashion-mnist" and not sep:
         from qcalib.data.fashion_mnist import load_fashion_mnist
 
@@ -89,6 +111,8 @@ def load_dataset(
     root: str | None = None,
     *,
     transform: EvalTransform | None = None,
+    tokenizer: object = None,
+    text: TextConfig | None = None,
 ) -> Dataset:
     """The ``split`` of the dataset named by ``spec`` (see module docstring).
 
@@ -96,10 +120,14 @@ def load_dataset(
     ``files:`` list or flat folder is refused here (use :func:`load_pool` for those).
     ``root`` is the data directory for ``fashion-mnist`` and the folder for a bare
     ``imagefolder``; ``transform`` (an :class:`~qcalib.data.imagefolder.EvalTransform`)
-    overrides the ImageNet eval preprocessing of image-file datasets.
+    overrides the ImageNet eval preprocessing of image-file datasets. ``text:`` specs need
+    the model's ``tokenizer`` and a ``TextConfig`` (``text``, default ``TextConfig()``);
+    their evaluation split is unlabeled text (language-model metrics need no labels).
     """
     split = _check_split(split)
-    dataset = _load(spec, split, root, transform)
+    dataset = _load(spec, split, root, transform, tokenizer, text)
+    if is_text_spec(spec):
+        return dataset
     if split in _EVAL and getattr(dataset, "labels", None) is None:
         raise QCalibError(
             f"the {split} split of {spec} has no labels, so it cannot be evaluated on; "
@@ -116,12 +144,14 @@ def load_pool(
     split: str = "train",
     *,
     transform: EvalTransform | None = None,
+    tokenizer: object = None,
+    text: TextConfig | None = None,
 ) -> Pool:
     """A calibration :class:`Pool` over the ``split`` of ``spec``; labels are optional.
 
     Labels are carried along when the dataset has them (class-balanced selection
     baselines use them); calibration itself never reads them. A ``files:`` list is the
-    same pool whatever the split.
+    same pool whatever the split. ``text:`` specs need ``tokenizer`` (and ``text``).
     """
-    dataset = _load(spec, _check_split(split), root, transform)
+    dataset = _load(spec, _check_split(split), root, transform, tokenizer, text)
     return Pool(dataset, name=spec, labels=getattr(dataset, "labels", None))

@@ -36,6 +36,12 @@ Non-finite values: the rows are checked per site; NaN/Inf (or an overflow of the
 statistics) raises :class:`NonFiniteActivationError` naming the layer. Checking the
 per-sample means and stds is enough, because any NaN/Inf in the activation reaches them.
 
+Packed text batches: when the inputs are a token batch ``[B, 2, L]``
+(:mod:`qcalib.data.tokens`) and no mask is given, the mask comes from the model's
+``token_mask(x)`` (the HF adapters of :mod:`qcalib.zoo.hf`), else from the batch's own mask
+row, so padding tokens never enter the statistics of any selector (SelectQ, k-center,
+herding, the quality report). A selected sample is still a whole sequence.
+
 Assumptions: the batch dimension is first in every activation (``batch_first`` models);
 a site whose activation does not start with the batch size raises a clear error.
 """
@@ -48,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
 from qcalib.model.qmodules import QuantConv2d, run_example
 from qcalib.model.wrap import probe_mode, quantizable_layers
@@ -253,6 +260,21 @@ def _first_sample(inputs: Any) -> Any:
     return inputs
 
 
+def token_mask_of(model: nn.Module, inputs: Any) -> Tensor | None:
+    """The attention mask ``[B, L]`` of a packed text batch (None for other inputs).
+
+    Asked of the model first (``token_mask``, also through a ``QuantModel``'s ``.model``), so
+    an adapter with its own packing rule decides; else the batch's mask row.
+    """
+    if not is_token_batch(inputs):
+        return None
+    for m in (model, getattr(model, "model", None)):
+        fn = getattr(m, "token_mask", None)
+        if callable(fn):
+            return fn(inputs)
+    return unpack_tokens(inputs)[1]
+
+
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -299,6 +321,8 @@ class ActivationTap:
         inputs = _to_device(inputs, self.device)
         if mask is None and isinstance(inputs, dict):
             mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = token_mask_of(self.model, inputs)
         if mask is not None:
             mask = mask.to(self.device)
         bsz = _batch_size(inputs)

@@ -1,0 +1,53 @@
+"""Fidelity of a quantized model to its full-precision original.
+
+``embedding_cosine``: for encoders (``x [B, 2, L] -> [B, H]``, mean-pooled embeddings,
+:class:`qcalib.zoo.hf.HFEncoder`), the cosine similarity of the quantized and the FP
+embedding of each sample, averaged over the samples (each sample weighs the same,
+whatever its length). 1.0 means the quantized model preserves every embedding's
+direction; the FP model against itself is 1.0 by definition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from qcalib.data.pool import Pool
+from qcalib.errors import QCalibError
+from qcalib.evaluate.language import count_samples, token_batches
+
+
+@torch.no_grad()
+def embedding_cosine(
+    model_fp: nn.Module,
+    model_q: nn.Module,
+    data: Pool | Dataset | Tensor,
+    batch_size: int = 32,
+    progress: bool = False,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Mean cosine similarity of ``model_q``'s and ``model_fp``'s embeddings on ``data``."""
+    model_fp.eval()
+    model_q.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    n = 0
+    batches = token_batches(data, batch_size)
+    if progress:
+        count = -(-count_samples(data) // batch_size)
+        batches = tqdm(batches, total=count, desc="embedding cosine", leave=False)
+    for x in batches:
+        x = x.to(device)
+        ref, out = model_fp(x), model_q(x)
+        if ref.dim() != 2 or ref.shape != out.shape:
+            raise QCalibError(
+                f"embedding_cosine needs [B, H] embeddings from both models, got "
+                f"{tuple(ref.shape)} and {tuple(out.shape)}; use an encoder (HFEncoder)"
+            )
+        total += F.cosine_similarity(out.double(), ref.double(), dim=1).sum().cpu()
+        n += ref.shape[0]
+    if n == 0:
+        raise QCalibError("the evaluation set is empty; give more held-out text")
+    return float(total) / n

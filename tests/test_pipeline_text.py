@@ -1,0 +1,123 @@
+"""The pipeline on text models: select -> calibrate -> perplexity / embedding cosine -> save."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qcalib.artifact import load_run
+from qcalib.cli import build_parser, config_from_args
+from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig, TextConfig
+from qcalib.errors import QCalibError
+from qcalib.evaluate import perplexity
+from qcalib.pipeline import Workbench, quantize
+from text_models import sentences, tiny_bert, tiny_llama, tiny_tokenizer
+
+TEXT = TextConfig(seq_len=8, eval_fraction=0.2, split_seed=1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):  # noqa: ANN001, ANN201
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n".join(sentences(60, seed=2)) + "\n")
+    return path
+
+
+def run_config(path, selector: str = "random", **select_params) -> RunConfig:  # noqa: ANN001
+    return RunConfig(
+        model="tiny-llama",
+        data=f"text:{path}",
+        quant=QuantConfig(wbits=8, abits=8),
+        calib=CalibConfig(calibrator="minmax", num_calib=8, batch_size=4),
+        select=SelectConfig(selector, tuple(sorted(select_params.items()))),
+        eval_batch_size=4,
+        text=TEXT,
+    )
+
+
+def test_causal_lm_run_reports_perplexity_and_saves(corpus, tmp_path):
+    tok = tiny_tokenizer(bos=True)
+    bench = Workbench(tiny_llama(tok), f"text:{corpus}", eval_batch_size=4, text=TEXT)
+    assert bench.metric == "perplexity"
+    assert bench.example_input().shape == (1, 2, 8)
+    cfg = run_config(corpus)
+    qmodel, res = quantize(cfg, bench=bench, out=tmp_path / "run", progress=False)
+    assert res.metric == "perplexity" and res.fp_top1 is None and res.quant_top1 is None
+    fp_ppl, scored = perplexity(bench.model, bench.test_set, 4)
+    assert res.fp_metric == pytest.approx(fp_ppl) and res.eval_tokens == scored > 0
+    assert scored == len(bench.test_set) * 7  # seq_len - 1 predictions a window
+    # random weights: near-uniform over the vocabulary; W8A8 moves it little
+    assert 0.8 * len(tok) < res.fp_metric < 1.5 * len(tok)
+    assert res.quant_metric == pytest.approx(res.fp_metric, rel=0.05)
+    assert res.quant_metric != res.fp_metric  # the quantizers are really there
+    assert "perplexity FP" in res.summary()
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["metric"] == "perplexity" and saved["eval_tokens"] == scored
+    cfg2, qmodel2, _ = load_run(tmp_path / "run", model=tiny_llama(tok))
+    assert cfg2 == cfg
+    assert perplexity(qmodel2, bench.test_set, 4)[0] == pytest.approx(res.quant_metric)
+
+
+def test_selectq_on_a_text_pool(corpus):
+    tok = tiny_tokenizer(bos=True)
+    bench = Workbench(tiny_llama(tok), f"text:{corpus}", eval_batch_size=4, text=TEXT)
+    cfg = run_config(corpus, "selectq", num_clusters=2, init_size=8, batch_size=8)
+    _, res = quantize(cfg, bench=bench, progress=False)
+    assert len(res.calib_indices) == 8 and max(res.calib_indices) < len(bench.pool)
+    assert res.quant_metric == pytest.approx(res.fp_metric, rel=0.05)
+
+
+def test_encoder_run_reports_embedding_cosine(corpus):
+    tok = tiny_tokenizer()
+    text = TextConfig(seq_len=8, mode="doc", eval_fraction=0.2)
+    bench = Workbench(tiny_bert(tok), f"text:{corpus}", eval_batch_size=4, text=text)
+    assert bench.metric == "embedding_cosine"
+    cfg = RunConfig(
+        data=f"text:{corpus}", quant=QuantConfig(wbits=8, abits=8),
+        calib=CalibConfig(num_calib=8, batch_size=4), text=text,
+    )  # fmt: skip
+    _, res = quantize(cfg, bench=bench, progress=False)
+    assert res.fp_metric == 1.0
+    assert 0.9 < res.quant_metric < 1.0
+    assert res.eval_tokens == bench.test_set.num_tokens > 0
+
+
+def test_text_run_errors(corpus):
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    with pytest.raises(QCalibError, match=r"fewer than --seq-len 8 x --num-calib 1000 = 8000"):
+        cfg = run_config(corpus)
+        cfg = RunConfig(data=cfg.data, calib=CalibConfig(num_calib=1000), text=TEXT)
+        quantize(cfg, bench=Workbench(model, f"text:{corpus}", text=TEXT), progress=False)
+    from conftest import TinyNet
+
+    with pytest.raises(QCalibError, match="Hugging Face text model"):
+        Workbench(TinyNet(), f"text:{corpus}", text=TEXT)
+    no_tok = tiny_llama(tok)
+    no_tok.__dict__["tokenizer"] = None
+    with pytest.raises(QCalibError, match="tokenizer"):
+        Workbench(no_tok, f"text:{corpus}", text=TEXT)
+    with pytest.raises(QCalibError, match="is not text"):
+        Workbench(model, f"text:{corpus}", eval_data="digits", text=TEXT)
+    bench = Workbench(model, f"text:{corpus}", eval_data="none", text=TEXT)
+    _, res = quantize(run_config(corpus), bench=bench, progress=False)
+    assert res.quant_metric is None and "not evaluated" in res.summary()
+    with pytest.raises(QCalibError, match="no top-1 accuracy"):
+        bench.accuracy(model)
+
+
+def test_eval_max_tokens_caps_the_scored_tokens(corpus):
+    text = TextConfig(seq_len=8, eval_fraction=0.2, split_seed=1, eval_max_tokens=20)
+    bench = Workbench(tiny_llama(tiny_tokenizer()), f"text:{corpus}", text=text)
+    assert len(bench.test_set) == 2 and bench.perplexity(bench.model)[1] == 14
+
+
+def test_cli_text_flags():
+    args = build_parser().parse_args(
+        ["quantize", "--data", "text:x.json", "--seq-len", "128", "--text-mode", "doc",
+         "--text-field", "extract"]
+    )  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.text == TextConfig(seq_len=128, mode="doc", field="extract")
+    assert config_from_args(build_parser().parse_args(["quantize"])).text == TextConfig()
