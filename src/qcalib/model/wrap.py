@@ -153,12 +153,19 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _unquantized_with_params(model: nn.Module) -> list[str]:
-    """Modules that keep float parameters, except norms / PReLU (float by design)."""
+def _is_norm(m: nn.Module) -> bool:
+    # Models define their own norms (LlamaRMSNorm, T5LayerNorm): float by protocol too.
+    return isinstance(m, _SILENT_FLOAT) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _unquantized_with_params(model: nn.Module, text: bool = False) -> list[str]:
+    """Modules that keep float parameters, except norms / PReLU (float by design) and,
+    in text models, token / position embeddings (float by the LLM protocol)."""
     names: list[str] = []
+    silent = (nn.Embedding,) if text else ()
 
     def visit(m: nn.Module, name: str) -> None:
-        if isinstance(m, (QuantModule, *_SILENT_FLOAT)):
+        if isinstance(m, (QuantModule, *silent)) or _is_norm(m):
             return
         if isinstance(m, FLOAT_UNITS) or any(True for _ in m.parameters(recurse=False)):
             names.append(f"{name or '<root>'} ({type(m).__name__})")
@@ -495,7 +502,7 @@ def quantize_model(
     qmodel.float_by_option = kept_float
     if not allow_float:
         _check_coverage(qmodel)
-    floats = [n for n in _unquantized_with_params(net) if n.split(" ")[0] not in kept_float]
+    floats = [n for n in _unquantized_with_params(net, text) if n.split(" ")[0] not in kept_float]
     if floats:
         warnings.warn(
             "qcalib: these modules have parameters that are not quantized and stay float: "
