@@ -343,7 +343,26 @@ def test_qdrop_reconstructs_every_block_of_a_tiny_llama() -> None:
             return F.mse_loss(q(test), fp).item(), cal
 
     e_minmax, _ = error("minmax")
+    # QDrop as published: ranges initialized by MSE search (the ReconConfig default).
     e_qdrop, cal = error("qdrop", iters=20, act_iters=10, batch_size=4)
     done = [h["block"] for h in cal.engine.history if "stage" in h]
     assert done == [f"model.model.layers.{i}" for i in range(LAYERS)]
     assert e_qdrop <= e_minmax
+
+
+def test_reconstruction_cache_with_padding_masks() -> None:
+    """A 4-D padding mask in every batch is batch-first and cached per sample; a mask that
+    transformers skips in some batches only (no padding there) is refused with the fix."""
+    model = HFCausalLM(tiny_llama())
+    qcfg = QuantConfig(4, 8)
+    cfg = CalibConfig("qdrop", batch_size=2, recon=ReconConfig(iters=2, batch_size=2))
+    padded = tokens(4, 8, seed=4)
+    padded[[0, 2], 1, -2:] = 0  # padding in both capture batches
+    q = build_quant_model(model, qcfg, padded[:1])
+    cal = CALIBRATORS.get("qdrop")(cfg)
+    cal.calibrate(q, padded, seed=0, progress=False)
+    assert len([h for h in cal.engine.history if "stage" in h]) == LAYERS
+    mixed = tokens(4, 8, seed=4, pad=2)  # padding in the first batch only
+    q = build_quant_model(model, qcfg, mixed[:1])
+    with pytest.raises(QCalibError, match=r"'attention_mask' .* None in some calibration batches"):
+        CALIBRATORS.get("qdrop")(cfg).calibrate(q, mixed, seed=0, progress=False)
