@@ -262,8 +262,12 @@ def test_unsupported_layers_stay_float_with_warning() -> None:
     torch.manual_seed(0)
     model = Mixed().eval()
     idx = torch.randint(0, 10, (2, 5))
+    with pytest.raises(
+        QCalibError, match=r"85\.7% .* stay float \(conv1d \(Conv1d\)\).*allow_float"
+    ):
+        quantize_model(model, W4, A4, example_input=idx)
     with pytest.warns(UserWarning, match=r"emb \(Embedding\), conv1d \(Conv1d\)") as rec:
-        q = quantize_model(model, W4, A4, example_input=idx)
+        q = quantize_model(model, W4, A4, example_input=idx, allow_float=True)
     message = str(rec[0].message)
     assert "norm" not in message and "act" not in message and "fc" not in message
     assert [n for n, _ in q.quant_modules()] == ["fc"]
@@ -359,7 +363,7 @@ def test_transformer_fast_path_does_not_bypass_quantization() -> None:
     model = TinyTransformer().eval()
     x = torch.randn(2, 5, 6)
     with pytest.warns(UserWarning, match=r"encoder\.layers\.0\.self_attn \(MultiheadAttention\)"):
-        q = quantize_model(model, W4, A4, example_input=x)
+        q = quantize_model(model, W4, A4, example_input=x, allow_float=True)
     names = [n for n, _ in q.quant_modules()]
     assert names == ["embed", "encoder.layers.0.linear1", "encoder.layers.0.linear2", "head"]
     counter = ZeroWeight()

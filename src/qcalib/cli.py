@@ -130,7 +130,9 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
             w_per_channel=not args.per_tensor_weights,
             a_symmetric=args.a_symmetric,
             first_last_bits=None if flb == "same" else int(flb),
+            lm_head_bits=args.lm_head_bits,
             fold_bn=not args.no_fold_bn,
+            allow_float_layers=args.allow_float_layers,
         ),
         calib=CalibConfig(
             calibrator=args.calibrator,
@@ -232,7 +234,12 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--per-tensor-weights", action="store_true")
     g.add_argument("--first-last-bits", default="8",
                    help="bits of the first and last layer, or 'same' to quantize them "
-                        "like the rest (default 8)")  # fmt: skip
+                        "like the rest (default 8); text models ignore it")  # fmt: skip
+    g.add_argument("--lm-head-bits", type=int, default=None,
+                   help="text models: bits of lm_head (default: float)")  # fmt: skip
+    g.add_argument("--allow-float-layers", action="store_true",
+                   help="quantize the rest when over 5%% of the conv/linear-like weights "
+                        "have no quantized twin (default: refuse)")  # fmt: skip
     g.add_argument("--no-fold-bn", action="store_true")
     g = q.add_argument_group("calibration")
     g.add_argument("--calibrator", default="minmax", choices=CALIBRATORS.names())

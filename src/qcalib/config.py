@@ -25,8 +25,15 @@ class QuantConfig:
     a_symmetric: bool = False
     # Bits of the first and last quantized layer (weights and input activation);
     # None quantizes them like every other layer.
+    # Text models (HF causal LMs / encoders) ignore first_last_bits: their attention and MLP
+    # linears are all quantized alike and the output head (lm_head) stays float unless
+    # lm_head_bits gives its width (weights and input); token embeddings stay float.
     first_last_bits: int | None = 8
+    lm_head_bits: int | None = None
     fold_bn: bool = True
+    # quantize_model refuses a model whose conv/linear-like weights stay float beyond 5%
+    # (no quantized twin: Conv1d, MultiheadAttention, ...); True quantizes the rest anyway.
+    allow_float_layers: bool = False
 
     def __post_init__(self) -> None:
         for name in ("wbits", "abits"):
@@ -34,8 +41,12 @@ class QuantConfig:
                 check_bits(getattr(self, name))
             except QCalibError as e:
                 raise QCalibError(f"--{name}: {e}") from None
-        if self.first_last_bits is not None:
-            check_bits(self.first_last_bits)
+        for name in ("first_last_bits", "lm_head_bits"):
+            if getattr(self, name) is not None:
+                try:
+                    check_bits(getattr(self, name))
+                except QCalibError as e:
+                    raise QCalibError(f"--{name.replace('_', '-')}: {e}") from None
 
 
 # Per-block iterations and batch size of the reconstruction profiles (AdaRound / BRECQ /

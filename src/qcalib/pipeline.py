@@ -199,6 +199,8 @@ def build_quant_model(model: nn.Module, q: QuantConfig, example_input: torch.Ten
         QuantSpec(q.wbits, q.w_symmetric, q.w_per_channel, ch_axis=0),
         QuantSpec(q.abits, q.a_symmetric, per_channel=False),
         first_last_bits=q.first_last_bits,
+        lm_head_bits=q.lm_head_bits,
+        allow_float=q.allow_float_layers,
         example_input=example_input,
         fold=q.fold_bn,
     )

@@ -136,8 +136,10 @@ class BlockCache:
 
     args: list[Any]
     kwargs: dict[str, Any]
-    batched_args: list[bool]
-    batched_kwargs: dict[str, bool]
+    # True (batch-first tensor), False (constant) or, for a tuple / list value (e.g. a
+    # transformer's rotary ``position_embeddings``), a tuple of such flags.
+    batched_args: list[Any]
+    batched_kwargs: dict[str, Any]
     fp_out: torch.Tensor
     fisher: torch.Tensor | None = None
 
@@ -145,9 +147,17 @@ class BlockCache:
         return self.fp_out.shape[0]
 
     def inputs(self, idx: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        args = tuple(a[idx] if b else a for a, b in zip(self.args, self.batched_args, strict=True))
-        kwargs = {k: (v[idx] if self.batched_kwargs[k] else v) for k, v in self.kwargs.items()}
+        args = tuple(_take(a, b, idx) for a, b in zip(self.args, self.batched_args, strict=True))
+        kwargs = {k: _take(v, self.batched_kwargs[k], idx) for k, v in self.kwargs.items()}
         return args, kwargs
+
+
+def _take(value: Any, batched: Any, idx: torch.Tensor) -> Any:
+    if batched is True:
+        return value[idx]
+    if isinstance(batched, tuple):
+        return type(value)(_take(v, b, idx) for v, b in zip(value, batched, strict=True))
+    return value
 
 
 @dataclass
@@ -274,6 +284,8 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def _clone(x: Any) -> Any:
+    if isinstance(x, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in x):
+        return type(x)(_clone(v) for v in x)
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
 
@@ -291,8 +303,28 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
 
 
-def _collate(items: list[Any], sizes: list[int], what: str) -> tuple[Any, bool]:
-    """Concatenate batch-first tensors; keep a value that is the same in every batch."""
+def _collate(items: list[Any], sizes: list[int], what: str) -> tuple[Any, Any]:
+    """Concatenate batch-first tensors; keep a value that is the same in every batch.
+
+    Tuples / lists of equal length (HF rotary ``position_embeddings = (cos, sin)``) are
+    collated element by element; their flag is then a tuple of flags (see :func:`_take`).
+    A transformer's ``[1, L]`` position ids or ``[1, L, D]`` rotary tables are the same
+    in every batch and so kept once.
+    """
+    first = items[0]
+    if (
+        isinstance(first, (tuple, list))
+        and any(isinstance(v, torch.Tensor) for v in first)
+        and all(type(t) is type(first) and len(t) == len(first) for t in items)
+    ):
+        parts = [
+            _collate([t[j] for t in items], sizes, f"element {j} of {what}")
+            for j in range(len(first))
+        ]
+        flags = tuple(b for _, b in parts)
+        if not any(flags):
+            return first, False
+        return type(first)(v for v, _ in parts), flags
     if all(
         isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n
         for t, n in zip(items, sizes, strict=True)
@@ -300,6 +332,13 @@ def _collate(items: list[Any], sizes: list[int], what: str) -> tuple[Any, bool]:
         return torch.cat(items), True
     if all(_same(items[0], t) for t in items[1:]):
         return items[0], False
+    if any(t is None for t in items) and any(isinstance(t, torch.Tensor) for t in items):
+        # transformers skips the attention mask of a batch without padding (sdpa).
+        raise QCalibError(
+            f"{what} is None in some calibration batches and a tensor in others (padding "
+            "in some batches only); calibrate on sequences of one length without padding, "
+            "or set the calibration batch size (--calib-batch-size) to the number of samples"
+        )
     raise QCalibError(
         f"{what} is neither a batch-first tensor nor the same in every batch; block "
         "reconstruction needs batch-first block inputs"

@@ -14,6 +14,14 @@ layer that lies in no such module. A module is a block when:
 3. or another instance of its class was detected by rule 2 (a MobileNetV2-style class
    whose stride-2 instances have no skip connection is still one block kind).
 
+Hugging Face transformers (a ``PreTrainedModel`` anywhere in the network): each decoder /
+encoder layer is one "transformer" block, by class name (``LlamaDecoderLayer``,
+``MistralDecoderLayer``, ``Qwen2DecoderLayer``, ``GPT2Block``, ``BertLayer``) or, for
+other architectures, as an element of the layer list at a known path (``model.layers``,
+``transformer.h``, ``encoder.layer``, ``gpt_neox.layers``, ...). A transformers model
+whose layer list is found by neither rule raises :class:`QCalibError` naming its class:
+reconstructing it layer by layer would silently drop the block-level objective.
+
 Containers (Sequential / ModuleList / ModuleDict) are never blocks themselves. The kind
 of a structurally detected block is "transformer" when it contains attention
 (``nn.MultiheadAttention`` or a softmax), "inverted_residual" when it contains a
@@ -32,11 +40,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qcalib.errors import QCalibError
 from qcalib.model.fold import try_trace
-from qcalib.model.qmodules import FLOAT_UNITS, is_depthwise, is_quantizable
+from qcalib.model.qmodules import FLOAT_UNITS, QuantModule, is_depthwise, is_quantizable
 from qcalib.model.wrap import QuantModel, first_call_order
 
-__all__ = ["Block", "BlockKind", "is_residual_graph", "partition_blocks"]
+__all__ = ["Block", "BlockKind", "hf_layer_lists", "is_residual_graph", "partition_blocks"]
 
 BlockKind = Literal["residual", "inverted_residual", "transformer", "layer"]
 
@@ -52,7 +61,25 @@ _KNOWN: dict[str, BlockKind] = {
     "torchvision.models.swin_transformer.SwinTransformerBlockV2": "transformer",
     "torch.nn.modules.transformer.TransformerEncoderLayer": "transformer",
     "torch.nn.modules.transformer.TransformerDecoderLayer": "transformer",
+    "transformers.models.llama.modeling_llama.LlamaDecoderLayer": "transformer",
+    "transformers.models.mistral.modeling_mistral.MistralDecoderLayer": "transformer",
+    "transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer": "transformer",
+    "transformers.models.gpt2.modeling_gpt2.GPT2Block": "transformer",
+    "transformers.models.bert.modeling_bert.BertLayer": "transformer",
 }
+# Where transformers models keep their layer list, relative to a PreTrainedModel.
+_HF_LAYER_PATHS = (
+    "model.layers",
+    "layers",
+    "transformer.h",
+    "h",
+    "encoder.layer",
+    "layer",
+    "model.decoder.layers",
+    "decoder.layers",
+    "gpt_neox.layers",
+    "transformer.layers",
+)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -168,7 +195,8 @@ def _structural_kind(m: nn.Module, graph: fx.Graph | None) -> BlockKind:
 class _Analysis:
     """Which modules of a network are blocks, by the rules of the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: dict[int, str] | None = None) -> None:
+        self._extra = extra or {}
         self._has_layer: dict[int, bool] = {}
         self._structural: dict[int, BlockKind | None] = {}
         self._final: dict[int, BlockKind | None] = {}
@@ -195,11 +223,14 @@ class _Analysis:
             )
         return self._below[key]
 
+    def _known(self, m: nn.Module) -> BlockKind | None:
+        return self._extra.get(id(m)) or _known_kind(m)  # type: ignore[return-value]
+
     def structural(self, m: nn.Module) -> BlockKind | None:
         """Rules 1 and 2: a known class, or an innermost structurally residual module."""
         key = id(m)
         if key not in self._structural:
-            kind = _known_kind(m) if self._candidate(m) else None
+            kind = self._known(m) if self._candidate(m) else None
             if kind is None and self._candidate(m) and not self._block_below(m, "structural"):
                 graph = try_trace(m)
                 if graph is not None and is_residual_graph(m, graph):
@@ -212,13 +243,56 @@ class _Analysis:
         """Rule 3 on top of 1 and 2; valid once ``structural`` has seen every module."""
         key = id(m)
         if key not in self._final:
-            kind = _known_kind(m) if self._candidate(m) else None
+            kind = self._known(m) if self._candidate(m) else None
             if kind is None and self._candidate(m) and not self._block_below(m, "final"):
                 kind = self.structural(m)
                 if kind is None and type(m) in self._classes:
                     kind = _structural_kind(m, try_trace(m))
             self._final[key] = kind
         return self._final[key]
+
+
+def _is_hf_pretrained(m: nn.Module) -> bool:
+    return any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+        for c in type(m).__mro__
+    )
+
+
+def hf_layer_lists(net: nn.Module) -> dict[int, str]:
+    """Block kind lookups for transformers models: ``{id(layer): "transformer"}``.
+
+    Raises :class:`QCalibError` for a transformers model (the outermost one) in which
+    neither a known layer class nor a layer list at a known path holds its layers.
+    """
+    found: dict[int, str] = {}
+    outer = [
+        m for n, m in net.named_modules()
+        if _is_hf_pretrained(m) and not any(_is_hf_pretrained(p) for p in _parents(net, n))
+    ]  # fmt: skip
+    for hf in outer:
+        if any(_known_kind(m) is not None for m in hf.modules()):
+            continue
+        for path in _HF_LAYER_PATHS:
+            try:
+                layers = hf.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(layers, nn.ModuleList) and len(layers):
+                found.update((id(m), "transformer") for m in layers)
+                break
+        else:
+            raise QCalibError(
+                f"cannot find the decoder/encoder layers of {type(hf).__name__} (none of "
+                f"{', '.join(_HF_LAYER_PATHS)}); block reconstruction needs them: use "
+                "--calibrator adaround (layer-wise) or report the architecture"
+            )
+    return found
+
+
+def _parents(root: nn.Module, name: str) -> list[nn.Module]:
+    parts = name.split(".") if name else []
+    return [root.get_submodule(".".join(parts[:i])) for i in range(len(parts))]
 
 
 def partition_blocks(model: nn.Module, example_input: Any = None) -> list[Block]:
@@ -230,7 +304,7 @@ def partition_blocks(model: nn.Module, example_input: Any = None) -> list[Block]
     example does not reach, or all blocks without an example, follow in registration order.
     """
     net = model.model if isinstance(model, QuantModel) else model
-    analysis = _Analysis()
+    analysis = _Analysis(hf_layer_lists(net))
     for m in net.modules():
         analysis.structural(m)
 
@@ -254,6 +328,9 @@ def partition_blocks(model: nn.Module, example_input: Any = None) -> list[Block]
             walk(child, f"{name}.{child_name}" if name else child_name)
 
     walk(net, "")
+    if isinstance(model, QuantModel):
+        # A layer left float on purpose (an LM head without lm_head_bits) has nothing to learn.
+        blocks = [b for b in blocks if b.kind != "layer" or isinstance(b.module, QuantModule)]
     if example_input is None:
         return blocks
     by_name = {b.name: b for b in blocks}

@@ -1,13 +1,31 @@
-"""Quantized twins of ``nn.Conv2d`` / ``nn.Linear``.
+"""Quantized twins of ``nn.Conv2d`` / ``nn.Linear`` and of layers that compute the same.
 
 A :class:`QuantModule` keeps an FP copy of the layer's weight and bias, a weight quantizer
 (per output channel, ``ch_axis=0``) and an optional activation quantizer on the layer's
 *input* (per tensor). The bias stays in float, as in the usual fake-quant PTQ protocol
 (it would be int32 on integer hardware, which is lossless at this precision).
+
+Twins:
+
+* :class:`QuantConv2d`, :class:`QuantLinear`: the plain torch layers.
+* :class:`QuantConv1D`: GPT-2's ``transformers.pytorch_utils.Conv1D`` (``x @ W + b`` with
+  ``W`` stored ``[in, out]``). The twin stores the weight transposed, ``[out, in]``, and
+  runs ``F.linear``: the output channels are then axis 0 as in every other twin, so the
+  per-channel grid, AdaRound, observers and the export need no special axis. Matched by
+  class name, so this module never imports transformers.
+* :class:`QuantCustomForward`: a subclass of ``nn.Conv2d`` / ``nn.Linear`` that overrides
+  ``forward`` (e.g. EfficientNet's ``Conv2dStaticSamePadding``, which pads, then calls
+  ``F.conv2d``). Its own forward is kept: the twin holds the original layer without its
+  ``weight`` / ``bias`` parameters and, for each call, sets them as plain attributes to
+  the fake-quantized weight and the float bias, then calls the layer's forward on the
+  fake-quantized input. What gets quantized is the *stored* weight; a forward that
+  transforms its weight (weight standardization) sees the quantized weight and
+  transforms that. Any other parameters of the layer stay float inside it.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -17,11 +35,16 @@ from torch.nn.modules.utils import _pair
 
 __all__ = [
     "FLOAT_UNITS",
+    "QuantConv1D",
     "QuantConv2d",
+    "QuantCustomForward",
     "QuantLinear",
     "QuantModule",
-    "is_quantizable",
+    "has_custom_forward",
+    "is_conv",
     "is_depthwise",
+    "is_quantizable",
+    "is_transposed_linear",
 ]
 
 # Modules that read their children's parameters directly instead of calling them
@@ -31,22 +54,50 @@ FLOAT_UNITS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 
 def _plain(m: nn.Module, base: type[nn.Module], *methods: str) -> bool:
-    # A subclass that overrides forward (e.g. weight-standardized convs) computes something
-    # else than F.conv2d / F.linear, so its twin would change the network's function.
+    # A subclass that overrides forward computes something else than F.conv2d / F.linear
+    # (padding first, standardizing its weight): it gets QuantCustomForward, which keeps it.
     return isinstance(m, base) and all(
         getattr(type(m), name) is getattr(base, name) for name in ("forward", *methods)
     )
 
 
+#: Classes (``module.qualname``) that compute ``x @ weight + bias`` with ``weight [in, out]``.
+_TRANSPOSED_LINEAR = frozenset({"transformers.pytorch_utils.Conv1D"})
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_transposed_linear(m: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` (a linear layer with its weight stored ``[in, out]``)."""
+    return any(_qualname(c) in _TRANSPOSED_LINEAR for c in type(m).__mro__)
+
+
+def has_custom_forward(m: nn.Module) -> bool:
+    """A Conv2d / Linear subclass whose ``forward`` (or ``_conv_forward``) is its own."""
+    return not isinstance(m, QuantModule) and (
+        (isinstance(m, nn.Conv2d) and not _plain(m, nn.Conv2d, "_conv_forward"))
+        or (isinstance(m, nn.Linear) and not _plain(m, nn.Linear))
+    )
+
+
 def is_quantizable(m: nn.Module) -> bool:
     """Whether ``m`` is (or already is the twin of) a layer this package quantizes."""
-    return (
-        isinstance(m, QuantModule) or _plain(m, nn.Conv2d, "_conv_forward") or _plain(m, nn.Linear)
-    )
+    return isinstance(m, (QuantModule, nn.Conv2d, nn.Linear)) or is_transposed_linear(m)
+
+
+def is_conv(m: nn.Module) -> bool:
+    """A 2-D convolution, float or quantized (its activations are ``[B, C, H, W]``)."""
+    if isinstance(m, QuantCustomForward):
+        m = m.inner
+    return isinstance(m, (nn.Conv2d, QuantConv2d))
 
 
 def is_depthwise(m: nn.Module) -> bool:
     """A conv with one input channel per group (MobileNet-style depthwise)."""
+    if isinstance(m, QuantCustomForward):
+        m = m.inner
     if isinstance(m, (nn.Conv2d, QuantConv2d)):
         return m.groups > 1 and m.groups == m.in_channels
     return False
@@ -201,8 +252,98 @@ class QuantLinear(QuantModule):
         )
 
 
+class QuantConv1D(QuantModule):
+    """Fake-quantized GPT-2 ``Conv1D``; the weight is held transposed, ``[out, in]``."""
+
+    def __init__(
+        self,
+        conv1d: nn.Module,
+        weight_quantizer: nn.Module,
+        act_quantizer: nn.Module | None = None,
+        layer_name: str = "",
+    ) -> None:
+        weight = conv1d.weight.t().contiguous()
+        super().__init__(weight, conv1d.bias, weight_quantizer, act_quantizer, layer_name)
+        self.in_features, self.out_features = conv1d.weight.shape
+
+    @classmethod
+    def from_float(
+        cls,
+        conv1d: nn.Module,
+        w_quantizer: nn.Module,
+        a_quantizer: nn.Module | None = None,
+        layer_name: str = "",
+    ) -> QuantConv1D:
+        if not is_transposed_linear(conv1d):
+            raise TypeError(f"expected transformers' Conv1D, got {type(conv1d).__name__}")
+        return cls(conv1d, w_quantizer, a_quantizer, layer_name)
+
+    def layer_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Conv1D's own kernel on an [in, out] contiguous copy, so that an unquantized twin
+        # is bit-identical to the layer (F.linear, or addmm on the transposed view, differ
+        # in the last bits).
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), weight.t().contiguous())
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, transposed, name={self.layer_name!r}"
+        )
+
+
+class QuantCustomForward(QuantModule):
+    """A Conv2d / Linear subclass with its own ``forward``, run with a quantized weight.
+
+    ``inner`` is a copy of the layer with its ``weight`` / ``bias`` parameters removed;
+    :meth:`layer_forward` lends it the (fake-quantized) weight and the bias for one call.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        weight_quantizer: nn.Module,
+        act_quantizer: nn.Module | None = None,
+        layer_name: str = "",
+    ) -> None:
+        super().__init__(layer.weight, layer.bias, weight_quantizer, act_quantizer, layer_name)
+        inner = copy.deepcopy(layer)
+        for name in ("weight", "bias"):
+            inner._parameters.pop(name, None)
+            inner.__dict__[name] = None
+        self.inner = inner
+
+    @classmethod
+    def from_float(
+        cls,
+        layer: nn.Module,
+        w_quantizer: nn.Module,
+        a_quantizer: nn.Module | None = None,
+        layer_name: str = "",
+    ) -> QuantCustomForward:
+        if not has_custom_forward(layer):
+            raise TypeError(f"{type(layer).__name__} is not a Conv2d/Linear with its own forward")
+        return cls(layer, w_quantizer, a_quantizer, layer_name)
+
+    def layer_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        inner.__dict__["weight"], inner.__dict__["bias"] = weight, self.bias
+        try:
+            return inner(x)
+        finally:
+            # Not kept between calls: a deepcopy or state_dict must not see a stale tensor.
+            inner.__dict__["weight"] = inner.__dict__["bias"] = None
+
+    def extra_repr(self) -> str:
+        return f"{type(self.inner).__name__}, name={self.layer_name!r}"
+
+
 def quant_twin(layer: nn.Module) -> type[QuantModule]:
     """The QuantModule class for a quantizable float layer."""
+    if has_custom_forward(layer):
+        return QuantCustomForward
+    if is_transposed_linear(layer):
+        return QuantConv1D
     if isinstance(layer, nn.Conv2d):
         return QuantConv2d
     if isinstance(layer, nn.Linear):

@@ -1,14 +1,25 @@
 """Wrap a float network for fake quantization.
 
 Design (see the method notes): activation quantizers sit on the *inputs* of quantized
-Conv2d / Linear layers; residual additions, pooling and activations stay float. BN is
-folded first. The first and last quantized layers (in execution order) get
-``first_last_bits`` for weight and input activation.
+Conv2d / Linear layers (and their look-alikes, see :mod:`qcalib.model.qmodules`); residual
+additions, pooling and activations stay float. BN is folded first. The first and last
+quantized layers (in execution order) get ``first_last_bits`` for weight and input
+activation.
+
+Text models (:class:`qcalib.zoo.hf.HFTextModel`, recognised by their ``task``) follow the
+LLM protocol instead (GPTQ, SmoothQuant and their successors): every attention / MLP
+linear is quantized alike, the first one (``q_proj`` of layer 0) included, so
+``first_last_bits`` does not apply; token embeddings and the output head (``lm_head``,
+found with ``get_output_embeddings()``) stay float. ``lm_head_bits`` quantizes the head
+(weight and input) at that width; embeddings always stay float.
 
 What stays float: layers without a quantized twin (Conv1d/3d, ConvTranspose, Embedding,
-subclasses that override ``forward``, ``nn.MultiheadAttention`` with its ``out_proj``, any
-module holding its own parameters) stay float with one warning naming them;
-normalization layers and parametric activations (PReLU) stay float silently, by design.
+``nn.MultiheadAttention`` with its ``out_proj``, any module holding its own parameters)
+are named in one warning; normalization layers and parametric activations (PReLU) stay
+float silently, by design. :func:`quant_coverage` measures what share of the weights and
+activation sites is quantized; :func:`quantize_model` refuses a model whose
+conv/linear-like weights stay float beyond ``MAX_FLOAT_WEIGHT_SHARE`` unless
+``allow_float=True`` (embeddings and a head kept float by option do not count).
 """
 
 from __future__ import annotations
@@ -32,15 +43,24 @@ from qcalib.model.qmodules import (
     quant_twin,
     run_example,
 )
+from qcalib.quant.functional import check_bits
 from qcalib.quant.quantizer import ActQuantizer, QuantSpec, WeightQuantizer
 
 __all__ = [
+    "MAX_FLOAT_WEIGHT_SHARE",
     "ObserverFactory",
     "QuantModel",
     "execution_order",
+    "is_text_model",
+    "output_head_name",
+    "quant_coverage",
     "quantizable_layers",
     "quantize_model",
 ]
+
+#: Largest share of conv/linear-like weights that may stay float without allow_float.
+MAX_FLOAT_WEIGHT_SHARE = 0.05
+_TEXT_TASKS = ("causal-lm", "embedding")
 
 # Called once per quantizer with the quantizer's final spec (bits / per_channel / ch_axis);
 # must return a fresh observer (or None for a quantizer whose parameters are set by hand).
@@ -133,12 +153,19 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _unquantized_with_params(model: nn.Module) -> list[str]:
-    """Modules that keep float parameters, except norms / PReLU (float by design)."""
+def _is_norm(m: nn.Module) -> bool:
+    # Models define their own norms (LlamaRMSNorm, T5LayerNorm): float by protocol too.
+    return isinstance(m, _SILENT_FLOAT) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _unquantized_with_params(model: nn.Module, text: bool = False) -> list[str]:
+    """Modules that keep float parameters, except norms / PReLU (float by design) and,
+    in text models, token / position embeddings (float by the LLM protocol)."""
     names: list[str] = []
+    silent = (nn.Embedding,) if text else ()
 
     def visit(m: nn.Module, name: str) -> None:
-        if isinstance(m, (QuantModule, *_SILENT_FLOAT)):
+        if isinstance(m, (QuantModule, *silent)) or _is_norm(m):
             return
         if isinstance(m, FLOAT_UNITS) or any(True for _ in m.parameters(recurse=False)):
             names.append(f"{name or '<root>'} ({type(m).__name__})")
@@ -191,6 +218,9 @@ class QuantModel(nn.Module):
         # Names of the layers that got ``first_last_bits`` (set by quantize_model).
         self.first_layer: str | None = order[0] if order else None
         self.last_layer: str | None = order[-1] if order else None
+        # Layers left float on purpose (an LM head without lm_head_bits): not counted as
+        # missed by quant_coverage.
+        self.float_by_option: tuple[str, ...] = ()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -274,12 +304,116 @@ def _quantizers(
     return WeightQuantizer(spec_w, w_obs), ActQuantizer(spec_a, a_obs)
 
 
+def is_text_model(model: nn.Module) -> bool:
+    """A Hugging Face text adapter (:class:`qcalib.zoo.hf.HFTextModel`), by its ``task``."""
+    return getattr(model, "task", None) in _TEXT_TASKS and isinstance(
+        getattr(model, "model", None), nn.Module
+    )
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """Qualified name of a text model's output head (``model.lm_head``), else None."""
+    if not is_text_model(model):
+        return None
+    getter = getattr(model.model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _own_weights(m: nn.Module, seen: set[int]) -> int:
+    """Elements of ``m``'s own matrix-or-larger parameters not counted before."""
+    total = 0
+    for p in m.parameters(recurse=False):
+        if p.dim() >= 2 and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def quant_coverage(qmodel: QuantModel) -> dict[str, Any]:
+    """What share of the network is actually quantized.
+
+    Weights: elements of the parameters of rank >= 2 (conv / linear-like weights; biases
+    and norms are float by protocol) held by quantized layers whose weight quantization
+    is on, against those held by every other module, except embeddings (``nn.Embedding``,
+    float by design) and the layers in ``qmodel.float_by_option`` (reported apart).
+    Activation sites: the inputs of those layers, quantized when the layer has an input
+    quantizer that is on. A shared layer or parameter counts once.
+    Returns ``weights_quantized``, ``weights_float``, ``weight_share``,
+    ``act_sites_quantized``, ``act_sites_float``, ``act_share``, ``float_layers``
+    (``"name (Type)"``) and ``float_by_option`` (names).
+    """
+    w_q = w_f = a_q = a_f = 0
+    float_layers: list[str] = []
+    by_option = set(qmodel.float_by_option)
+    seen_params: set[int] = set()
+    seen_modules: set[int] = set()
+
+    def visit(m: nn.Module, name: str) -> None:
+        nonlocal w_q, w_f, a_q, a_f
+        if id(m) in seen_modules:
+            return
+        seen_modules.add(id(m))
+        if isinstance(m, QuantModule):
+            n = m.weight.numel() if id(m.weight) not in seen_params else 0
+            seen_params.add(id(m.weight))
+            if m.use_weight_quant:
+                w_q += n
+            else:
+                w_f += n
+            if m.act_quantizer is not None and m.use_act_quant:
+                a_q += 1
+            else:
+                a_f += 1
+            return  # its internals (a custom layer's other parameters) belong to it
+        if name in by_option or isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            seen_params.update(id(p) for p in m.parameters())
+            return
+        n = _own_weights(m, seen_params)
+        if n:
+            w_f += n
+            a_f += 1
+            float_layers.append(f"{name or '<root>'} ({type(m).__name__})")
+        for child_name, child in m.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(qmodel.model, "")
+    return {
+        "weights_quantized": w_q,
+        "weights_float": w_f,
+        "weight_share": w_q / (w_q + w_f) if w_q + w_f else 1.0,
+        "act_sites_quantized": a_q,
+        "act_sites_float": a_f,
+        "act_share": a_q / (a_q + a_f) if a_q + a_f else 1.0,
+        "float_layers": float_layers,
+        "float_by_option": sorted(by_option),
+    }
+
+
+def _check_coverage(qmodel: QuantModel) -> None:
+    cov = quant_coverage(qmodel)
+    share = 1.0 - cov["weight_share"]
+    if share <= MAX_FLOAT_WEIGHT_SHARE:
+        return
+    names = cov["float_layers"]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise QCalibError(
+        f"{share:.1%} of the conv/linear-like weights would stay float ({shown}); qcalib has "
+        "no quantized twin for them: pass allow_float=True (QuantConfig.allow_float_layers, "
+        "--allow-float-layers) to quantize the rest anyway"
+    )
+
+
 def quantize_model(
     model: nn.Module,
     w_spec: QuantSpec,
     a_spec: QuantSpec,
     *,
     first_last_bits: int | None = 8,
+    lm_head_bits: int | None = None,
+    allow_float: bool = False,
     w_observer_factory: ObserverFactory | None = None,
     a_observer_factory: ObserverFactory | None = None,
     example_input: Any = None,
@@ -290,7 +424,11 @@ def quantize_model(
     The weight grid is ``w_spec`` with ``ch_axis=0`` (output channels; ``per_channel`` as
     given); activations are per tensor. First / last layer are found by running
     ``example_input`` (tensor, tuple of args or dict of kwargs) when given, else by
-    registration order; ``first_last_bits=None`` quantizes them like the rest.
+    registration order; ``first_last_bits=None`` quantizes them like the rest. Text
+    models ignore ``first_last_bits``: their head stays float unless ``lm_head_bits``
+    is given (see the module docs). Raises :class:`QCalibError` when more than
+    ``MAX_FLOAT_WEIGHT_SHARE`` of the conv/linear-like weights stays float, unless
+    ``allow_float``.
     """
     if not isinstance(model, nn.Module):
         raise QCalibError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -299,6 +437,8 @@ def quantize_model(
     if a_spec.per_channel:
         raise QCalibError("activations are quantized per tensor; use a_spec.per_channel=False")
     w_spec = dataclasses.replace(w_spec, ch_axis=0)
+    if lm_head_bits is not None:
+        check_bits(lm_head_bits)
     fl_specs = (w_spec, a_spec)
     if first_last_bits is not None:
         fl_specs = (
@@ -310,24 +450,42 @@ def quantize_model(
         raise QCalibError("the model is already quantized (it contains QuantModules)")
     net = fold_bn(model) if fold else copy.deepcopy(model).eval()
     layers = quantizable_layers(net)
+    text = is_text_model(net)
+    head = output_head_name(net)
+    kept_float: tuple[str, ...] = ()
+    if head is not None and lm_head_bits is None and head in layers:
+        kept_float = (head,)
+        del layers[head]
     if not layers:
         raise QCalibError(
             f"{type(model).__name__} has no quantizable layer (Conv2d/Linear); "
             "qcalib quantizes only those"
         )
     order = list(layers)
+    edges: tuple[str, ...]
     if example_input is not None:
         ran = first_call_order(net, example_input, layers)
         order = ran + [n for n in order if n not in ran]
         edges = (ran[0], ran[-1]) if ran else (order[0], order[-1])
     else:
         edges = (order[0], order[-1])
+    if text:
+        edges = ()
 
+    head_specs = (w_spec, a_spec)
+    if lm_head_bits is not None:
+        head_specs = (
+            dataclasses.replace(w_spec, bits=lm_head_bits),
+            dataclasses.replace(a_spec, bits=lm_head_bits),
+        )
     names_of: dict[int, list[str]] = {}
     for name, m in net.named_modules(remove_duplicate=False):
         names_of.setdefault(id(m), []).append(name)
     for name, layer in layers.items():
-        sw, sa = fl_specs if name in edges else (w_spec, a_spec)
+        if name == head:
+            sw, sa = head_specs
+        else:
+            sw, sa = fl_specs if name in edges else (w_spec, a_spec)
         wq, aq = _quantizers(sw, sa, w_observer_factory, a_observer_factory)
         device = layer.weight.device
         twin = quant_twin(layer).from_float(layer, wq.to(device), aq.to(device), name)
@@ -338,7 +496,13 @@ def quantize_model(
             else:
                 net = twin  # the model is a single layer
 
-    floats = _unquantized_with_params(net)
+    _disable_fastpaths(net)
+    qmodel = QuantModel(net, order)
+    qmodel.first_layer, qmodel.last_layer = edges if edges else (None, None)
+    qmodel.float_by_option = kept_float
+    if not allow_float:
+        _check_coverage(qmodel)
+    floats = [n for n in _unquantized_with_params(net, text) if n.split(" ")[0] not in kept_float]
     if floats:
         warnings.warn(
             "qcalib: these modules have parameters that are not quantized and stay float: "
@@ -346,7 +510,4 @@ def quantize_model(
             UserWarning,
             stacklevel=2,
         )
-    _disable_fastpaths(net)
-    qmodel = QuantModel(net, order)
-    qmodel.first_layer, qmodel.last_layer = edges
     return qmodel

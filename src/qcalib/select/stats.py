@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
-from qcalib.model.qmodules import QuantConv2d, run_example
+from qcalib.model.qmodules import is_conv, run_example
 from qcalib.model.wrap import probe_mode, quantizable_layers
 from qcalib.select.distance import join_stats
 
@@ -91,7 +91,7 @@ def check_finite_site(x: Tensor, site: str, what: str = "activation statistics")
 
 def channel_dim_of(module: nn.Module) -> int:
     """1 for convolutions (``[B, C, H, W]``), -1 for linear layers (``[B, *, C]``)."""
-    return 1 if isinstance(module, (nn.Conv2d, QuantConv2d)) else -1
+    return 1 if is_conv(module) else -1
 
 
 def parse_layer_list(spec: Any) -> list[str | int] | None:

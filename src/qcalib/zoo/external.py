@@ -6,7 +6,10 @@ and pipelines use. Specs:
 * ``zoo:NAME`` (or just ``NAME``)  a reference model with its hash-verified checkpoint
 * ``torchvision:NAME``             any ``torchvision.models`` classification builder
 * ``timm:NAME``                    any timm model (``pip install timm``)
-* ``hf:NAME_OR_PATH``              a Hugging Face image classifier (``pip install transformers``)
+* ``hf:NAME_OR_PATH``              a Hugging Face image classifier (``pip install transformers``),
+                                   or, when the local path holds a text model (causal LM,
+                                   encoder, ``.gguf`` file), its text adapter
+                                   (:func:`qcalib.zoo.hf.load_hf_text_model`)
 
 Nothing is ever downloaded: torchvision/timm models are built with random weights
 (``weights=None`` / ``pretrained=False``) and Hugging Face models load only from a local
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from qcalib.errors import QCalibError
+from qcalib.zoo.hf import HFTextModel, is_text_model_path, load_hf_text_model
 from qcalib.zoo.reference import CHECKPOINT_DIR, REFERENCE_MODELS, load_reference, reference_entry
 
 PREFIXES = ("zoo", "torchvision", "timm", "hf")
@@ -103,6 +107,10 @@ class HFImageClassifier(nn.Module):
 
 
 def _hf(name: str, num_classes: int | None) -> nn.Module:
+    if is_text_model_path(name):
+        if num_classes is not None:
+            raise QCalibError(f"hf:{name} is a text model; drop num_classes")
+        return load_hf_text_model(name)
     try:
         from transformers import AutoModelForImageClassification
     except ImportError:
@@ -206,7 +214,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """
     state = read_state_dict(path)
     target = model
-    if isinstance(model, HFImageClassifier) and not all(k.startswith("model.") for k in state):
+    if isinstance(model, (HFImageClassifier, HFTextModel)) and not all(
+        k.startswith("model.") for k in state
+    ):
         target = model.model  # a state dict saved from the bare Hugging Face model
     expected = target.state_dict()
     head = _head_prefix(expected)
