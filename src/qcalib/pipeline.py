@@ -101,10 +101,15 @@ class Workbench:
 
 def build_quant_model(model: nn.Module, q: QuantConfig, example_input: torch.Tensor) -> QuantModel:
     """Wrap ``model`` with quantizers (no parameters yet) as the config says."""
+    a_spec = (
+        QuantSpec(q.abits, q.a_symmetric, per_channel=False, dynamic=q.a_dynamic)
+        if q.quantize_activations
+        else None
+    )
     return quantize_model(
         model,
-        QuantSpec(q.wbits, q.w_symmetric, q.w_per_channel, ch_axis=0),
-        QuantSpec(q.abits, q.a_symmetric, per_channel=False),
+        QuantSpec(q.wbits, q.w_symmetric, q.w_per_channel, ch_axis=0, group_size=q.group_size),
+        a_spec,
         first_last_bits=q.first_last_bits,
         example_input=example_input,
         fold=q.fold_bn,
