@@ -164,3 +164,50 @@ def test_model_without_foldable_pairs_is_left_unchanged_with_a_warning(caplog):
         apply_smoothquant(model, torch.randn(4, 8), alpha=1.5)
     with pytest.raises(QCalibError, match="--smoothquant"):
         QuantConfig(smoothquant_alpha=-0.1)
+
+
+def _text_bench(model: nn.Module, tokens: torch.Tensor):
+    """A Workbench over an in-memory token pool (text pools are another module's job)."""
+    from torch.utils.data import TensorDataset
+
+    from qcalib.data.pool import Pool
+    from qcalib.pipeline import Workbench
+
+    bench = Workbench.__new__(Workbench)
+    bench.device = torch.device("cpu")
+    bench.model_name = type(model).__name__
+    bench.model = model
+    bench.pool = Pool(TensorDataset(tokens), name="tokens")
+    bench.test_set = None
+    bench.eval_batch_size = 8
+    bench._fp_top1 = None
+    return bench
+
+
+def test_pipeline_applies_smoothquant_to_a_copy_and_records_it():
+    from qcalib.config import RunConfig
+    from qcalib.pipeline import quantize
+
+    model = _tiny_llama()
+    _plant_outliers(model)
+    tokens = _tokens(n=12)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = RunConfig(
+        model="tiny-llama",
+        quant=QuantConfig(wbits=4, abits=8, smoothquant_alpha=0.5, group_size=16),
+        calib=CalibConfig(calibrator="gptq", num_calib=8, batch_size=4),
+        eval_data="none",
+    )
+    qmodel, result = quantize(cfg, bench=_text_bench(model, tokens), progress=False)
+    sq = result.calib_stats["smoothquant"]
+    assert sq["alpha"] == 0.5 and len(sq["groups"]) == 4
+    assert result.calib_stats["gptq_layers"] == 15
+    assert result.config["quant"]["smoothquant_alpha"] == 0.5
+    assert result.config["calib"]["gptq"]["percdamp"] == 0.01
+    for k, v in model.state_dict().items():  # the workbench's FP model is untouched
+        assert torch.equal(v, state[k])
+    name = "model.model.layers.0.input_layernorm"
+    smoothed = qmodel.model.get_submodule(name).weight
+    assert not torch.equal(smoothed, model.get_submodule(name).weight)
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(tokens)).all()

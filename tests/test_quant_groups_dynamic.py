@@ -157,3 +157,35 @@ def test_weight_only_model_has_no_activation_quantizers(abits):
 def test_abits_error_names_float_option():
     with pytest.raises(QCalibError, match="16 / none"):
         QuantConfig(abits=12)
+
+
+def _cli_config(*flags: str):
+    from qcalib.cli import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(["quantize", *flags]))
+
+
+def test_cli_flags_reach_the_config_and_round_trip():
+    from qcalib.config import GPTQConfig, RunConfig
+
+    cfg = _cli_config(
+        "--abits", "none", "--group-size", "128", "--calibrator", "gptq", "--act-order",
+        "--percdamp", "0.05", "--smoothquant", "0.8",
+    )  # fmt: skip
+    q, c = cfg.quant, cfg.calib
+    assert (q.abits, q.group_size, q.smoothquant_alpha, q.a_dynamic) == (16, 128, 0.8, False)
+    assert c.gptq == GPTQConfig(act_order=True, percdamp=0.05)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    dyn = _cli_config("--abits", "8", "--a-dynamic")
+    assert dyn.quant.a_dynamic and dyn.quant.abits == 8 and dyn.calib.gptq == GPTQConfig()
+    assert _cli_config("--abits", "16").quant.abits == 16
+
+
+def test_cli_bad_abits_is_a_one_line_error(capsys):
+    from qcalib.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "--abits", "eight"])
+    assert "16 / none" in capsys.readouterr().err
+    assert main(["quantize", "--abits", "12", "--no-progress"]) == 2
+    assert "16 / none" in capsys.readouterr().err

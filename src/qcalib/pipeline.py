@@ -6,6 +6,7 @@ accuracy) so a benchmark grid reuses it; :func:`quantize` is one run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -213,8 +214,16 @@ def quantize(
         save_indices(Path(out), indices)
 
     with Measure() as m:
-        qmodel = build_quant_model(bench.model, cfg.quant, bench.example_input())
         calib = bench.pool.get(indices).to(bench.device)
+        fp_model, smooth_report = bench.model, None
+        # --- SmoothQuant (issue 11): a pre-transform of a copy of the FP model ---
+        if cfg.quant.smoothquant_alpha is not None:
+            from qcalib.model.smooth import apply_smoothquant
+
+            fp_model = copy.deepcopy(bench.model)
+            smooth_report = apply_smoothquant(fp_model, calib, cfg.quant.smoothquant_alpha)
+        # --- end SmoothQuant ---
+        qmodel = build_quant_model(fp_model, cfg.quant, bench.example_input())
         work_dir = Path(out) / "calib_state" if out is not None else None
         calibrator.calibrate(qmodel, calib, seed=cfg.seed, progress=progress, work_dir=work_dir)
     seconds["calibrate"], rss["calibrate"] = m.seconds, m.peak_rss_mb
@@ -238,6 +247,8 @@ def quantize(
         peak_rss_mb={k: round(v, 1) for k, v in rss.items()},
         calib_stats=calibrator.report(),
     )
+    if smooth_report is not None:  # SmoothQuant (issue 11)
+        result.calib_stats["smoothquant"] = smooth_report
     if out is not None:
         save_run(Path(out), result, qmodel)
     return qmodel, result
