@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qcalib.calibrate import CALIBRATORS
-from qcalib.config import CalibConfig, QuantConfig
+from qcalib.config import CalibConfig, QuantConfig, ReconConfig
 from qcalib.errors import QCalibError
 from qcalib.pipeline import build_quant_model
 from qcalib.quant.observers import make_observer
@@ -146,12 +146,18 @@ def test_weight_only_model_has_no_activation_quantizers(abits):
     x = torch.randn(16, 10)
     qm = build_quant_model(model, cfg, x[:1])
     assert all(m.act_quantizer is None for _, m in qm.quant_modules())
-    for name in ("minmax", "percentile", "mse"):
-        CALIBRATORS.get(name)(CalibConfig(calibrator=name)).calibrate(qm, x, progress=False)
-    # Activations float: the output equals the FP network with the quantized weights.
-    w_only = torch.relu(x @ qm.model[0].weight_quantizer(qm.model[0].weight).T + qm.model[0].bias)
-    w_only = w_only @ qm.model[2].weight_quantizer(qm.model[2].weight).T + qm.model[2].bias
-    torch.testing.assert_close(qm(x), w_only)
+    recon = ReconConfig(iters=5, act_iters=5, batch_size=4)
+    for name in ("minmax", "percentile", "mse", "gptq", "adaround", "brecq", "qdrop"):
+        qm = build_quant_model(model, cfg, x[:1])
+        calib = CALIBRATORS.get(name)(CalibConfig(calibrator=name, recon=recon))
+        calib.calibrate(qm, x, progress=False)
+        # Activations float: the output is the FP network with the quantized weights.
+        l0, l2 = qm.model[0], qm.model[2]
+        hidden = torch.relu(x @ l0.weight_quantizer(l0.weight).T + l0.bias)
+        w_only = hidden @ l2.weight_quantizer(l2.weight).T + l2.bias
+        with torch.no_grad():
+            torch.testing.assert_close(qm(x), w_only.detach())
+            assert not torch.equal(qm(x), model(x)), name  # the weights were quantized
 
 
 def test_abits_error_names_float_option():
