@@ -260,3 +260,47 @@ def test_gptq_config_errors_name_the_flag():
         GPTQConfig(percdamp=0)
     cfg = CalibConfig(gptq={"act_order": True})
     assert cfg.gptq == GPTQConfig(act_order=True)
+
+
+@pytest.mark.filterwarnings("ignore:qcalib. these modules")
+def test_gptq_walks_decoder_layer_blocks(monkeypatch):
+    """When the partition makes decoder layers blocks, each layer's Hessians come from one
+    pass with the earlier decoder layers quantized (the paper's setting)."""
+    import qcalib.calibrate.gptq as gptq_mod
+
+    model = _tiny_llama()
+    x = _tokens()
+
+    def decoder_blocks(qmodel, example_input=None):
+        net = qmodel.model
+        layers = [
+            Block(
+                f"model.model.layers.{i}",
+                net.get_submodule(f"model.model.layers.{i}"),
+                "transformer",
+            )
+            for i in range(2)
+        ]
+        return [*layers, Block("model.lm_head", net.get_submodule("model.lm_head"), "layer")]
+
+    monkeypatch.setattr(gptq_mod, "partition_blocks", decoder_blocks)
+    passes = []
+    real_collect = gptq_mod.collect_hessians
+
+    def counting_collect(qm, block, layers, *args):
+        passes.append(sorted(layers))
+        return real_collect(qm, block, layers, *args)
+
+    monkeypatch.setattr(gptq_mod, "collect_hessians", counting_collect)
+    with torch.no_grad():
+        fp = model(x)
+    cfg = QuantConfig(wbits=4, abits=16)
+    qm = build_quant_model(model, cfg, x[:1])
+    calib = CALIBRATORS.get("gptq")(CalibConfig(calibrator="gptq", batch_size=8))
+    calib.calibrate(qm, x, progress=False)
+    assert calib.report()["blocks"] == 3 and calib.report()["gptq_layers"] == 15
+    assert [len(p) for p in passes] == [7, 7, 1]
+    rtn = build_quant_model(model, cfg, x[:1])
+    CALIBRATORS.get("minmax")(CalibConfig()).calibrate(rtn, x, progress=False)
+    with torch.no_grad():
+        assert (qm(x) - fp).square().mean() < (rtn(x) - fp).square().mean()
