@@ -24,9 +24,9 @@ class QuantConfig:
     ``abits=16`` (or None, stored as 16) keeps every activation float: weight-only
     quantization, first and last layer included. ``a_dynamic`` quantizes activations per
     token at run time (no calibrated range; a "token" is a row of the input's last
-    dimension, meant for ``[B, L, C]`` transformer inputs). ``group_size`` gives each group of that many
-    input channels of a weight row its own scale / zero point (None: one per output
-    channel), for every calibrator. ``smoothquant_alpha`` (None: off) migrates activation
+    dimension, meant for ``[B, L, C]`` transformer inputs). ``group_size`` gives each
+    group of that many input channels of a weight row its own scale / zero point (None:
+    one per output channel), for every calibrator. ``smoothquant_alpha`` (None: off) migrates activation
     outliers into the weights before wrapping (:mod:`qcalib.model.smooth`).
     """
 
