@@ -26,8 +26,9 @@ class QuantConfig:
     token at run time (no calibrated range; a "token" is a row of the input's last
     dimension, meant for ``[B, L, C]`` transformer inputs). ``group_size`` gives each
     group of that many input channels of a weight row its own scale / zero point (None:
-    one per output channel), for every calibrator. ``smoothquant_alpha`` (None: off) migrates activation
-    outliers into the weights before wrapping (:mod:`qcalib.model.smooth`).
+    one per output channel), for every calibrator. ``smoothquant_alpha`` (None: off)
+    migrates activation outliers into the weights before wrapping
+    (:mod:`qcalib.model.smooth`).
     """
 
     wbits: int = 4
