@@ -65,6 +65,7 @@ from qcalib.calibrate.base import (
     calibrate_activations,
     calibrate_weights,
 )
+from qcalib.config import CalibConfig, GPTQConfig
 from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
 from qcalib.model.partition import Block, partition_blocks
@@ -258,7 +259,7 @@ class GPTQCalibrator(ObserverCalibrator):
     weight_observer = "minmax"
     act_observer = "minmax"
 
-    def __init__(self, cfg) -> None:  # noqa: ANN001
+    def __init__(self, cfg: CalibConfig) -> None:
         super().__init__(cfg)
         self._report: dict = {}
 
@@ -328,7 +329,7 @@ class GPTQCalibrator(ObserverCalibrator):
 
     @staticmethod
     @torch.no_grad()
-    def _quantize_layer(m: QuantModule, hessian: torch.Tensor, g) -> None:  # noqa: ANN001
+    def _quantize_layer(m: QuantModule, hessian: torch.Tensor, g: GPTQConfig) -> None:
         wq = m.weight_quantizer
         spec = wq.spec
         column = rtn_column_quantizer(
