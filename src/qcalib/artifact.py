@@ -57,8 +57,10 @@ def layer_table(qmodel: QuantModel) -> list[dict]:
                 "wbits": w.bits,
                 "w_symmetric": w.symmetric,
                 "w_per_channel": w.per_channel,
+                "w_group_size": w.group_size,
                 "abits": a.bits if a else None,
                 "a_symmetric": a.symmetric if a else None,
+                "a_dynamic": a.dynamic if a else None,
             }
         )
     return rows

@@ -114,8 +114,27 @@ def _recon_config(args: argparse.Namespace):  # noqa: ANN202
     return ReconConfig(**kwargs)
 
 
+def _abits(text: str) -> int | None:
+    """``--abits``: 2..8, or 16 / none for float activations (weight-only)."""
+    if text.lower() in ("none", "float", "fp"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected bits (2..8) or 16 / none for float activations, got {text!r}"
+        ) from None
+
+
 def config_from_args(args: argparse.Namespace):  # noqa: ANN201
-    from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig, TextConfig
+    from qcalib.config import (
+        CalibConfig,
+        GPTQConfig,
+        QuantConfig,
+        RunConfig,
+        SelectConfig,
+        TextConfig,
+    )
 
     flb = args.first_last_bits
     return RunConfig(
@@ -133,6 +152,9 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
             lm_head_bits=args.lm_head_bits,
             fold_bn=not args.no_fold_bn,
             allow_float_layers=args.allow_float_layers,
+            group_size=args.group_size,
+            a_dynamic=args.a_dynamic,
+            smoothquant_alpha=args.smoothquant,
         ),
         calib=CalibConfig(
             calibrator=args.calibrator,
@@ -140,6 +162,10 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
             batch_size=args.calib_batch_size,
             percentile=args.percentile,
             recon=_recon_config(args),
+            gptq=GPTQConfig(
+                act_order=args.act_order,
+                **({} if args.percdamp is None else {"percdamp": args.percdamp}),
+            ),
         ),
         select=SelectConfig(args.selector, _selector_params(args.selector_param)),
         seed=args.seed,
@@ -154,7 +180,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from qcalib.pipeline import quantize
 
     cfg = config_from_args(args)
-    log.info("quantizing %s at W%dA%d with %s", cfg.model, cfg.quant.wbits, cfg.quant.abits,
+    log.info("quantizing %s at W%sA%s with %s", cfg.model, cfg.quant.wbits, cfg.quant.abits,
              cfg.calib.calibrator)  # fmt: skip
     _, result = quantize(cfg, out=args.out, progress=not args.no_progress)
     if result.quant_metric is None:
@@ -228,7 +254,17 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
                    help="text field of .json/.jsonl documents (e.g. extract)")  # fmt: skip
     g = q.add_argument_group("quantization")
     g.add_argument("--wbits", type=int, default=4)
-    g.add_argument("--abits", type=int, default=4)
+    g.add_argument("--abits", type=_abits, default=4,
+                   help="activation bits 2..8, or 16 / none: activations stay float "
+                        "(weight-only, e.g. W4A16)")  # fmt: skip
+    g.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="N input channels of a weight row share a scale (e.g. 128); "
+                        "default: one per output channel")  # fmt: skip
+    g.add_argument("--a-dynamic", action="store_true",
+                   help="per-token activation ranges computed at run time")  # fmt: skip
+    g.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant before quantizing, migration strength ALPHA in [0, 1] "
+                        "(the paper's default 0.5); default off")  # fmt: skip
     g.add_argument("--w-symmetric", action="store_true", help="symmetric weight grid")
     g.add_argument("--a-symmetric", action="store_true", help="symmetric activation grid")
     g.add_argument("--per-tensor-weights", action="store_true")
@@ -249,6 +285,11 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--selector", default="random", choices=SELECTORS.names())
     g.add_argument("--selector-param", action="append", default=[], metavar="NAME=VALUE",
                    help="extra selector parameter (repeatable)")  # fmt: skip
+    g = q.add_argument_group("GPTQ (--calibrator gptq)")
+    g.add_argument("--act-order", action="store_true",
+                   help="quantize columns by descending Hessian diagonal")  # fmt: skip
+    g.add_argument("--percdamp", type=float, default=None,
+                   help="Hessian dampening, share of its mean diagonal (default 0.01)")  # fmt: skip
     g = q.add_argument_group("reconstruction (--calibrator adaround, brecq, qdrop)")
     g.add_argument("--profile", choices=["fast", "paper"], default=None,
                    help="fast: 500 iterations per block (CPU); paper: 20k, as published "

@@ -13,11 +13,26 @@ from typing import Any
 from qcalib.errors import QCalibError
 from qcalib.quant.functional import check_bits
 
+# ``abits`` value meaning "activations stay float" (weight-only W4A16, W3A16 ...).
+FLOAT_ABITS = 16
+
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """The quantization grid of a run.
+
+    ``abits=16`` (or None, stored as 16) keeps every activation float: weight-only
+    quantization, first and last layer included. ``a_dynamic`` quantizes activations per
+    token at run time (no calibrated range; a "token" is a row of the input's last
+    dimension, meant for ``[B, L, C]`` transformer inputs). ``group_size`` gives each
+    group of that many input channels of a weight row its own scale / zero point (None:
+    one per output channel), for every calibrator. ``smoothquant_alpha`` (None: off)
+    migrates activation outliers into the weights before wrapping
+    (:mod:`qcalib.model.smooth`).
+    """
+
     wbits: int = 4
-    abits: int = 4
+    abits: int | None = 4
     # Asymmetric per-channel weights are what BRECQ/QDrop report with; at 2 bits an
     # asymmetric grid keeps all four levels inside the channel's range.
     w_symmetric: bool = False
@@ -34,19 +49,47 @@ class QuantConfig:
     # quantize_model refuses a model whose conv/linear-like weights stay float beyond 5%
     # (no quantized twin: Conv1d, MultiheadAttention, ...); True quantizes the rest anyway.
     allow_float_layers: bool = False
+    group_size: int | None = None
+    a_dynamic: bool = False
+    smoothquant_alpha: float | None = None
 
     def __post_init__(self) -> None:
+        if self.abits is None:
+            object.__setattr__(self, "abits", FLOAT_ABITS)
         for name in ("wbits", "abits"):
+            if name == "abits" and self.abits == FLOAT_ABITS:
+                continue
             try:
                 check_bits(getattr(self, name))
             except QCalibError as e:
-                raise QCalibError(f"--{name}: {e}") from None
+                raise QCalibError(
+                    f"--{name}: {e} (or 16 / none for float activations)"
+                    if name == "abits"
+                    else f"--{name}: {e}"
+                ) from None
         for name in ("first_last_bits", "lm_head_bits"):
             if getattr(self, name) is not None:
                 try:
                     check_bits(getattr(self, name))
                 except QCalibError as e:
                     raise QCalibError(f"--{name.replace('_', '-')}: {e}") from None
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or self.group_size < 1
+        ):
+            raise QCalibError(f"--group-size must be a positive integer, got {self.group_size!r}")
+        if self.group_size is not None and not self.w_per_channel:
+            raise QCalibError("--group-size needs per-channel weights; drop --per-tensor-weights")
+        if self.a_dynamic and not self.quantize_activations:
+            raise QCalibError("--a-dynamic needs quantized activations; set --abits 2..8")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise QCalibError(f"--smoothquant ALPHA must be in [0, 1], got {alpha}")
+
+    @property
+    def quantize_activations(self) -> bool:
+        return self.abits != FLOAT_ABITS
 
 
 # Per-block iterations and batch size of the reconstruction profiles (AdaRound / BRECQ /
@@ -170,6 +213,22 @@ class ReconConfig:
 
 
 @dataclass(frozen=True)
+class GPTQConfig:
+    """Settings of the ``gptq`` calibrator (Frantar et al. 2022; defaults of the paper's
+    code). The group size is a property of the grid: ``QuantConfig.group_size``."""
+
+    act_order: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not self.percdamp > 0:
+            raise QCalibError(f"--percdamp must be positive, got {self.percdamp}")
+        if self.block_size < 1:
+            raise QCalibError(f"GPTQ block_size must be at least 1, got {self.block_size}")
+
+
+@dataclass(frozen=True)
 class CalibConfig:
     calibrator: str = "minmax"
     num_calib: int = 64
@@ -183,10 +242,14 @@ class CalibConfig:
     mse_max_samples: int = 2**18
     # Reconstruction calibrators only; a nested dict (from RunConfig.from_dict) is accepted.
     recon: ReconConfig = field(default_factory=ReconConfig)
+    # The gptq calibrator only; a nested dict (from RunConfig.from_dict) is accepted.
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.recon, dict):
             object.__setattr__(self, "recon", ReconConfig(**self.recon))
+        if isinstance(self.gptq, dict):
+            object.__setattr__(self, "gptq", GPTQConfig(**self.gptq))
         if self.num_calib < 1:
             raise QCalibError(f"--num-calib must be at least 1, got {self.num_calib}")
         if self.batch_size < 1:

@@ -12,6 +12,7 @@ quantized to the FP embeddings on the held-out documents in the run's text mode
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import Calibrator
 from qcalib.config import QuantConfig, RunConfig, TextConfig
+from qcalib.data.pool import Pool
 from qcalib.data.registry import is_text_spec, load_dataset, load_pool
 from qcalib.data.text import TokenSamples, check_enough_tokens, limit_tokens
 from qcalib.errors import QCalibError
@@ -97,7 +99,7 @@ class Workbench:
     def __init__(
         self,
         model: str | nn.Module,
-        data: str,
+        data: str | Pool,
         data_root: str | None = None,
         weights: str | None = None,
         device: str = "cpu",
@@ -113,7 +115,19 @@ class Workbench:
         self.eval_batch_size = eval_batch_size
         self.text = text or TextConfig()
         self.test_set: Dataset | None
-        if is_text_spec(data):
+        if isinstance(data, Pool):
+            # A pool built by the caller (a subset, an in-memory token set): evaluated only
+            # on the labeled / held-out data that eval_data names.
+            text_model = getattr(model, "task", None) in TEXT_METRICS
+            self.metric = text_metric(model) if text_model else "top1"
+            self.pool = data
+            if eval_data is None or eval_data == NO_EVAL:
+                self.test_set = None
+            elif text_model:
+                self.test_set = load_text_eval_set(model, eval_data, data_root, None, self.text)
+            else:
+                self.test_set = load_eval_set(eval_data, data_root, None)
+        elif is_text_spec(data):
             self.metric = text_metric(model)
             tokenizer = getattr(model, "tokenizer", None)
             self.pool = load_pool(data, data_root, tokenizer=tokenizer, text=self.text)
@@ -194,10 +208,15 @@ class Workbench:
 
 def build_quant_model(model: nn.Module, q: QuantConfig, example_input: torch.Tensor) -> QuantModel:
     """Wrap ``model`` with quantizers (no parameters yet) as the config says."""
+    a_spec = (
+        QuantSpec(q.abits, q.a_symmetric, per_channel=False, dynamic=q.a_dynamic)
+        if q.quantize_activations
+        else None
+    )
     return quantize_model(
         model,
-        QuantSpec(q.wbits, q.w_symmetric, q.w_per_channel, ch_axis=0),
-        QuantSpec(q.abits, q.a_symmetric, per_channel=False),
+        QuantSpec(q.wbits, q.w_symmetric, q.w_per_channel, ch_axis=0, group_size=q.group_size),
+        a_spec,
         first_last_bits=q.first_last_bits,
         lm_head_bits=q.lm_head_bits,
         allow_float=q.allow_float_layers,
@@ -316,8 +335,16 @@ def quantize(
         save_indices(Path(out), indices)
 
     with Measure() as m:
-        qmodel = build_quant_model(bench.model, cfg.quant, bench.example_input())
         calib = bench.pool.get(indices).to(bench.device)
+        fp_model, smooth_report = bench.model, None
+        # --- SmoothQuant (issue 11): a pre-transform of a copy of the FP model ---
+        if cfg.quant.smoothquant_alpha is not None:
+            from qcalib.model.smooth import apply_smoothquant
+
+            fp_model = copy.deepcopy(bench.model)
+            smooth_report = apply_smoothquant(fp_model, calib, cfg.quant.smoothquant_alpha)
+        # --- end SmoothQuant ---
+        qmodel = build_quant_model(fp_model, cfg.quant, bench.example_input())
         work_dir = Path(out) / "calib_state" if out is not None else None
         calibrator.calibrate(qmodel, calib, seed=cfg.seed, progress=progress, work_dir=work_dir)
     seconds["calibrate"], rss["calibrate"] = m.seconds, m.peak_rss_mb
@@ -349,6 +376,8 @@ def quantize(
         quant_metric=q_metric,
         eval_tokens=eval_tokens,
     )
+    if smooth_report is not None:  # SmoothQuant (issue 11)
+        result.calib_stats["smoothquant"] = smooth_report
     if out is not None:
         save_run(Path(out), result, qmodel)
     return qmodel, result

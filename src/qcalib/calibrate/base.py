@@ -80,7 +80,7 @@ def calibrate_weights(qmodel: QuantModel, observer: str, **params) -> None:
         q.observer = make_observer(
             observer, per_channel=q.spec.per_channel, ch_axis=q.spec.ch_axis, **params
         )
-        q.observer(m.weight.detach())
+        q.observer(q.observer_view(m.weight.detach()))
         q.compute_qparams()
         q.observer = None
 
@@ -100,6 +100,11 @@ def calibrate_activations(
     those the quantized network really produces upstream of each layer.
     """
     _, acts = _quantizers(qmodel)
+    # Weight-only models have no activation quantizer, dynamic ones nothing to calibrate.
+    acts = [q for q in acts if not getattr(q, "dynamic", False)]
+    if not acts:
+        qmodel.set_quant_state(weight=True, act=True)
+        return
     for q in acts:
         q.observer = make_observer(observer, per_channel=False, ch_axis=q.spec.ch_axis, **params)
     qmodel.set_quant_state(weight=True, act=False)

@@ -50,6 +50,7 @@ import torch
 from qcalib.calibrate.base import CALIBRATORS, ObserverCalibrator
 from qcalib.calibrate.contrastive import ContrastiveLoss
 from qcalib.calibrate.reconstruct import BlockReconstructor, LossTerm, Stage
+from qcalib.errors import QCalibError
 from qcalib.model.partition import Block, partition_blocks
 from qcalib.model.wrap import QuantModel
 
@@ -120,6 +121,15 @@ class ReconCalibrator(ObserverCalibrator):
         progress: bool = True,
         work_dir: Path | None = None,
     ) -> None:
+        for name, m in qmodel.quant_modules():
+            # AdaRound's rounding variables and LSQ steps are per channel / per tensor.
+            if m.weight_quantizer.spec.group_size is not None:
+                raise QCalibError(
+                    f"{self.method} learns per-channel rounding; {name} has grouped weights: "
+                    "drop --group-size or use --calibrator gptq / minmax"
+                )
+            if getattr(m.act_quantizer, "dynamic", False):
+                raise QCalibError(f"{self.method} learns static activation steps; drop --a-dynamic")
         super().calibrate(qmodel, calib_data, seed=seed, progress=progress)
         c = self.cfg
         self.engine = BlockReconstructor(

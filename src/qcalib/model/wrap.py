@@ -44,7 +44,7 @@ from qcalib.model.qmodules import (
     run_example,
 )
 from qcalib.quant.functional import check_bits
-from qcalib.quant.quantizer import ActQuantizer, QuantSpec, WeightQuantizer
+from qcalib.quant.quantizer import ActQuantizer, DynamicActQuantizer, QuantSpec, WeightQuantizer
 
 __all__ = [
     "MAX_FLOAT_WEIGHT_SHARE",
@@ -295,11 +295,15 @@ class QuantModel(nn.Module):
 
 def _quantizers(
     spec_w: QuantSpec,
-    spec_a: QuantSpec,
+    spec_a: QuantSpec | None,
     w_factory: ObserverFactory | None,
     a_factory: ObserverFactory | None,
-) -> tuple[WeightQuantizer, ActQuantizer]:
+) -> tuple[WeightQuantizer, ActQuantizer | None]:
     w_obs = w_factory(spec_w) if w_factory is not None else None
+    if spec_a is None:  # weight-only: the layer's input stays float
+        return WeightQuantizer(spec_w, w_obs), None
+    if spec_a.dynamic:
+        return WeightQuantizer(spec_w, w_obs), DynamicActQuantizer(spec_a)
     a_obs = a_factory(spec_a) if a_factory is not None else None
     return WeightQuantizer(spec_w, w_obs), ActQuantizer(spec_a, a_obs)
 
@@ -409,7 +413,7 @@ def _check_coverage(qmodel: QuantModel) -> None:
 def quantize_model(
     model: nn.Module,
     w_spec: QuantSpec,
-    a_spec: QuantSpec,
+    a_spec: QuantSpec | None,
     *,
     first_last_bits: int | None = 8,
     lm_head_bits: int | None = None,
@@ -422,7 +426,9 @@ def quantize_model(
     """Copy ``model``, fold BN, and swap every Conv2d / Linear for its quantized twin.
 
     The weight grid is ``w_spec`` with ``ch_axis=0`` (output channels; ``per_channel`` as
-    given); activations are per tensor. First / last layer are found by running
+    given, or per group with ``w_spec.group_size``); activations are per tensor, per token
+    at run time with ``a_spec.dynamic``, or float everywhere (weight-only, first and last
+    layer included) with ``a_spec=None``. First / last layer are found by running
     ``example_input`` (tensor, tuple of args or dict of kwargs) when given, else by
     registration order; ``first_last_bits=None`` quantizes them like the rest. Text
     models ignore ``first_last_bits``: their head stays float unless ``lm_head_bits``
@@ -432,10 +438,14 @@ def quantize_model(
     """
     if not isinstance(model, nn.Module):
         raise QCalibError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(w_spec, QuantSpec) or not isinstance(a_spec, QuantSpec):
+    if not isinstance(w_spec, QuantSpec) or not isinstance(a_spec, (QuantSpec, type(None))):
         raise QCalibError("w_spec and a_spec must be qcalib.quant.QuantSpec instances")
-    if a_spec.per_channel:
+    if a_spec is not None and a_spec.per_channel:
         raise QCalibError("activations are quantized per tensor; use a_spec.per_channel=False")
+    if a_spec is not None and a_spec.group_size is not None:
+        raise QCalibError("--group-size applies to weights; activations have no groups")
+    if w_spec.dynamic:
+        raise QCalibError("weights are quantized statically; dynamic applies to activations")
     w_spec = dataclasses.replace(w_spec, ch_axis=0)
     if lm_head_bits is not None:
         check_bits(lm_head_bits)
@@ -443,7 +453,7 @@ def quantize_model(
     if first_last_bits is not None:
         fl_specs = (
             dataclasses.replace(w_spec, bits=first_last_bits),
-            dataclasses.replace(a_spec, bits=first_last_bits),
+            None if a_spec is None else dataclasses.replace(a_spec, bits=first_last_bits),
         )
 
     if any(isinstance(m, QuantModule) for m in model.modules()):
@@ -476,7 +486,7 @@ def quantize_model(
     if lm_head_bits is not None:
         head_specs = (
             dataclasses.replace(w_spec, bits=lm_head_bits),
-            dataclasses.replace(a_spec, bits=lm_head_bits),
+            None if a_spec is None else dataclasses.replace(a_spec, bits=lm_head_bits),
         )
     names_of: dict[int, list[str]] = {}
     for name, m in net.named_modules(remove_duplicate=False):
@@ -488,7 +498,8 @@ def quantize_model(
             sw, sa = fl_specs if name in edges else (w_spec, a_spec)
         wq, aq = _quantizers(sw, sa, w_observer_factory, a_observer_factory)
         device = layer.weight.device
-        twin = quant_twin(layer).from_float(layer, wq.to(device), aq.to(device), name)
+        aq = aq.to(device) if aq is not None else None
+        twin = quant_twin(layer).from_float(layer, wq.to(device), aq, name)
         # A layer registered under several names stays one (shared) module.
         for alias in names_of[id(layer)]:
             if alias:

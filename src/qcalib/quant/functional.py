@@ -36,6 +36,8 @@ def broadcast_param(p: torch.Tensor, x: torch.Tensor, ch_axis: int) -> torch.Ten
     """Reshape a per-channel parameter of shape ``[C]`` so it broadcasts along ``ch_axis``."""
     if p.numel() == 1:
         return p.reshape(())
+    if p.shape == x.shape:  # element-wise (grouped weights, per-token activations)
+        return p
     if p.dim() != 1 or x.dim() == 0 or p.numel() != x.shape[ch_axis]:
         dim = x.shape[ch_axis] if x.dim() else "none"
         raise ValueError(

@@ -1,0 +1,221 @@
+"""SmoothQuant (Xiao et al. 2023): move activation outliers into the weights.
+
+For a normalization layer whose output feeds only a group of linears, every input channel
+``j`` gets
+
+    s_j = max|X_j|^alpha / max_over_the_group max_i |W_ij|^(1 - alpha)
+
+and the network is rewritten ``X diag(s)^-1`` (the norm's weight and bias divided by
+``s``) times ``diag(s) W`` (the linears' input columns multiplied by ``s``): the same
+function in exact arithmetic, with flatter activation channels that per-tensor activation
+quantization handles better. ``max|X_j|`` is taken over the calibration set's valid tokens
+(padding excluded when the batch is a packed text batch) in one FP forward pass.
+
+Choices:
+
+* **Pairs folded.** Llama / Mistral / Qwen2-style decoder layers: ``input_layernorm`` ->
+  ``self_attn.{q,k,v}_proj`` and ``post_attention_layernorm`` -> ``mlp.{gate,up}_proj``.
+  GPT-2-style blocks: ``ln_1`` -> ``attn.c_attn`` and ``ln_2`` -> ``mlp.c_fc`` (HF's
+  ``Conv1D`` keeps its weight as ``[in, out]``, so its *rows* are scaled). The
+  linear -> linear pairs ``v_proj -> o_proj`` and ``up_proj -> down_proj`` are not folded
+  (``o_proj``'s input mixes heads through attention, ``down_proj``'s goes through the
+  gated activation; the paper folds only norm -> linear). Post-LN encoders (BERT) are
+  skipped: their norm output also feeds the residual stream, so dividing it by ``s``
+  would change the function. Any module with none of these patterns is left alone and
+  named in the report's ``skipped`` with one logged warning.
+* **Foldable norms.** ``nn.LayerNorm`` / ``nn.RMSNorm`` with an affine weight, and HF
+  ``*RMSNorm`` classes that multiply by ``weight`` (Gemma's, which multiplies by
+  ``1 + weight``, is not one of them and is skipped).
+* **Clamps.** As the SmoothQuant code: activation and weight maxima clamped to at least
+  ``1e-5``, ``s`` too. A channel never active on the calibration set keeps ``s = 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcalib.data.tokens import is_token_batch, unpack_tokens
+from qcalib.errors import QCalibError
+
+__all__ = ["SmoothGroup", "apply_smoothquant", "channel_abs_max", "find_smooth_groups"]
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-5
+
+# (norm attribute, linear attributes) per known decoder-layer layout.
+_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("ln_1", ("attn.c_attn",)),
+    ("ln_2", ("mlp.c_fc",)),
+)
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """A norm and the linears that read its output (qualified names in the model)."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D: y = x @ W + b with W [in, out].
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "weight")
+
+
+def _in_features(m: nn.Module) -> int | None:
+    if isinstance(m, nn.Linear):
+        return m.in_features
+    if _is_conv1d(m):
+        return m.weight.shape[0]
+    return None
+
+
+def _foldable_norm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return False
+    if isinstance(m, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)):
+        return True
+    name = type(m).__name__
+    return name.endswith("RMSNorm") and not name.startswith("Gemma")
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def find_smooth_groups(model: nn.Module) -> tuple[list[SmoothGroup], list[str]]:
+    """Foldable ``norm -> linears`` groups, and what was found but could not be folded."""
+    groups: list[SmoothGroup] = []
+    skipped: list[str] = []
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for norm_attr, linear_attrs in _PATTERNS:
+            norm = _get(m, norm_attr)
+            if norm is None:
+                continue
+            linears = [_get(m, a) for a in linear_attrs]
+            where = f"{prefix}{norm_attr}"
+            if any(lin is None for lin in linears):
+                skipped.append(f"{where} (its linears {', '.join(linear_attrs)} not all found)")
+                continue
+            if not _foldable_norm(norm):
+                skipped.append(f"{where} ({type(norm).__name__} cannot absorb a scale)")
+                continue
+            width = norm.weight.shape[0]
+            if any(_in_features(lin) != width for lin in linears):
+                skipped.append(f"{where} (linears are not plain Linear/Conv1D of width {width})")
+                continue
+            groups.append(SmoothGroup(where, tuple(f"{prefix}{a}" for a in linear_attrs)))
+    return groups, skipped
+
+
+@torch.no_grad()
+def channel_abs_max(
+    model: nn.Module, calib_data: torch.Tensor, modules: dict[str, nn.Module], batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """``max |output_j|`` per last-dim channel of each module over the calibration set
+    (valid tokens only for packed text batches), float32."""
+    out: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {"mask": None}
+    handles = []
+    for name, mod in modules.items():
+
+        def hook(_m: nn.Module, _a: Any, y: Any, name: str = name) -> None:
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            mask = state["mask"]
+            if mask is not None and y.dim() == 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+                y = y[mask.to(torch.bool)]
+            a = y.detach().reshape(-1, y.shape[-1]).abs().to(torch.float32)
+            if a.shape[0] == 0:
+                return
+            cur = a.amax(0)
+            out[name] = cur if name not in out else torch.maximum(out[name], cur)
+
+        handles.append(mod.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in torch.split(calib_data, batch_size):
+            state["mask"] = unpack_tokens(chunk)[1] if is_token_batch(chunk) else None
+            model(chunk)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return out
+
+
+def _weight_abs_max(m: nn.Module) -> torch.Tensor:
+    w = m.weight.detach().to(torch.float32).abs()
+    return w.amax(1) if _is_conv1d(m) else w.amax(0)  # per input channel
+
+
+@torch.no_grad()
+def _fold(norm: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
+    norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    for lin in linears:
+        if _is_conv1d(lin):
+            lin.weight.mul_(s.to(lin.weight.dtype)[:, None])
+        else:
+            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+
+
+def _spread(a: torch.Tensor) -> float:
+    """max / median of per-channel maxima: how much the worst channel dominates."""
+    return round(float(a.max() / a.median().clamp_min(_EPS)), 4)
+
+
+def apply_smoothquant(
+    model: nn.Module, calib_data: torch.Tensor, alpha: float = 0.5, batch_size: int = 16
+) -> dict[str, Any]:
+    """Smooth ``model`` in place (see the module doc); returns a report for ``result.json``:
+    ``alpha``, ``groups`` (norm, linears, max/median of the channel maxima before and
+    after) and ``skipped``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise QCalibError(f"--smoothquant ALPHA must be in [0, 1], got {alpha}")
+    groups, skipped = find_smooth_groups(model)
+    if not groups:
+        log.warning(
+            "smoothquant: no foldable norm -> linear pair in %s; the model is left unchanged%s",
+            type(model).__name__,
+            f" ({'; '.join(skipped[:3])})" if skipped else "",
+        )
+        return {"alpha": alpha, "groups": [], "skipped": skipped or [type(model).__name__]}
+    if skipped:
+        log.warning("smoothquant: skipped %d norm(s): %s", len(skipped), "; ".join(skipped[:5]))
+    norms = {g.norm: model.get_submodule(g.norm) for g in groups}
+    act_max = channel_abs_max(model, calib_data, norms, batch_size)
+    rows = []
+    for g in groups:
+        if g.norm not in act_max:
+            skipped.append(f"{g.norm} (not reached by the calibration data)")
+            continue
+        a = act_max[g.norm]
+        linears = [model.get_submodule(n) for n in g.linears]
+        w = torch.stack([_weight_abs_max(lin).to(a.device) for lin in linears]).amax(0)
+        s = (a.clamp_min(_EPS).pow(alpha) / w.clamp_min(_EPS).pow(1.0 - alpha)).clamp_min(_EPS)
+        s = torch.where(a > 0, s, torch.ones_like(s))
+        _fold(norms[g.norm], linears, s.to(norms[g.norm].weight.device))
+        rows.append(
+            {
+                "norm": g.norm,
+                "linears": list(g.linears),
+                "act_spread_before": _spread(a),
+                "act_spread_after": _spread(a / s),
+            }
+        )
+    return {"alpha": alpha, "groups": rows, "skipped": skipped}
