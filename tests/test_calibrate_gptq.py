@@ -305,3 +305,43 @@ def test_gptq_walks_decoder_layer_blocks(monkeypatch):
     CALIBRATORS.get("minmax")(CalibConfig()).calibrate(rtn, x, progress=False)
     with torch.no_grad():
         assert (qm(x) - fp).square().mean() < (rtn(x) - fp).square().mean()
+
+
+@pytest.mark.filterwarnings("ignore:qcalib. these modules")
+def test_gptq_cached_stack_inputs_equal_full_forwards(monkeypatch):
+    """Decoder layers of one stack take the previous layer's quantized output as input
+    (one block forward each); the result equals re-running the network up to every
+    block, which is what the walk does without the cache."""
+    import qcalib.calibrate.gptq as gptq_mod
+
+    model = _tiny_llama()
+    x = _tokens()
+    cfg = QuantConfig(wbits=3, abits=16)
+    weights = {}
+    for cached in (True, False):
+        if not cached:
+            monkeypatch.setattr(
+                gptq_mod, "stacked_after", lambda blocks, root: [False] * len(blocks)
+            )
+        qm = build_quant_model(model, cfg, x[:1])
+        calib = CALIBRATORS.get("gptq")(CalibConfig(calibrator="gptq", batch_size=8))
+        calib.calibrate(qm, x, progress=False)
+        assert calib.report()["blocks"] == 2 and calib.report()["gptq_layers"] == 14
+        weights[cached] = {n: m.weight.detach().clone() for n, m in qm.quant_modules()}
+    assert weights[True].keys() == weights[False].keys()
+    for n in weights[True]:
+        torch.testing.assert_close(weights[True][n], weights[False][n], rtol=0, atol=1e-6)
+
+
+def test_stacked_after_marks_consecutive_members_of_one_module_list():
+    from torch import nn
+
+    from qcalib.calibrate.gptq import stacked_after
+
+    stack = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+    other = nn.ModuleList([nn.Linear(2, 2)])
+    root = nn.ModuleDict({"a": stack, "b": other})
+    blocks = [Block(f"b{i}", m, "transformer") for i, m in enumerate([*stack, other[0]])]
+    assert stacked_after(blocks, root) == [False, True, True, False]
+    swapped = [blocks[0], blocks[2], blocks[1]]
+    assert stacked_after(swapped, root) == [False, False, False]
