@@ -45,11 +45,12 @@ from pathlib import Path
 import torch
 
 from common import (
+    CellStamp,
     CellStore,
     Claims,
     add_runner_args,
+    apply_runner_args,
     cell_key,
-    device_name,
     group_rows,
     main_device,
     row_device,
@@ -191,7 +192,7 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         if c["profile"] == "paper"
         else None
     )
-    load0 = os.getloadavg()[0]
+    stamp = CellStamp(bench.device)
     t0 = time.perf_counter()
     _, res = quantize(cfg, bench=bench, out=out, progress=False, calibrator=calibrator)
     wall = time.perf_counter() - t0
@@ -220,10 +221,8 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         "blocks": [[h["block"], round(h["seconds"], 3)] for h in blocks],
         "peak_rss_mb": max(res.peak_rss_mb.values()),
         "seconds": res.seconds,
-        "threads": torch.get_num_threads(),
-        "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
-        "device": device_name(bench.device),
         "resumed_from_block": calibrator.engine.resumed_from,
+        **stamp.finish(),
     }
 
 
@@ -365,6 +364,7 @@ def run_timing(c: dict, bench: Workbench) -> dict:
     fp = copy.deepcopy(qmodel)
     fp.set_quant_state(False, False)
     kinds = {b.name: (b.kind, len(b.layers())) for b in partition_blocks(fp, calib[:1])}
+    stamp = CellStamp(bench.device)
     load0 = os.getloadavg()[0]
     cal.calibrate(qmodel, calib, seed=0, progress=False)
     load1 = os.getloadavg()[0]
@@ -409,7 +409,7 @@ def run_timing(c: dict, bench: Workbench) -> dict:
                     "loadavg": [round(load0, 2), round(load1, 2)],
                 }
             )
-    return {"rows": rows}
+    return {"rows": rows, **stamp.finish()}
 
 
 def timing_cells(models, methods, warmup: int, iters: int, n: int) -> list[dict]:
@@ -639,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         "random and selectq, timing over 10 iterations; logs estimates for the full grid",
     )
     args = p.parse_args(argv)
+    apply_runner_args(args)  # before timing_cells: their key holds the thread count
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bits = [b.upper() for b in args.bits]
     for b in bits:
