@@ -43,7 +43,7 @@ def make_cases(clock: FakeClock, costs: dict[str, float], slowdown: list[float],
 
 
 def run_rounds(costs, slowdown, loads, iters=2, warmup=1, threads=1):
-    """interleaved_timing over fake cases; ``loads[r]`` is the 1-min load at both ends of round r."""
+    """interleaved_timing over fake cases; ``loads[r]``: the 1-min load at both ends of round r."""
     clock = FakeClock()
     calls: list = []
     cases, state = make_cases(clock, costs, slowdown, calls)
