@@ -357,3 +357,16 @@ def test_pipeline_and_cli(trained_tiny, monkeypatch, capsys, tmp_path):
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "no parameter 'clusters'" in err and "num_clusters" in err and "\n" not in err.strip()
+
+
+def test_allocate_quotas_group_exactly_at_min_share_keeps_its_seat():
+    # Shares n * m / M = 2, 2 and exactly 1.0 for the 5-member group: "below min_share"
+    # excludes it only when strictly below, so it keeps its seat. (With a strict ">" it
+    # would be dropped and its seat re-split: [3, 2, 0].)
+    assert allocate_quotas([10, 10, 5], 5, min_share=1.0) == [2, 2, 1]
+    # Just below the boundary (share 4/4.1 < 1) it is excluded.
+    assert allocate_quotas([10, 10, 4], 5, min_share=1.0) == [3, 2, 0]
+    # A fractional min_share at its exact boundary: shares 3.25, 1.25 and 0.5 == 0.5; the
+    # boundary group's remainder (0.5) is the largest, so it takes the last seat.
+    assert allocate_quotas([13, 5, 2], 5, min_share=0.5) == [3, 1, 1]
+    assert allocate_quotas([13, 5, 2], 5, min_share=0.51) == [4, 1, 0]
