@@ -304,7 +304,8 @@ def test_end_to_end_on_digits_with_artifact(trained_tiny, tmp_path):
     cfg = RunConfig(model="api", data="digits", quant=QuantConfig(4, 4),
                     calib=CalibConfig(calibrator="qdrop", num_calib=64, recon=recon))  # fmt: skip
     _, res = quantize(cfg, bench, out=tmp_path / "run", progress=False)
-    assert res.quant_top1 >= bench.fp_top1 - 5.0
+    # Measured 0.8 points below FP (3 of 359 test images); see the reconstruction tests.
+    assert res.quant_top1 >= bench.fp_top1 - 2.0
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["config"]["calib"]["recon"]["contrastive"]["loss"] == "nce"
     st = saved["calib_stats"]  # the run reports its cost, the term's share included
