@@ -253,7 +253,7 @@ def report(
             "mean ± std over seeds. `target` = min(0.25 x base gap to FP, 0.3): the "
             "issue's bar for the mean paired difference. `overhead` = optimization time "
             "per iteration with the term / without, mean over the pairs whose two runs "
-            "ran on one device (`devices`: H100 = one H100 shared by 14 runner processes, "
+            "ran on one device (`devices`: H100 = one H100 shared by several runner processes, "
             "so contended throughput; cpu = this project's 2-core machine; `iter_ms_*`: "
             "mean over the pairs of the most common device). Contrastive defaults: "
             f"{DEFAULT}."

@@ -535,7 +535,7 @@ MAIN_NOTES = (
     "`block_s_mean` / `block_s_max` = mean / max over blocks (AdaRound: over layers); "
     "`iter_ms` = optimization time per iteration, averaged over all blocks and stages. Peak "
     "RSS: max over seeds. Threads and load average per cell are in the cells file. "
-    "`device`: where the cells ran; `H100` = one borrowed H100 shared by 14 runner "
+    "`device`: where the cells ran; `H100` = one borrowed H100 shared by several runner "
     "processes at once (`bench/parallel.sh`), so its times are contended throughput "
     "figures, not single-run latency; `cpu x1` = one cell (seed 0) ran on this project's "
     "2-core CPU machine, and time columns average the main device's cells only. Seeds 0-2 "
