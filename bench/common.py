@@ -97,7 +97,7 @@ class Claims:
 DEFAULT_THREADS = 1  # what the committed timing, cost and published-profile cells ran with
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -110,7 +110,7 @@ def _positive_int(text: str) -> int:
 def add_runner_args(p: argparse.ArgumentParser) -> None:
     """Where a runner computes: device, threads, data location and work sharing."""
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cells record it)")
-    p.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS,
+    p.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
                    help="torch CPU threads (cells record it; default %(default)s, set here "
                         "and not from OMP_NUM_THREADS so the stated command reproduces "
                         "a table)")  # fmt: skip
@@ -341,7 +341,7 @@ def interleaved_timing(
     rounds: int = 5,
     iters: int = 3,
     warmup: int = 1,
-    reference: str | None = None,
+    reference: str | dict[str, str] | None = None,
     threads: int | None = None,
     sync: Callable[[], object] | None = None,
     loadavg: Callable[[], tuple[float, float, float]] = os.getloadavg,
@@ -351,18 +351,23 @@ def interleaved_timing(
     ``warmup`` untimed calls and then ``iters`` timed ones, and the round's value of a
     case is the median of its timed calls (seconds per call).
 
+    A case that returns a dict ``{key: seconds}`` reports its own measurements instead
+    of its wall time (e.g. per-iteration times it stamped inside a longer call): they are
+    named ``"case/key"`` and each is the median over the timed calls.
+
     Choices: the case order rotates by one each round, so no case always runs first
-    (cold caches) or last (a slowly rising load); ratios are ``case / reference`` *of the
-    same round*, so drift between rounds (a shared machine's speed changes within
-    minutes) cancels instead of entering the ratio; the reference is the first case
-    unless named. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read.
-    ``threads`` defaults to ``torch.get_num_threads()`` and sets the contention rule
-    (:func:`is_contended`).
+    (cold caches) or last (a slowly rising load); ratios are ``measurement / reference``
+    *of the same round*, so drift between rounds (a shared machine's speed changes within
+    minutes) cancels instead of entering the ratio. ``reference``: one measurement for
+    all (default: the first), or a dict naming each measurement's own reference
+    (measurements it leaves out get no ratio). ``sync`` (e.g. ``torch.cuda.synchronize``)
+    runs before each clock read. ``threads`` defaults to ``torch.get_num_threads()`` and
+    sets the contention rule (:func:`is_contended`).
 
     Returns ``{"protocol": "interleaved", "reference", "threads", "rounds", "iters",
     "warmup", "contention_rule", "per_round": [{"round", "order", "loadavg_start",
-    "loadavg_end", "contended", "seconds": {case: s}, "ratios": {case: r}}],
-    "cases": {case: {"median", "min", "max", "spread"}}, "ratios": {case: {"median",
+    "loadavg_end", "contended", "seconds": {name: s}, "ratios": {name: r}}],
+    "cases": {name: {"median", "min", "max", "spread"}}, "ratios": {name: {"median",
     "min", "max", "spread"}}}``; ``cases`` / ``ratios`` summarize all rounds; claims go
     through :func:`target_claim`, which reads uncontended rounds only.
     """
@@ -371,47 +376,64 @@ def interleaved_timing(
     if rounds < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"rounds and iters must be >= 1, warmup >= 0: {rounds}, {iters}, {warmup}")
     names = list(cases)
-    reference = reference or names[0]
-    if reference not in cases:
-        raise ValueError(f"reference {reference!r} is not one of the cases {names}")
     if threads is None:
         import torch
 
         threads = torch.get_num_threads()
     per_round = []
+    refs: dict[str, str] = {}
     for rnd in range(rounds):
         shift = rnd % len(names)
         order = names[shift:] + names[:shift]
         load_start = [round(v, 2) for v in loadavg()]
-        seconds = {}
+        samples: dict[str, list[float]] = {}
         for name in order:
             fn = cases[name]
             for _ in range(warmup):
                 fn()
             if sync:
                 sync()
-            times = []
             for _ in range(iters):
                 t0 = clock()
-                fn()
+                got = fn()
                 if sync:
                     sync()
-                times.append(clock() - t0)
-            seconds[name] = statistics.median(times)
+                spent = clock() - t0
+                if isinstance(got, dict):
+                    for key, value in got.items():
+                        samples.setdefault(f"{name}/{key}", []).append(float(value))
+                else:
+                    samples.setdefault(name, []).append(spent)
         load_end = [round(v, 2) for v in loadavg()]
-        ref = seconds[reference]
+        seconds = {n: statistics.median(v) for n, v in samples.items()}
+        if not refs:  # the measurements are known once the first round ran
+            if isinstance(reference, dict):
+                refs = dict(reference)
+            else:
+                ref = reference or next(iter(seconds))
+                refs = {n: ref for n in seconds}
+            unknown = sorted(
+                {r for r in refs.values() if r not in seconds} | (set(refs) - set(seconds))
+            )
+            if unknown:
+                raise ValueError(
+                    f"reference names {unknown} are not measurements: {sorted(seconds)}"
+                )
+        ratios = {n: (seconds[n] / seconds[r] if seconds[r] else float("nan"))
+                  for n, r in refs.items()}  # fmt: skip
         per_round.append({
             "round": rnd,
             "order": order,
             "loadavg_start": load_start,
             "loadavg_end": load_end,
             "contended": is_contended(load_start[0], threads) or is_contended(load_end[0], threads),
-            "seconds": {n: seconds[n] for n in names},
-            "ratios": {n: (seconds[n] / ref if ref else float("nan")) for n in names},
+            "seconds": seconds,
+            "ratios": ratios,
         })  # fmt: skip
+    measured = list(per_round[0]["seconds"])
     return {
         "protocol": "interleaved",
-        "reference": reference,
+        "reference": refs,
         "threads": threads,
         "rounds": rounds,
         "iters": iters,
@@ -419,8 +441,8 @@ def interleaved_timing(
         "contention_rule": f"1-min load average > threads + {CONTENTION_MARGIN} at a round's "
         "start or end",
         "per_round": per_round,
-        "cases": {n: _summary([r["seconds"][n] for r in per_round]) for n in names},
-        "ratios": {n: _summary([r["ratios"][n] for r in per_round]) for n in names},
+        "cases": {n: _summary([r["seconds"][n] for r in per_round]) for n in measured},
+        "ratios": {n: _summary([r["ratios"][n] for r in per_round]) for n in refs},
     }
 
 

@@ -60,6 +60,7 @@ from common import (
     cell_key,
     group_rows,
     interleaved_timing,
+    positive_int,
     summarize,
     target_claim,
     uncontended_rounds,
@@ -834,7 +835,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-pool", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-timings", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cost-n", type=int, default=64, help=argparse.SUPPRESS)
-    p.add_argument("--cost-rounds", type=int, default=3,
+    p.add_argument("--cost-rounds", type=positive_int, default=3,
                    help="rounds of the interleaved cost timing (section cost)")  # fmt: skip
     args = p.parse_args(argv)
     known = [f"{name}={value}" for name, value, _ in VARIANTS]

@@ -75,7 +75,7 @@ def test_ratios_are_per_round_and_cancel_drift():
     assert res["cases"]["fwd"]["median"] == 1.0
     assert res["cases"]["fwd"]["min"] == 1.0 and res["cases"]["fwd"]["max"] == 3.0
     assert res["cases"]["fwd"]["spread"] == pytest.approx(2.0)
-    assert res["reference"] == "fwd" and res["protocol"] == "interleaved"
+    assert res["reference"] == {"fwd": "fwd", "pass": "fwd"} and res["protocol"] == "interleaved"
 
 
 def test_contended_rounds_are_marked_and_excluded_from_claims():
@@ -129,8 +129,51 @@ def test_warmup_calls_are_not_timed():
     assert res["cases"]["x"]["median"] == 1.0
 
 
+def test_self_timed_cases_and_a_reference_per_measurement():
+    # A case returning {key: seconds} reports those (per-iteration times it stamped
+    # itself), named "case/key"; each measurement is divided by its own reference.
+    clock = FakeClock()
+    slow = iter([1.0, 3.0])  # the machine is 3x slower in round 1
+
+    def engine():
+        factor = slow_now["f"]
+        clock.now += 100.0  # the whole call: not what is measured
+        return {"blockA": 0.030 * factor, "blockB": 0.050 * factor}
+
+    def floor_a():
+        return {"t": 0.010 * slow_now["f"]}
+
+    def floor_b():
+        return {"t": 0.025 * slow_now["f"]}
+
+    slow_now = {"f": 1.0}
+
+    def loadavg():
+        loadavg.reads += 1
+        if loadavg.reads % 2 == 1:
+            slow_now["f"] = next(slow, 1.0)
+        return (0.0, 0.0, 0.0)
+
+    loadavg.reads = 0
+    res = common.interleaved_timing(
+        {"engine": engine, "floorA": floor_a, "floorB": floor_b}, rounds=2, iters=1,
+        warmup=0, threads=1, loadavg=loadavg, clock=clock,
+        reference={"engine/blockA": "floorA/t", "engine/blockB": "floorB/t"},
+    )  # fmt: skip
+    assert set(res["cases"]) == {"engine/blockA", "engine/blockB", "floorA/t", "floorB/t"}
+    assert res["cases"]["engine/blockA"]["median"] == pytest.approx(0.06)  # 0.03, 0.09
+    for rnd in res["per_round"]:
+        assert rnd["ratios"] == {"engine/blockA": pytest.approx(3.0),
+                                 "engine/blockB": pytest.approx(2.0)}  # fmt: skip
+    assert set(res["ratios"]) == {"engine/blockA", "engine/blockB"}
+    with pytest.raises(ValueError, match="not measurements"):
+        common.interleaved_timing({"engine": engine}, rounds=1, iters=1, warmup=0, threads=1,
+                                  reference={"engine/blockA": "floorA/t"}, clock=clock,
+                                  loadavg=loadavg)  # fmt: skip
+
+
 def test_interleaved_timing_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(ValueError, match="not measurements"):
         common.interleaved_timing({"a": lambda: None}, reference="b", threads=1)
     with pytest.raises(ValueError, match="rounds"):
         common.interleaved_timing({"a": lambda: None}, rounds=0, threads=1)
