@@ -234,3 +234,22 @@ def test_row_device_reads_old_and_stamped_cells():
     assert common.row_device({"device": "cuda", "device_name": "NVIDIA H200"}) == "H200"
     assert common.row_device({"device": "cpu", "device_name": "AMD EPYC 7763"}) == "cpu"
     assert common.stamp_field({}, "loadavg_start") == "n/a"
+
+
+def test_selection_cost_rows_claim_from_uncontended_rounds_only():
+    import selection
+
+    # Forward 1 s; fit 1.4 s (within the 1.5 target) except in round 1, where another
+    # process slowed the fit to 3 s and the load average says so.
+    res, _ = run_rounds(
+        {"fp_forward": 1.0, "selectq_fit": 1.4, "selectq_select": 1.6, "kcenter": 0.1},
+        [1.0, {"selectq_fit": 3.0 / 1.4}, 1.0], [0.9, 3.0, 1.2], iters=1, warmup=0,
+    )  # fmt: skip
+    rows = {r["what"]: r for r in selection.interleaved_cost_rows(
+        "m", {"timing": res, "candidates": {"kcenter": 5000}})}  # fmt: skip
+    fit = rows["selectq pass 1 (fit)"]
+    assert fit["uncontended"] == "2/3" and fit["met"] == "yes"
+    assert fit["claim_median"] == pytest.approx(1.4) and fit["ratio_max"] == pytest.approx(3.0)
+    assert rows["selectq pass 2 (select)"]["met"] == "no"  # 1.6 > 1.5 in every round
+    assert rows["kcenter fit + select"]["note"] == "5000 candidates (max_pool)"
+    assert rows["plain FP forward (reference)"]["ratio_median"] == 1.0
