@@ -21,7 +21,16 @@ import logging
 import sys
 import time
 
-from common import CellStore, group_rows, summarize, write_tables
+from common import (
+    CellStamp,
+    CellStore,
+    Claims,
+    add_runner_args,
+    apply_runner_args,
+    group_rows,
+    summarize,
+    write_tables,
+)
 from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
 from qcalib.pipeline import Workbench, quantize
 
@@ -77,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="every K-th cell from the I-th (K processes share a grid)")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
+    add_runner_args(p)
     args = p.parse_args(argv)
+    device = apply_runner_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     grid = GRID if args.protocol == "standard" else f"{GRID}-{args.protocol}"
     store = CellStore(grid)
@@ -88,12 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     todo = [c for c in cells(args.models, args.calibrators, bits, args.ns, range(args.seeds))
             if not store.done(c) and not args.report_only][shard::shards]  # fmt: skip
     logging.info("%d cells to run (%d already done)", len(todo), len(store.rows))
+    claims = Claims(args.claims)
     for i, c in enumerate(todo):
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
             logging.info("time budget reached; rerun to continue")
             break
+        if not claims.take(c):
+            continue
         if c["model"] not in benches:
-            benches[c["model"]] = Workbench(c["model"], "fashion-mnist")
+            benches[c["model"]] = Workbench(
+                c["model"], "fashion-mnist", data_root=args.data_root, device=device
+            )
         bench = benches[c["model"]]
         cfg = RunConfig(
             model=c["model"],
@@ -102,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             select=SelectConfig(c["selector"]),
             seed=c["seed"],
         )
+        stamp = CellStamp(device)
         t0 = time.perf_counter()
         _, res = quantize(cfg, bench=bench, progress=False)
         store.add(c, {
             "fp_top1": res.fp_top1, "quant_top1": res.quant_top1,
             "wall_s": round(time.perf_counter() - t0, 2),
             "peak_rss_mb": max(res.peak_rss_mb.values()), "seconds": res.seconds,
+            **stamp.finish(),
         })  # fmt: skip
         logging.info("[%d/%d] %s -> %.2f%%", i + 1, len(todo), c, res.quant_top1)
     rows = aggregate(store)

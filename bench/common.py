@@ -4,6 +4,18 @@ Each finished cell (one model / method / bits / n / seed run) is appended as one
 line to ``bench/results/<grid>.cells.jsonl`` the moment it ends, so a killed runner
 loses at most the cell in flight and a rerun skips everything already measured. The
 committed JSONL is what lets a grid span several sessions on a small machine.
+
+Every new cell is self-describing (:class:`CellStamp`): device and its name, torch
+version, thread count, load average at its start and end, the command line that made it
+and the git commit. Threads and device come from the runner's own flags (``--threads``,
+``--device``, :func:`apply_runner_args`), never from the environment, so a table's stated
+command reproduces its cells. Cells committed before the stamp lack these fields; tables
+show them as ``n/a``.
+
+Timings that are compared with each other go through :func:`interleaved_timing`: the
+cases run interleaved in one process over several rounds, ratios are taken within a round,
+and rounds whose load average shows another process competing are marked and excluded
+from any target claim (:func:`uncontended_rounds`, :func:`target_claim`).
 """
 
 from __future__ import annotations
@@ -15,11 +27,17 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
-from collections.abc import Iterable, Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+NA = "n/a"
 
 
 def cell_key(cell: dict) -> str:
@@ -76,33 +94,140 @@ class Claims:
         return True
 
 
+DEFAULT_THREADS = 1  # what the committed timing, cost and published-profile cells ran with
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_runner_args(p: argparse.ArgumentParser) -> None:
-    """Where a runner computes: device, data location and work sharing."""
+    """Where a runner computes: device, threads, data location and work sharing."""
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cells record it)")
+    p.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                   help="torch CPU threads (cells record it; default %(default)s, set here "
+                        "and not from OMP_NUM_THREADS so the stated command reproduces "
+                        "a table)")  # fmt: skip
     p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
     p.add_argument("--claims", default=None, metavar="DIR",
                    help="share the plan with other runner processes through claim files in "
                         "DIR (each cell runs once)")  # fmt: skip
 
 
+def apply_runner_args(args: argparse.Namespace) -> str:
+    """Set torch's thread count from ``--threads`` and resolve ``--device`` ("auto" becomes
+    what is there); returns the device string the runner passes on."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def git_commit() -> str:
+    """HEAD of the repository, with ``-dirty`` when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                "--untracked-files=no"], check=True, capture_output=True,
+                               text=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return NA
+    return head + ("-dirty" if dirty else "")
+
+
+def command_line(argv: Sequence[str] | None = None) -> dict:
+    """The command that made a cell: the script path relative to the directory it ran
+    from, that directory relative to the repository root (no home or host names)."""
+    argv = list(sys.argv if argv is None else argv)
+    cwd = Path.cwd().resolve()
+    script = Path(argv[0]).resolve() if argv else Path("?")
+    try:
+        script_rel = os.path.relpath(script, cwd)
+    except ValueError:
+        script_rel = script.name
+    try:
+        cwd_rel = cwd.relative_to(REPO).as_posix() or "."
+    except ValueError:
+        cwd_rel = NA
+    return {"command": shlex.join(["python", script_rel, *argv[1:]]), "cwd": cwd_rel}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or NA
+
+
+def _loadavg() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+class CellStamp:
+    """What makes a cell reproducible and its timings judgeable. Create it when the cell
+    starts, merge :meth:`finish` into the cell's metrics when it ends::
+
+        stamp = CellStamp(args.device)
+        ...  # run the cell
+        store.add(cell, {**metrics, **stamp.finish()})
+
+    Fields: ``device`` (``cpu`` / ``cuda``), ``device_name`` (GPU name or CPU model),
+    ``torch``, ``threads`` (``torch.get_num_threads()``), ``loadavg_start`` /
+    ``loadavg_end`` (1, 5, 15-minute), ``command`` / ``cwd`` (see :func:`command_line`),
+    ``git_commit``. The host name is left out on purpose.
+    """
+
+    def __init__(self, device: object, argv: Sequence[str] | None = None) -> None:
+        import torch
+
+        dev = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available()
+                           else "cpu" if str(device) == "auto" else str(device))  # fmt: skip
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+        self.fields = {
+            "device": dev.type,
+            "device_name": name,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "loadavg_start": _loadavg(),
+            **command_line(argv),
+            "git_commit": git_commit(),
+        }
+
+    def finish(self) -> dict:
+        return {**self.fields, "loadavg_end": _loadavg()}
+
+
+def stamp_field(row: dict, name: str) -> object:
+    """A stamp field of a finished cell, ``n/a`` for cells made before the stamp."""
+    return row.get(name, NA)
+
+
 def row_device(row: dict) -> str:
-    """Short device of a finished cell ("H100", "cpu"); cells made before the device was
-    recorded ran on this project's CPU machine."""
+    """Short device of a finished cell ("H100", "cpu"). Stamped cells carry ``device``
+    and ``device_name``; older GPU cells carried ``cuda:NAME`` in ``device``; cells made
+    before the device was recorded ran on this project's CPU machine."""
+    if "device_name" in row:
+        if row["device"] == "cpu":
+            return "cpu"
+        return row["device_name"].removeprefix("NVIDIA ").split(" ")[0]
     return row.get("device", "cpu").removeprefix("cuda:NVIDIA ").split(" ")[0]
 
 
 def main_device(rows: Iterable[dict]) -> str:
     """The device most of ``rows`` ran on (time columns average its cells only)."""
     return collections.Counter(row_device(r) for r in rows).most_common(1)[0][0]
-
-
-def device_name(device: object) -> str:
-    import torch
-
-    dev = torch.device(str(device))
-    if dev.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(dev)}"
-    return "cpu"
 
 
 def summarize(values: Sequence[float]) -> dict:
@@ -179,3 +304,167 @@ def write_tables(
         lines += ["", f"## {heading}", ""]
         lines += markdown_table(r, cols, formats) if r else ["(none)"]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+# -- timing protocol ----------------------------------------------------------------------
+
+CONTENTION_MARGIN = 0.5
+
+
+def is_contended(load1: float, threads: int, margin: float = CONTENTION_MARGIN) -> bool:
+    """The contention rule: a 1-minute load average above ``threads + margin``.
+
+    The measuring process itself keeps about ``threads`` runnable threads, so an idle
+    machine shows a load near ``threads``; anything clearly above it is another process
+    taking CPU time that the timings would be charged for. The 0.5 margin absorbs the
+    kernel's own short tasks. The load average is a one-minute moving average, so the
+    rule is checked at both ends of a round and a round is contended when either end is.
+    On a GPU run the rule still applies: the host threads launch the kernels.
+    """
+    return load1 > threads + margin
+
+
+def _summary(values: Sequence[float]) -> dict:
+    med = statistics.median(values)
+    lo, hi = min(values), max(values)
+    return {
+        "median": med,
+        "min": lo,
+        "max": hi,
+        # Relative spread over rounds: what a single-round number could be off by.
+        "spread": (hi - lo) / med if med else float("nan"),
+    }
+
+
+def interleaved_timing(
+    cases: dict[str, Callable[[], object]],
+    rounds: int = 5,
+    iters: int = 3,
+    warmup: int = 1,
+    reference: str | dict[str, str] | None = None,
+    threads: int | None = None,
+    sync: Callable[[], object] | None = None,
+    loadavg: Callable[[], tuple[float, float, float]] = os.getloadavg,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
+    """Time ``cases`` interleaved in one process: in every round each case runs
+    ``warmup`` untimed calls and then ``iters`` timed ones, and the round's value of a
+    case is the median of its timed calls (seconds per call).
+
+    A case that returns a dict ``{key: seconds}`` reports its own measurements instead
+    of its wall time (e.g. per-iteration times it stamped inside a longer call): they are
+    named ``"case/key"`` and each is the median over the timed calls.
+
+    Choices: the case order rotates by one each round, so no case always runs first
+    (cold caches) or last (a slowly rising load); ratios are ``measurement / reference``
+    *of the same round*, so drift between rounds (a shared machine's speed changes within
+    minutes) cancels instead of entering the ratio. ``reference``: one measurement for
+    all (default: the first), or a dict naming each measurement's own reference
+    (measurements it leaves out get no ratio). ``sync`` (e.g. ``torch.cuda.synchronize``)
+    runs before each clock read. ``threads`` defaults to ``torch.get_num_threads()`` and
+    sets the contention rule (:func:`is_contended`).
+
+    Returns ``{"protocol": "interleaved", "reference", "threads", "rounds", "iters",
+    "warmup", "contention_rule", "per_round": [{"round", "order", "loadavg_start",
+    "loadavg_end", "contended", "seconds": {name: s}, "ratios": {name: r}}],
+    "cases": {name: {"median", "min", "max", "spread"}}, "ratios": {name: {"median",
+    "min", "max", "spread"}}}``; ``cases`` / ``ratios`` summarize all rounds; claims go
+    through :func:`target_claim`, which reads uncontended rounds only.
+    """
+    if not cases:
+        raise ValueError("interleaved_timing needs at least one case")
+    if rounds < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"rounds and iters must be >= 1, warmup >= 0: {rounds}, {iters}, {warmup}")
+    names = list(cases)
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    per_round = []
+    refs: dict[str, str] = {}
+    for rnd in range(rounds):
+        shift = rnd % len(names)
+        order = names[shift:] + names[:shift]
+        load_start = [round(v, 2) for v in loadavg()]
+        samples: dict[str, list[float]] = {}
+        for name in order:
+            fn = cases[name]
+            for _ in range(warmup):
+                fn()
+            if sync:
+                sync()
+            for _ in range(iters):
+                t0 = clock()
+                got = fn()
+                if sync:
+                    sync()
+                spent = clock() - t0
+                if isinstance(got, dict):
+                    for key, value in got.items():
+                        samples.setdefault(f"{name}/{key}", []).append(float(value))
+                else:
+                    samples.setdefault(name, []).append(spent)
+        load_end = [round(v, 2) for v in loadavg()]
+        seconds = {n: statistics.median(v) for n, v in samples.items()}
+        if not refs:  # the measurements are known once the first round ran
+            if isinstance(reference, dict):
+                refs = dict(reference)
+            else:
+                ref = reference or next(iter(seconds))
+                refs = {n: ref for n in seconds}
+            unknown = sorted(
+                {r for r in refs.values() if r not in seconds} | (set(refs) - set(seconds))
+            )
+            if unknown:
+                raise ValueError(
+                    f"reference names {unknown} are not measurements: {sorted(seconds)}"
+                )
+        ratios = {n: (seconds[n] / seconds[r] if seconds[r] else float("nan"))
+                  for n, r in refs.items()}  # fmt: skip
+        per_round.append({
+            "round": rnd,
+            "order": order,
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
+            "contended": is_contended(load_start[0], threads) or is_contended(load_end[0], threads),
+            "seconds": seconds,
+            "ratios": ratios,
+        })  # fmt: skip
+    measured = list(per_round[0]["seconds"])
+    return {
+        "protocol": "interleaved",
+        "reference": refs,
+        "threads": threads,
+        "rounds": rounds,
+        "iters": iters,
+        "warmup": warmup,
+        "contention_rule": f"1-min load average > threads + {CONTENTION_MARGIN} at a round's "
+        "start or end",
+        "per_round": per_round,
+        "cases": {n: _summary([r["seconds"][n] for r in per_round]) for n in measured},
+        "ratios": {n: _summary([r["ratios"][n] for r in per_round]) for n in refs},
+    }
+
+
+def uncontended_rounds(result: dict) -> list[int]:
+    """Indices of the rounds of an :func:`interleaved_timing` result that may back a claim."""
+    return [r["round"] for r in result["per_round"] if not r["contended"]]
+
+
+def target_claim(result: dict, case: str, at_most: float) -> dict:
+    """Whether ``case``'s ratio to the reference meets ``ratio <= at_most``, judged on the
+    uncontended rounds only: ``met`` is "yes" when their median ratio meets it, "no" when
+    it does not, and "n/a" when every round was contended (nothing may be claimed). The
+    min over those rounds is the best the case reached."""
+    ok = set(uncontended_rounds(result))
+    ratios = [r["ratios"][case] for r in result["per_round"] if r["round"] in ok]
+    if not ratios:
+        return {"met": NA, "rounds_used": 0, "ratio_median": float("nan"),
+                "ratio_min": float("nan")}  # fmt: skip
+    med = statistics.median(ratios)
+    return {
+        "met": "yes" if med <= at_most else "no",
+        "rounds_used": len(ratios),
+        "ratio_median": med,
+        "ratio_min": min(ratios),
+    }

@@ -43,6 +43,7 @@ from common import (
     CellStore,
     Claims,
     add_runner_args,
+    apply_runner_args,
     cell_key,
     group_rows,
     main_device,
@@ -209,8 +210,13 @@ def ablation_rows(store: CellStore) -> list[dict]:
         accs = [r["quant_top1"] for r in rs]
         diffs = [r["quant_top1"] - base_by_seed[r["cell"]["seed"]]["quant_top1"]
                  for r in rs if r["cell"]["seed"] in base_by_seed]  # fmt: skip
-        ratio = [r["iter_ms"] / base_by_seed[r["cell"]["seed"]]["iter_ms"]
+        pairs = [(r, base_by_seed[r["cell"]["seed"]])
                  for r in rs if r["cell"]["seed"] in base_by_seed]  # fmt: skip
+        # A time ratio means something only when both runs ran on one device.
+        timed = [(r, b) for r, b in pairs if row_device(r) == row_device(b)]
+        ratio = [r["iter_ms"] / b["iter_ms"] for r, b in timed]
+        devices = collections.Counter("+".join(sorted({row_device(r), row_device(b)}))
+                                      for r, b in pairs)  # fmt: skip
         md, sd = _stats(diffs) if diffs else (float("nan"), float("nan"))
         rows.append(
             {
@@ -220,6 +226,8 @@ def ablation_rows(store: CellStore) -> list[dict]:
                 **summarize(accs),
                 "diff_vs_base": f"{md:+.2f} ± {sd:.2f}" if diffs else "",
                 "overhead": round(statistics.fmean(ratio), 2) if ratio else float("nan"),
+                "overhead_seeds": [r["cell"]["seed"] for r, _ in timed],
+                "devices": ", ".join(f"{k} x{v}" for k, v in devices.items()),
                 "fp_val_top1": rs[0]["fp_top1"],
             }
         )
@@ -230,7 +238,7 @@ PAIRED_COLS = ["model", "method", "bits", "seeds", "base", "+CL", "diff", "fp_to
                "gap_to_fp", "target", "met", "overhead", "devices", "iter_ms_base",
                "iter_ms_cl"]  # fmt: skip
 ABLATION_COLS = ["variant", "seeds", "accs", "mean", "std", "diff_vs_base", "overhead",
-                 "fp_val_top1"]  # fmt: skip
+                 "overhead_seeds", "devices", "fp_val_top1"]  # fmt: skip
 
 
 def report(
@@ -245,7 +253,7 @@ def report(
             "mean ± std over seeds. `target` = min(0.25 x base gap to FP, 0.3): the "
             "issue's bar for the mean paired difference. `overhead` = optimization time "
             "per iteration with the term / without, mean over the pairs whose two runs "
-            "ran on one device (`devices`: H100 = one H100 shared by 14 runner processes, "
+            "ran on one device (`devices`: H100 = one H100 shared by several runner processes, "
             "so contended throughput; cpu = this project's 2-core machine; `iter_ms_*`: "
             "mean over the pairs of the most common device). Contrastive defaults: "
             f"{DEFAULT}."
@@ -259,8 +267,19 @@ def report(
             f"top-1 (%) on the validation split ({VAL_SIZE} training images held out with "
             f"seed {VAL_SEED}; calibration pool = the other training images). One factor "
             "varied at a time from the default; `diff_vs_base` is paired by seed against "
-            "the base method without the term."
+            "the base method without the term. `overhead` = iter_ms with the term / the "
+            "base's, mean over the seeds whose two runs ran on one device (`overhead_seeds`; "
+            "`devices`: the device of each seed's pair, cpu = this project's 2-core machine, "
+            "H100 = a shared GPU); a pair split across devices has no ratio."
         )
+        loads = [load for r in ab_store.rows.values() for load in r.get("loadavg", [])[:1]]
+        if loads:
+            notes += (
+                f" The cells ran one after another on shared machines (1-minute load average "
+                f"at their start: {min(loads):.1f} to {max(loads):.1f}), so `overhead` carries "
+                "that drift: a value below 1 is the machine getting faster, not the term "
+                "costing nothing."
+            )
         write_tables(f"{grid}-ablation", "CL-Calib ablation (validation split)", command,
                      arows, ABLATION_COLS, notes=notes)  # fmt: skip
 
@@ -278,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="5 iterations, ResNet-20, 1 seed, 2 ablation rows: *-smoke")  # fmt: skip
     add_runner_args(p)
     args = p.parse_args(argv)
+    apply_runner_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     grid, recon_grid, iters, variants = GRID, RECON_GRID, None, None
     if args.smoke:

@@ -21,39 +21,44 @@ paper     ResNet-20, qdrop, W2A4, seed 0, n = 1024: the fast profile, then the p
           is last; its estimated time is logged before it starts.
 
 Every cell is one JSON line in ``results/<grid>.cells.jsonl`` the moment it ends, so a
-killed run loses at most the cell in flight. Timings depend on the thread count: run
-with ``OMP_NUM_THREADS`` set (the rows record torch's thread count and the 1-minute load
-average, so a measurement taken on a busy machine can be recognized).
+killed run loses at most the cell in flight. Timings depend on the thread count, which
+``--threads`` sets (default 1; never read from ``OMP_NUM_THREADS``); every cell records it
+with the load average, and the timing part measures interleaved rounds
+(``common.interleaved_timing``) so a contended round is marked, not averaged in.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import hashlib
 import itertools
 import logging
-import os
 import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from common import (
+    NA,
+    CellStamp,
     CellStore,
     Claims,
     add_runner_args,
+    apply_runner_args,
     cell_key,
-    device_name,
     group_rows,
+    interleaved_timing,
     main_device,
+    positive_int,
     row_device,
     summarize,
+    uncontended_rounds,
     write_tables,
 )
 from qcalib.calibrate import CALIBRATORS
@@ -191,7 +196,7 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         if c["profile"] == "paper"
         else None
     )
-    load0 = os.getloadavg()[0]
+    stamp = CellStamp(bench.device)
     t0 = time.perf_counter()
     _, res = quantize(cfg, bench=bench, out=out, progress=False, calibrator=calibrator)
     wall = time.perf_counter() - t0
@@ -220,10 +225,8 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         "blocks": [[h["block"], round(h["seconds"], 3)] for h in blocks],
         "peak_rss_mb": max(res.peak_rss_mb.values()),
         "seconds": res.seconds,
-        "threads": torch.get_num_threads(),
-        "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
-        "device": device_name(bench.device),
         "resumed_from_block": calibrator.engine.resumed_from,
+        **stamp.finish(),
     }
 
 
@@ -336,9 +339,13 @@ def floor_ms(fp_model, name: str, x: torch.Tensor, warmup: int, iters: int) -> t
 
 
 def run_timing(c: dict, bench: Workbench) -> dict:
-    """Time the engine's iterations on the representative blocks of ``c["model"]``: every
-    other block runs 0 iterations (it is still captured and hardened), the chosen ones
-    ``warmup + iters`` per stage; an ``on_iteration`` hook stamps the end of each."""
+    """Time the engine's iterations on the representative blocks of ``c["model"]`` against
+    the FP block's forward + backward floor, under the interleaved protocol
+    (:func:`common.interleaved_timing`, ``c["rounds"]`` rounds): each round runs one
+    calibration (every other block at 0 iterations: still captured and hardened; the
+    chosen ones ``warmup + iters`` per stage, an ``on_iteration`` hook stamping the end of
+    each) and the floor of each target block, in rotating order, so every ratio is taken
+    within one round and a contended round is marked."""
     total = c["warmup"] + c["iters"]
     cl = c.get("contrastive")
     recon = ReconConfig(iters=total, act_iters=total, batch_size=c["batch_size"], contrastive=cl)
@@ -361,58 +368,64 @@ def run_timing(c: dict, bench: Workbench) -> dict:
     cal.on_iteration = lambda b, s, _it: stamps[(b, s)].append(time.perf_counter())
     torch.manual_seed(0)
     calib = bench.pool.get(select_indices(cfg, bench, progress=False)).to(bench.device)
-    qmodel = build_quant_model(bench.model, cfg.quant, bench.example_input())
-    fp = copy.deepcopy(qmodel)
+    fp = build_quant_model(bench.model, cfg.quant, bench.example_input())
     fp.set_quant_state(False, False)
     kinds = {b.name: (b.kind, len(b.layers())) for b in partition_blocks(fp, calib[:1])}
-    load0 = os.getloadavg()[0]
-    cal.calibrate(qmodel, calib, seed=0, progress=False)
-    load1 = os.getloadavg()[0]
-    # (target block, stage) -> [median, mean, min] ms per iteration; AdaRound reconstructs
-    # layer by layer, so its numbers are sums over the target block's layers.
-    per: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
-    for (b, s), ts in sorted(stamps.items()):
-        block = cal.engine.blocks[b]
-        diffs = [1000 * (t1 - t0) for t0, t1 in itertools.pairwise(ts)][c["warmup"] - 1 :]
-        target = next(t for t in targets if _in(block.name, t))
-        acc = per[(target, cal.stages(block)[s].name)]
-        for i, v in enumerate(_stats(diffs)):
-            acc[i] += v
+    shapes: dict[str, list] = {}
+
+    def engine() -> dict:
+        """Seconds per iteration per (target block, stage), median over its iterations;
+        AdaRound reconstructs layer by layer, so its numbers are sums over the layers."""
+        stamps.clear()
+        qmodel = build_quant_model(bench.model, cfg.quant, bench.example_input())
+        cal.calibrate(qmodel, calib, seed=0, progress=False)
+        per: dict[str, float] = defaultdict(float)
+        for (b, s), ts in sorted(stamps.items()):
+            block = cal.engine.blocks[b]
+            diffs = [t1 - t0 for t0, t1 in itertools.pairwise(ts)][c["warmup"] - 1 :]
+            target = next(t for t in targets if _in(block.name, t))
+            per[f"{target}|{cal.stages(block)[s].name}"] += statistics.median(diffs)
+        return dict(per)
+
+    def floor(target: str) -> Callable[[], dict]:
+        def run() -> dict:
+            fl, shapes[target] = floor_ms(fp, target, calib[: c["batch_size"]], c["warmup"],
+                                          c["iters"])  # fmt: skip
+            return {"s": statistics.median(fl) / 1000}
+
+        return run
+
+    cases = {"engine": engine, **{f"floor {t}": floor(t) for t in targets}}
+    stamp = CellStamp(bench.device)
+    # Which stages ran is known after one calibration: a first, untimed one (warm-up).
+    stages = list(engine())
+    reference = {f"engine/{k}": f"floor {k.split('|')[0]}/s" for k in stages}
+    timing = interleaved_timing(cases, rounds=c["rounds"], iters=1, warmup=0,
+                                reference=reference)  # fmt: skip
+    ok = set(uncontended_rounds(timing))
     rows = []
-    for target in targets:
-        fl, shape = floor_ms(fp, target, calib[: c["batch_size"]], c["warmup"], c["iters"])
-        floor, floor_mean, floor_min = _stats(fl)
-        for (t, stage), (med, mean, low) in per.items():
-            if t != target:
-                continue
-            rows.append(
-                {
-                    "model": c["model"],
-                    "block": target,
-                    "kind": kinds[target][0],
-                    "layers": kinds[target][1],
-                    "input_shape": "x".join(map(str, shape)),
-                    "batch": c["batch_size"],
-                    "threads": c["threads"],
-                    "method": c["method"] + ("+CL" if cl else ""),
-                    "stage": stage,
-                    "ms_per_iter": round(med, 3),
-                    "ms_mean": round(mean, 3),
-                    "ms_min": round(low, 3),
-                    "floor_ms": round(floor, 3),
-                    "floor_mean": round(floor_mean, 3),
-                    "floor_min": round(floor_min, 3),
-                    "ratio": round(med / floor, 2),
-                    "ratio_min": round(low / floor_min, 2),
-                    "iters": c["iters"],
-                    "warmup": c["warmup"],
-                    "loadavg": [round(load0, 2), round(load1, 2)],
-                }
-            )
-    return {"rows": rows}
+    for key in stages:
+        target, stage = key.split("|")
+        sec, ratio = timing["cases"][f"engine/{key}"], timing["ratios"][f"engine/{key}"]
+        fl = timing["cases"][f"floor {target}/s"]
+        clean = [r["ratios"][f"engine/{key}"] for r in timing["per_round"] if r["round"] in ok]
+        rows.append({
+            "model": c["model"], "block": target, "kind": kinds[target][0],
+            "layers": kinds[target][1], "input_shape": "x".join(map(str, shapes[target])),
+            "batch": c["batch_size"], "threads": c["threads"],
+            "method": c["method"] + ("+CL" if cl else ""), "stage": stage,
+            "ms_per_iter": round(1000 * sec["median"], 3), "ms_min": round(1000 * sec["min"], 3),
+            "floor_ms": round(1000 * fl["median"], 3), "floor_min": round(1000 * fl["min"], 3),
+            "ratio": round(ratio["median"], 2), "ratio_min": round(ratio["min"], 2),
+            "ratio_max": round(ratio["max"], 2),
+            "ratio_uncontended": round(statistics.median(clean), 2) if clean else NA,
+            "uncontended": f"{len(ok)}/{len(timing['per_round'])}",
+            "iters": c["iters"], "warmup": c["warmup"],
+        })  # fmt: skip
+    return {"rows": rows, "timing": timing, **stamp.finish()}
 
 
-def timing_cells(models, methods, warmup: int, iters: int, n: int) -> list[dict]:
+def timing_cells(models, methods, warmup: int, iters: int, n: int, rounds: int) -> list[dict]:
     """Each method on the timing blocks, plus QDrop with the CL-Calib term (its default
     configuration) for the add-on's overhead on an otherwise idle machine."""
     w, a = parse_bits(TIMING_BITS)
@@ -431,6 +444,8 @@ def timing_cells(models, methods, warmup: int, iters: int, n: int) -> list[dict]
             "iters": iters,
             "blocks": list(TIMING_BLOCKS[model]),
             "threads": torch.get_num_threads(),
+            "protocol": "interleaved",
+            "rounds": rounds,
             **({"contrastive": cl} if cl else {}),
         }
         for model in models
@@ -525,7 +540,14 @@ PAPER_COLS = ["model", "method", "bits", "n", "seed", "profile_iters", "quant_to
               "peak_rss_mb"]
 TIMING_COLS = ["model", "block", "kind", "layers", "input_shape", "batch", "threads", "method",
                "stage", "ms_per_iter", "ms_min", "floor_ms", "floor_min", "ratio", "ratio_min",
-               "loadavg"]
+               "ratio_max", "uncontended", "ratio_uncontended"]
+OLD_TIMING_COLS = ["model", "block", "kind", "layers", "input_shape", "batch", "threads",
+                   "method", "stage", "ms_per_iter", "ms_min", "floor_ms", "floor_min", "ratio",
+                   "ratio_min", "loadavg"]
+OLD_TIMING_HEADING = (
+    "Earlier protocol (one calibration, then the floor, per cell; ratios of times taken "
+    "minutes apart on a shared machine, so they are not a claim)"
+)
 # fmt: on
 MAIN_NOTES = (
     "Fashion-MNIST test top-1 (%) per seed (`accs`), mean and std over seeds. "
@@ -535,25 +557,32 @@ MAIN_NOTES = (
     "`block_s_mean` / `block_s_max` = mean / max over blocks (AdaRound: over layers); "
     "`iter_ms` = optimization time per iteration, averaged over all blocks and stages. Peak "
     "RSS: max over seeds. Threads and load average per cell are in the cells file. "
-    "`device`: where the cells ran; `H100` = one borrowed H100 shared by 14 runner "
+    "`device`: where the cells ran; `H100` = one borrowed H100 shared by several runner "
     "processes at once (`bench/parallel.sh`), so its times are contended throughput "
     "figures, not single-run latency; `cpu x1` = one cell (seed 0) ran on this project's "
     "2-core CPU machine, and time columns average the main device's cells only. Seeds 0-2 "
     "(the CL-Calib grid adds seeds 3-4 of some QDrop rows: see `contrastive.md`)."
 )
 TIMING_NOTES = (
-    "`ms_per_iter` / `ms_min`: median / minimum wall time of one engine iteration (batch "
-    "gather, quantized forward, loss terms, backward, Adam steps, step projection) over "
-    "`iters` iterations after `warmup` (see the JSON), W2A4 model, seed 0. AdaRound "
+    "Interleaved protocol (bench/common.py): per cell, `rounds` rounds (see the JSON), each "
+    "one calibration and the floor of every target block in rotating order; a round's "
+    "value is the median over its `iters` iterations after `warmup`, and `ms_per_iter` / "
+    "`ms_min` are the median / minimum over rounds of one engine iteration (batch "
+    "gather, quantized forward, loss terms, backward, Adam steps, step projection), W2A4 "
+    "model, seed 0. `ratio` / `ratio_min` / `ratio_max` = median / min / max over rounds of "
+    "the round's ms_per_iter over the same round's floor; `uncontended` = rounds whose "
+    "1-minute load average stayed within threads + 0.5, `ratio_uncontended` = their median "
+    "ratio (n/a: none), the only figure to claim from. AdaRound "
     "reconstructs layer by layer: its time is the sum over the block's layers. BRECQ has "
     "two stages (round: activations float; act: activations quantized, step sizes learned). "
     "`floor_ms` / `floor_min`: median / minimum of forward + MSE + backward of the FP block "
     "alone (BN folded, no quantization, gradients w.r.t. its weights only, no optimizer "
-    "step) on the same batch; `ratio` = ms_per_iter / floor_ms, `ratio_min` = ms_min / "
-    "floor_min. `input_shape` is the block input per sample (C x H x W). `loadavg`: "
-    "1-minute load average before / after the cell: a busy machine inflates the numbers "
-    "(the minimum suffers least). `qdrop+CL`: QDrop with the CL-Calib term at its defaults "
-    "(critic forward included); its ms over qdrop's is the add-on's overhead."
+    "step) on the same batch. `input_shape` is the block input per sample (C x H x W). "
+    "`qdrop+CL`: QDrop with the CL-Calib term at its defaults "
+    "(critic forward included); its ratio over qdrop's (each to the same floor, within "
+    "rounds) is the add-on's overhead. Earlier cells (own heading) ran the calibration once "
+    "and the floor after it: their `ratio` = ms_per_iter / floor_ms, `ratio_min` = ms_min "
+    "/ floor_min, `loadavg` = 1-minute load average before / after the calibration."
 )
 
 
@@ -605,16 +634,20 @@ def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int)
         title = "Published 20k-iteration profile vs the fast profile (ResNet-20, QDrop, W2A4)"
         notes = "One seed, the same random calibration set (n = 1024) for both profiles."
         write_tables(f"{grid}-paper", title, command, twins, PAPER_COLS, notes=notes)
-    trows = [row for r in tstore.rows.values() for row in r["rows"]]
-    if trows:
+    trows = [row for r in tstore.rows.values() if "timing" in r for row in r["rows"]]
+    old = [row for r in tstore.rows.values() if "timing" not in r for row in r["rows"]]
+    if trows or old:
         model_i = {m: i for i, m in enumerate(MODELS)}
-        trows.sort(
-            key=lambda r: (model_i.get(r["model"], 9), r["block"], r["threads"],
-                           METHODS.index(r["method"].removesuffix("+CL")), r["method"],
-                           r["stage"] == "act")
-        )  # fmt: skip
+        for rows in (trows, old):
+            rows.sort(key=lambda r: (model_i.get(r["model"], 9), r["block"], r["threads"],
+                                     METHODS.index(r["method"].removesuffix("+CL")),
+                                     r["method"], r["stage"] == "act"))  # fmt: skip
         title = "Time per reconstruction iteration vs the forward+backward floor of the FP block"
-        write_tables(f"{grid}-timing", title, command, trows, TIMING_COLS, notes=TIMING_NOTES)
+        notes = TIMING_NOTES if trows else "NOT MEASURED under the interleaved protocol yet " \
+            "(run --parts timing). " + TIMING_NOTES  # fmt: skip
+        extra = [(OLD_TIMING_HEADING, old, OLD_TIMING_COLS)] if old else []
+        write_tables(f"{grid}-timing", title, command, trows, TIMING_COLS, notes=notes,
+                     extra=extra)  # fmt: skip
 
 
 # -- main -------------------------------------------------------------------------------
@@ -632,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     add_runner_args(p)
+    p.add_argument("--timing-rounds", type=positive_int, default=3,
+                   help="rounds of the interleaved timing (part timing)")  # fmt: skip
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -639,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         "random and selectq, timing over 10 iterations; logs estimates for the full grid",
     )
     args = p.parse_args(argv)
+    apply_runner_args(args)  # before timing_cells: their key holds the thread count
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bits = [b.upper() for b in args.bits]
     for b in bits:
@@ -651,12 +687,13 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models or [RESNET]
         bits = [b for b in bits if b == "W2A4"] or bits[:1]
         parts = [x for x in args.parts if x != "paper"]
-        tcells = timing_cells(models, args.methods, 3, 10, n) if "timing" in parts else []
+        tcells = timing_cells(models, args.methods, 3, 10, n, 2) if "timing" in parts else []
         command = "cd bench && ../.venv/bin/python recon.py --smoke"
     else:
         grid, n, iters, seeds = GRID, N, None, range(args.seeds)
         models, parts = args.models or list(MODELS), args.parts
-        tcells = timing_cells(models, args.methods, TIMING_WARMUP, TIMING_ITERS, TIMING_N)
+        tcells = timing_cells(models, args.methods, TIMING_WARMUP, TIMING_ITERS, TIMING_N,
+                              args.timing_rounds)  # fmt: skip
         tcells = tcells if "timing" in parts else []
         command = "cd bench && ../.venv/bin/python recon.py"
     for model in models:

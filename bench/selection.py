@@ -51,7 +51,21 @@ from pathlib import Path
 import psutil
 import torch
 
-from common import CellStore, Claims, add_runner_args, cell_key, group_rows, summarize, write_tables
+from common import (
+    CellStamp,
+    CellStore,
+    Claims,
+    add_runner_args,
+    apply_runner_args,
+    cell_key,
+    group_rows,
+    interleaved_timing,
+    positive_int,
+    summarize,
+    target_claim,
+    uncontended_rounds,
+    write_tables,
+)
 from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
 from qcalib.data.pool import Pool, TensorImageDataset
 from qcalib.data.registry import load_pool
@@ -203,6 +217,7 @@ class Runner:
                     sel.fit(b.pool)
             self.fitted[fkey] = (sel, m.seconds, m.peak_rss_mb)
         sel, fit_s, fit_rss = self.fitted[fkey]
+        stamp = CellStamp(self.args.device)
         with Measure() as m:
             idx = sel.select(n)
         ref = self.reference(model)
@@ -221,6 +236,7 @@ class Runner:
             "mismatch_pool": report.n_pool,
             "mismatch_s": round(time.perf_counter() - t0, 3),
             "info": {k: v for k, v in info.items() if k != "masses"} if info else None,
+            **stamp.finish(),
         }
         self.sel_store.add(key, metrics)
         log.info(
@@ -240,12 +256,14 @@ class Runner:
             select=SelectConfig(cell["selector"], tuple(sorted(params.items()))),
             seed=cell["seed"],
         )
+        stamp = CellStamp(self.args.device)
         t0 = time.perf_counter()
         _, res = quantize(cfg, bench=b, progress=False, indices=sel["indices"])
         store.add(cell, {
             "fp_top1": res.fp_top1, "quant_top1": res.quant_top1,
             "wall_s": round(time.perf_counter() - t0, 2),
             "peak_rss_mb": max(res.peak_rss_mb.values()), "seconds": res.seconds,
+            **stamp.finish(),
         })  # fmt: skip
         log.info("%s -> %.2f%% (%.1fs)", cell, res.quant_top1, time.perf_counter() - t0)
 
@@ -323,18 +341,21 @@ class Runner:
         big, small = self.args.cost_pools
         for model in self.args.models:
             for size, timings in ((big, True), (small, False)):
-                cell = {"model": model, "pool": size, "timings": timings}
+                cell = cost_cell(self.args, model, size, timings)
                 if self.cost_store.done(cell):
                     continue
                 self.check_time()
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--cost-probe", model,
-                       "--probe-pool", str(size), "--cost-n", str(self.args.cost_n)]  # fmt: skip
+                       "--probe-pool", str(size), "--cost-n", str(self.args.cost_n),
+                       "--threads", str(self.args.threads),
+                       "--cost-rounds", str(self.args.cost_rounds)]  # fmt: skip
                 if timings:
                     cmd.append("--probe-timings")
                 log.info("cost probe: %s", " ".join(cmd[2:]))
+                stamp = CellStamp("cpu")
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 result = json.loads(out.stdout.strip().splitlines()[-1])
-                self.cost_store.add(cell, result)
+                self.cost_store.add(cell, {**result, **stamp.finish()})
                 log.info("cost %s: %s", cell, result)
 
     # ----------------------------------------------------------------- tables
@@ -344,62 +365,80 @@ class Runner:
         write_ablation(self)
 
 
-def cost_probe(model_name: str, size: int, n: int, timings: bool) -> dict:
-    """Runs in a fresh process: SelectQ's peak RSS on a pool of ``size`` samples and,
-    with ``timings``, each SelectQ pass against the plain FP forward passes run right
-    before and after it (forward, fit, forward, select, forward), then the baselines.
+COST_BASELINES = ("kcenter", "herding", "balanced", "random")
 
-    Why bracketed: on a shared machine the speed of the same forward drifts by up to 2x
-    within minutes, so a ratio to a forward timed at another moment measures the drift.
-    Wall and process CPU seconds are both kept."""
+
+def cost_cell(args: argparse.Namespace, model: str, size: int, timings: bool) -> dict:
+    """Key of a cost cell. Timing cells name their protocol, rounds and threads: cells of
+    the earlier bracketed protocol (key without them) stay beside the new ones."""
+    cell = {"model": model, "pool": size, "timings": timings}
+    if timings:
+        cell.update(protocol="interleaved", rounds=args.cost_rounds, threads=args.threads)
+    return cell
+
+
+def maxrss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def cost_probe(model_name: str, size: int, n: int, timings: bool, rounds: int) -> dict:
+    """Runs in a fresh process (CPU, the runner's ``--threads``): SelectQ's peak RSS on a
+    pool of ``size`` samples and, with ``timings``, every selection pass against the plain
+    FP forward pass under the interleaved protocol (:func:`common.interleaved_timing`).
+
+    Why interleaved: on a shared machine the speed of the same forward drifted by 1.4x
+    within one run (113 to 162 s, the bracketed cells) and an idle forward took half the
+    time of a loaded one, so a ratio to a forward timed at another moment measures the
+    drift. Each round times the forward, SelectQ's fit (pass 1), its select (pass 2) and
+    the baselines' fit + select once each, in rotating order; ratios are per round; rounds
+    whose load average shows another process are marked and do not back the target.
+    The first SelectQ fit + select is untimed: it measures peak RSS and warms up."""
     model = load_model(model_name).eval()
     pool = subset_pool(load_pool(DATA), size)
     with torch.no_grad():  # warm-up: first-call allocations are no selector's cost
         model(pool.get(list(range(min(BATCH, len(pool))))))
     proc = psutil.Process()
-    out: dict = {"pool": len(pool), "n": n, "batch_size": BATCH, "protocol": "bracketed",
-                 "threads": torch.get_num_threads()}  # fmt: skip
+    out: dict = {"pool": len(pool), "n": n, "batch_size": BATCH, "threads": torch.get_num_threads()}
     out["rss_before_mb"] = round(proc.memory_info().rss / 2**20, 1)
+    with Measure() as fit_m:
+        sq = SELECTORS.get("selectq")(seed=0).fit(pool, model=model)
+    with Measure() as sel_m:
+        sq.select(n)
+    out["selectq_peak_mb"] = round(max(fit_m.peak_rss_mb, sel_m.peak_rss_mb), 1)
+    out["selectq_delta_mb"] = round(out["selectq_peak_mb"] - out["rss_before_mb"], 1)
+    if not timings:
+        out["process_maxrss_mb"] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        )
+        return out
+    fitted = {"selectq": sq}
 
-    def fp_forward() -> dict:
-        w0, c0 = time.perf_counter(), time.process_time()
+    def fp_forward() -> None:
         with torch.no_grad():
             for _, x in pool.batches(BATCH):
                 model(x)
-        return {"wall_s": round(time.perf_counter() - w0, 3),
-                "cpu_s": round(time.process_time() - c0, 3)}  # fmt: skip
 
-    def measured(f: Callable[[], object]) -> tuple[dict, float]:
-        c0 = time.process_time()
-        with Measure() as m:
-            f()
-        spent = {"wall_s": round(m.seconds, 3), "cpu_s": round(time.process_time() - c0, 3)}
-        return spent, m.peak_rss_mb
+    def fit() -> None:
+        fitted["selectq"] = SELECTORS.get("selectq")(seed=0).fit(pool, model=model)
 
-    forwards = [fp_forward()] if timings else []
-    sq = SELECTORS.get("selectq")(seed=0)
-    fit, fit_peak = measured(lambda: sq.fit(pool, model=model))
-    if timings:
-        forwards.append(fp_forward())
-    sel, sel_peak = measured(lambda: sq.select(n))
-    if timings:
-        forwards.append(fp_forward())
-    out["selectq"] = {"fit": fit, "select": sel}
-    out["selectq_peak_mb"] = round(max(fit_peak, sel_peak), 1)
-    out["selectq_delta_mb"] = round(out["selectq_peak_mb"] - out["rss_before_mb"], 1)
-    sq = None  # its fitted state is no baseline's memory
-    if timings:
-        out["fp_forward"] = forwards
-        for name in ("kcenter", "herding", "balanced", "random"):
+    def baseline(name: str) -> Callable[[], object]:
+        def run() -> object:
             s = SELECTORS.get(name)(seed=0)
-            spent, _ = measured(
-                lambda s=s: (s.fit(pool, model=model) if s.needs_model else s.fit(pool)).select(n)
+            s = s.fit(pool, model=model) if s.needs_model else s.fit(pool)
+            out.setdefault("candidates", {})[name] = (
+                int(s.index_.numel()) if hasattr(s, "max_pool") else None
             )
-            out[name] = spent
-            if hasattr(s, "max_pool"):
-                out[name]["candidates"] = int(s.index_.numel())
-            del s
-    out["process_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            return s.select(n)
+
+        return run
+
+    cases = {"fp_forward": fp_forward, "selectq_fit": fit,
+             "selectq_select": lambda: fitted["selectq"].select(n)}  # fmt: skip
+    cases.update({name: baseline(name) for name in COST_BASELINES})
+    out["timing"] = interleaved_timing(cases, rounds=rounds, iters=1, warmup=0,
+                                       reference="fp_forward")  # fmt: skip
+    out["protocol"] = "interleaved"
+    out["process_maxrss_mb"] = maxrss_mb()
     return out
 
 
@@ -552,38 +591,93 @@ def write_grid(r: Runner) -> None:
     )  # fmt: skip
 
 
+COST_GOALS = {"selectq_fit": 1.5, "selectq_select": 1.5}  # ratio to one plain FP forward
+COST_LABELS = {
+    "fp_forward": "plain FP forward (reference)",
+    "selectq_fit": "selectq pass 1 (fit)",
+    "selectq_select": "selectq pass 2 (select)",
+    **{name: f"{name} fit + select" for name in COST_BASELINES},
+}
+
+
+def interleaved_cost_rows(model: str, t: dict) -> list[dict]:
+    """One row per case of an interleaved cost cell: seconds over all rounds, ratio to the
+    forward of the same round over all rounds, and the target judged on uncontended
+    rounds only (:func:`common.target_claim`)."""
+    timing = t["timing"]
+    ok = uncontended_rounds(timing)
+    rows = []
+    for case, label in COST_LABELS.items():
+        if case not in timing["cases"]:
+            continue
+        sec, ratio = timing["cases"][case], timing["ratios"][case]
+        row = {
+            "model": model, "what": label, "wall_s": round(sec["median"], 2),
+            "spread": round(sec["spread"], 3), "ratio_median": round(ratio["median"], 3),
+            "ratio_min": round(ratio["min"], 3), "ratio_max": round(ratio["max"], 3),
+            "uncontended": f"{len(ok)}/{len(timing['per_round'])}", "goal": "", "met": "",
+        }  # fmt: skip
+        if case in COST_GOALS:
+            claim = target_claim(timing, case, COST_GOALS[case])
+            row.update(goal=f"<= {COST_GOALS[case]}", met=claim["met"],
+                       claim_median=round(claim["ratio_median"], 3))  # fmt: skip
+        cand = (t.get("candidates") or {}).get(case)
+        row["note"] = f"{cand} candidates (max_pool)" if cand else ""
+        rows.append(row)
+    return rows
+
+
+def bracketed_cost_rows(model: str, t: dict) -> list[dict]:
+    """The earlier protocol's cells (forward, fit, forward, select, forward, baselines, one
+    pass each): kept as measured, under their own heading."""
+    f0, f1, f2 = t["fp_forward"]
+    items = [
+        ("plain FP forward, before pass 1", f0, [f0], "", ""),
+        ("selectq pass 1 (fit)", t["selectq"]["fit"], [f0, f1], "<= 1.5", "vs forwards 1-2"),
+        ("plain FP forward, between", f1, [f1], "", ""),
+        ("selectq pass 2 (select)", t["selectq"]["select"], [f1, f2], "<= 1.5",
+         "vs forwards 2-3"),
+        ("plain FP forward, after pass 2", f2, [f2], "", ""),
+    ]  # fmt: skip
+    for name in COST_BASELINES:
+        s = t[name]
+        cand = f"{s['candidates']} candidates (max_pool)" if "candidates" in s else ""
+        items.append((f"{name} fit + select", s, [f0, f1, f2], "", cand))
+    rows = []
+    for what, spent, ref, goal, note in items:
+        row = {"model": model, "what": what}
+        for clock in ("wall", "cpu"):
+            base = statistics.fmean(f[f"{clock}_s"] for f in ref)
+            row[f"{clock}_s"] = round(spent[f"{clock}_s"], 2)
+            row[f"{clock}_ratio"] = round(spent[f"{clock}_s"] / base, 3)
+        rows.append({**row, "goal": goal, "note": note})
+    return rows
+
+
 def write_cost(r: Runner) -> None:
-    rows, rss = [], []
+    rows, old, rss, rounds = [], [], [], []
     big, small = r.args.cost_pools
     for model in r.args.models:
-        key = {"model": model, "pool": big, "timings": True}
-        t = r.cost_store.rows.get(json.dumps(key, sort_keys=True))
-        if t and t.get("protocol") == "bracketed":
-            f0, f1, f2 = t["fp_forward"]
-            items = [
-                ("plain FP forward, before pass 1", f0, [f0], "", ""),
-                ("selectq pass 1 (fit)", t["selectq"]["fit"], [f0, f1], "<= 1.5",
-                 "vs forwards 1-2"),
-                ("plain FP forward, between", f1, [f1], "", ""),
-                ("selectq pass 2 (select)", t["selectq"]["select"], [f1, f2], "<= 1.5",
-                 "vs forwards 2-3"),
-                ("plain FP forward, after pass 2", f2, [f2], "", ""),
-            ]  # fmt: skip
-            for name in ("kcenter", "herding", "balanced", "random"):
-                s = t[name]
-                cand = f"{s['candidates']} candidates (max_pool)" if "candidates" in s else ""
-                items.append((f"{name} fit + select", s, [f0, f1, f2], "", cand))
-            for what, spent, ref, goal, note in items:
-                row = {"model": model, "what": what}
-                for clock in ("wall", "cpu"):
-                    base = statistics.fmean(f[f"{clock}_s"] for f in ref)
-                    row[f"{clock}_s"] = round(spent[f"{clock}_s"], 2)
-                    row[f"{clock}_ratio"] = round(spent[f"{clock}_s"] / base, 3)
-                rows.append({**row, "goal": goal, "note": note})
+        t = r.cost_store.rows.get(cell_key(cost_cell(r.args, model, big, True)))
+        if t:
+            rows += interleaved_cost_rows(model, t)
+            for rnd in t["timing"]["per_round"]:
+                rounds.append({
+                    "model": model, "round": rnd["round"],
+                    "loadavg_start": rnd["loadavg_start"][0], "loadavg_end": rnd["loadavg_end"][0],
+                    "contended": "yes" if rnd["contended"] else "no",
+                    "forward_s": round(rnd["seconds"]["fp_forward"], 2),
+                    "fit_ratio": round(rnd["ratios"]["selectq_fit"], 3),
+                    "select_ratio": round(rnd["ratios"]["selectq_select"], 3),
+                })  # fmt: skip
+        b = r.cost_store.rows.get(cell_key({"model": model, "pool": big, "timings": True}))
+        if b and b.get("protocol") == "bracketed":
+            old += bracketed_cost_rows(model, b)
         probes = {}
         for size, timings in ((big, True), (small, False)):
-            key = {"model": model, "pool": size, "timings": timings}
-            probes[size] = r.cost_store.rows.get(json.dumps(key, sort_keys=True))
+            probes[size] = r.cost_store.rows.get(cell_key(cost_cell(r.args, model, size, timings)))
+        if not probes[big]:  # the RSS of the bracketed cell, until an interleaved one exists
+            probes[big] = b
         if probes[big] and probes[small]:
             b, s = probes[big], probes[small]
             rss.append({
@@ -595,24 +689,42 @@ def write_cost(r: Runner) -> None:
             })  # fmt: skip
     n = r.args.cost_n
     notes = (
-        f"Each model measured in one fresh process (n = {n}, batch {BATCH}, "
-        f"{big}-sample pool, one thread) in the order forward, SelectQ fit, forward, SelectQ "
-        "select, forward, baselines: a pass's ratio is its seconds over the mean of the two "
-        "forwards around it (a forward's own ratio is 1), for wall-clock and process CPU "
-        "seconds; the baselines are divided by the mean of all three. The k-center and herding "
-        "baselines forward only their seeded candidate subsample (default max_pool=5000). "
-        "RSS: SelectQ fit + select(n) in a fresh process per pool size; peak = process RSS "
-        "(model, data and selection), delta = peak minus the RSS before selection."
+        f"Each model measured in one fresh process (n = {n}, batch {BATCH}, {big}-sample "
+        f"pool, --threads {r.args.threads}, CPU) under the interleaved protocol "
+        f"(bench/common.py): {r.args.cost_rounds} rounds, each timing one plain FP forward, "
+        "SelectQ's fit (pass 1), its select (pass 2) and each baseline's fit + select, in "
+        "rotating order. `wall_s` = median seconds over rounds, `spread` = (max - min) / "
+        "median; ratios are to the forward *of the same round*, median / min / max over "
+        "rounds. A round is contended when the 1-minute load average at its start or end "
+        "exceeds threads + 0.5 (`uncontended` = rounds that were not); `met` and "
+        "`claim_median` read the uncontended rounds only (n/a: none). The k-center and "
+        "herding baselines forward only their seeded candidate subsample (default "
+        "max_pool=5000). RSS: SelectQ fit + select(n) in a fresh process per pool size; "
+        "peak = process RSS (model, data and selection), delta = peak minus the RSS before "
+        "selection."
     )
+    if not rows:
+        notes = "NOT MEASURED under the interleaved protocol yet (run --sections cost). " + notes
     if r.args.smoke:
         notes = "SMOKE RUN (small pools): not results. " + notes
+    extra = [("Per round (interleaved protocol)", rounds,
+              ["model", "round", "loadavg_start", "loadavg_end", "contended", "forward_s",
+               "fit_ratio", "select_ratio"]),
+             ("SelectQ peak RSS: large vs small pool", rss,
+              ["model", "pool_big", "pool_small", "peak_big_mb", "peak_small_mb",
+               "peak_ratio", "delta_big_mb", "delta_small_mb", "goal"])]  # fmt: skip
+    if old:
+        extra.append((
+            "Earlier protocol (bracketed: forward, fit, forward, select, forward; one pass "
+            "each, no load average recorded; the forwards drifted 113-162 s within the "
+            "MobileNetV2 run, so these ratios are not a claim)", old,
+            ["model", "what", "wall_s", "wall_ratio", "cpu_s", "cpu_ratio", "goal", "note"],
+        ))  # fmt: skip
     write_tables(
         f"{r.grid}-cost", "Selection cost: time vs a plain FP forward pass, and peak RSS",
         command(r), rows,
-        ["model", "what", "wall_s", "wall_ratio", "cpu_s", "cpu_ratio", "goal", "note"], notes,
-        extra=[("SelectQ peak RSS: large vs small pool", rss,
-                ["model", "pool_big", "pool_small", "peak_big_mb", "peak_small_mb",
-                 "peak_ratio", "delta_big_mb", "delta_small_mb", "goal"])],
+        ["model", "what", "wall_s", "spread", "ratio_median", "ratio_min", "ratio_max",
+         "uncontended", "goal", "met", "claim_median", "note"], notes, extra=extra,
     )  # fmt: skip
 
 
@@ -723,6 +835,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-pool", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-timings", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cost-n", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--cost-rounds", type=positive_int, default=3,
+                   help="rounds of the interleaved cost timing (section cost)")  # fmt: skip
     args = p.parse_args(argv)
     known = [f"{name}={value}" for name, value, _ in VARIANTS]
     for v in args.variants or ():
@@ -746,10 +860,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    apply_runner_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cost_probe:
         print(json.dumps(cost_probe(args.cost_probe, args.probe_pool, args.cost_n,
-                                    args.probe_timings)))  # fmt: skip
+                                    args.probe_timings, args.cost_rounds)))  # fmt: skip
         return 0
     r = Runner(args)
     blocks = r.blocks()

@@ -304,7 +304,8 @@ def test_end_to_end_on_digits_with_artifact(trained_tiny, tmp_path):
     cfg = RunConfig(model="api", data="digits", quant=QuantConfig(4, 4),
                     calib=CalibConfig(calibrator="qdrop", num_calib=64, recon=recon))  # fmt: skip
     _, res = quantize(cfg, bench, out=tmp_path / "run", progress=False)
-    assert res.quant_top1 >= bench.fp_top1 - 5.0
+    # Measured 0.8 points below FP (3 of 359 test images); see the reconstruction tests.
+    assert res.quant_top1 >= bench.fp_top1 - 2.0
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["config"]["calib"]["recon"]["contrastive"]["loss"] == "nce"
     st = saved["calib_stats"]  # the run reports its cost, the term's share included
@@ -357,3 +358,108 @@ def test_short_run_on_torchvision_architectures(arch):
     assert sum(bool(t) for t in tails) >= len(tails) // 2
     with torch.no_grad():
         assert torch.isfinite(q(xs)).all()
+
+
+# -- options change what they say they change ---------------------------------------------
+
+
+class _Record(ContrastiveLoss):
+    """Keeps, per block, the raw critic features of the calibration set and what the term
+    made of them (the cached FP side and the features of the FP outputs)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def begin_block(self, info):
+        super().begin_block(info)
+        with torch.no_grad():
+            raw = torch.cat([self._critic(f) for f in info.cache.fp_out.split(5)])
+            self.seen.append({"raw": raw, "cached": self._z_fp,
+                              "features": self.features(info.cache.fp_out)})  # fmt: skip
+
+
+def _recorded(cfg, x):
+    q, cal = _calibrate("brecq", cfg, x, iters=1, act_iters=1)
+    term = _Record(cfg)
+    cal.extra_terms = lambda: [term]
+    cal.calibrate(q, x, progress=False)
+    return [s for s in term.seen if s["raw"].shape[1] > 1]
+
+
+def test_centering_subtracts_the_calibration_mean_by_hand(x):
+    # Hand computation: z_i = (g_i - mean_j g_j) / |g_i - mean_j g_j|. Adding the mean
+    # instead (a sign slip) keeps unit norms and the same stored center, so it is checked
+    # here against the formula and by its effect: centered features of the calibration
+    # set sum to a vector far shorter than uncentered post-ReLU ones (cosine ~ 1).
+    seen = _recorded(ContrastiveConfig(center=True), x)
+    assert seen
+    for s in seen:
+        raw = s["raw"].double()
+        expected = F.normalize(raw - raw.mean(0), dim=1)
+        assert torch.allclose(s["cached"].double(), expected, atol=1e-5)
+        assert torch.allclose(s["features"].double(), expected, atol=1e-5)
+        wrong = F.normalize(raw + raw.mean(0), dim=1)
+        assert not torch.allclose(s["cached"].double(), wrong, atol=1e-3)
+    for s in _recorded(ContrastiveConfig(center=False), x):
+        raw = s["raw"].double()
+        assert torch.allclose(s["cached"].double(), F.normalize(raw, dim=1), atol=1e-5)
+
+
+def test_centering_removes_the_shared_direction_that_makes_negatives_look_positive(x):
+    # The documented reason for centering: pooled FP features of different samples point
+    # the same way. Mean off-diagonal cosine of the cached FP side, per block: high
+    # without centering, near zero (negative on average, since centered rows sum to 0)
+    # with it.
+    def mean_offdiag_cosine(z):
+        s = z @ z.T
+        off = ~torch.eye(len(z), dtype=torch.bool)
+        return s[off].mean().item()
+
+    plain = [
+        mean_offdiag_cosine(s["cached"]) for s in _recorded(ContrastiveConfig(center=False), x)
+    ]
+    centered = [mean_offdiag_cosine(s["cached"]) for s in _recorded(ContrastiveConfig(), x)]
+    assert min(plain) > 0.5
+    assert max(centered) < 0.05
+    assert all(c < p for c, p in zip(centered, plain, strict=True))
+
+
+def test_critic_options_build_the_tail_they_name(x):
+    # truncated with tail_blocks=k follows at most k blocks; full follows the whole chain;
+    # projection has no tail and trains a head of proj_dim outputs.
+    def tails(cfg):
+        q, cal = _calibrate("brecq", cfg, x, iters=1, act_iters=1)
+        cal.calibrate(q, x, progress=False)
+        return [h["tail"] for h in cal.engine.extra_terms[0].history], cal
+
+    t0, _ = tails(ContrastiveConfig(tail_blocks=0))
+    t1, cal = tails(ContrastiveConfig(tail_blocks=1))
+    full, _ = tails(ContrastiveConfig(critic="full"))
+    block_names = {b.name for b in cal.engine.blocks}
+    assert all(sum(n in block_names for n in t) == 0 for t in t0)
+    assert all(sum(n in block_names for n in t) <= 1 for t in t1)
+    assert any(sum(n in block_names for n in t) == 1 for t in t1)
+    assert any(sum(n in block_names for n in t) > 1 for t in full)  # goes further than one
+    assert all(len(f) >= len(a) for f, a in zip(full, t1, strict=True))
+    proj, _ = tails(ContrastiveConfig(critic="projection", proj_dim=7))
+    assert all(t == [] for t in proj)
+
+
+def test_loss_option_selects_the_formula():
+    # The loss option reaches contrastive_loss: a term built with loss=infonce returns the
+    # cross-entropy value on a fixed batch, nce the pairwise logistic one, and they differ.
+    z_f = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    z_q = F.normalize(z_f + 0.3 * torch.randn(6, 4, generator=torch.Generator().manual_seed(1)),
+                      dim=1)  # fmt: skip
+    values = {}
+    for kind in ("nce", "infonce"):
+        term = ContrastiveLoss(ContrastiveConfig(loss=kind, weight=2.0, temperature=0.2))
+        term._critic = FrozenTailCritic([], [])
+        term._z_fp = z_f
+        ctx = type("Ctx", (), {"q_out": z_q, "fp_out": z_q, "batch_indices": torch.arange(6)})
+        values[kind] = term(ctx).item()
+        assert values[kind] == pytest.approx(2.0 * contrastive_loss(z_q, z_f, 0.2, kind).item())
+    s = z_q @ z_f.T / 0.2
+    assert values["infonce"] == pytest.approx(2.0 * F.cross_entropy(s, torch.arange(6)).item())
+    assert values["nce"] != pytest.approx(values["infonce"])

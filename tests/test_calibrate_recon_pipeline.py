@@ -37,7 +37,9 @@ def test_quantize_end_to_end_round_trip_and_rerun(bench, trained_tiny, tmp_path,
     out = tmp_path / "run"
     q1, r1 = quantize(cfg, bench, out=out, progress=False)
     assert (out / "calib_state" / STATE_FILE).exists()
-    assert r1.quant_top1 >= bench.fp_top1 - 5.0
+    # W4A4, 30 iterations: measured 0.8-1.1 points below FP (3-4 of the 359 digits test
+    # images); 2 points leave room for a few images across platforms, not for a broken method.
+    assert r1.quant_top1 >= bench.fp_top1 - 2.0
     cfg2, q2, _ = load_run(out, model=trained_tiny)
     assert cfg2 == cfg
     x = bench.pool.get(list(range(32)))
@@ -65,7 +67,8 @@ def test_reconstruction_beats_minmax_at_w2a4(bench):
 def test_reconstruction_works_with_every_selector(bench, selector):
     cfg = _cfg("qdrop", iters=2, select=SelectConfig(selector))
     _, r = quantize(cfg, bench, progress=False)
-    assert len(r.calib_indices) == 64 and 0.0 <= r.quant_top1 <= 100.0
+    # Measured 0.3-1.1 points below FP over the selectors (2 iterations per block).
+    assert len(r.calib_indices) == 64 and r.quant_top1 >= bench.fp_top1 - 2.0
 
 
 def test_cli_flags_run_and_eval(tmp_path, capsys, monkeypatch, trained_tiny):

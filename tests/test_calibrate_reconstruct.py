@@ -356,3 +356,35 @@ def test_block_the_forward_pass_never_reaches_is_skipped(caplog):
         eng.run()
     assert "aux is not reached" in caplog.text
     assert [h["block"] for h in eng.history if "stage" in h] == ["conv", "fc"]
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+def test_observer_options_set_the_initial_ranges(method):
+    # Documented: reconstruction starts from w_observer / a_observer ranges. With no
+    # iterations the ranges are the observers' own, so the options must show: the MSE
+    # search clips (scale at most min-max's, strictly smaller where an outlier sits): two
+    # pixels at +-12 in a standard-normal input set min-max's first range to 24 / 7 at 3
+    # bits; clipping them (2 x ~80) costs far less than that step does on the 1,598
+    # others (~0.9 each).
+    x = torch.randn(16, 1, 10, 10, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 12.0, -12.0
+    scales = {}
+    for obs in ("minmax", "mse"):
+        q = build_quant_model(tiny_resnet(), QuantConfig(3, 3, first_last_bits=None), x[:1])
+        cal = _calibrator(method, iters=0, act_iters=0, w_observer=obs, a_observer=obs)
+        cal.calibrate(q, x, progress=False)
+        mods = dict(q.quant_modules())
+        scales[obs] = {
+            n: (m.weight_quantizer.scale.detach().clone(), m.act_quantizer.scale.detach().clone())
+            for n, m in mods.items()
+        }
+    first = next(iter(scales["minmax"]))
+    w_mm, a_mm = scales["minmax"][first]
+    w_mse, a_mse = scales["mse"][first]
+    assert a_mm.item() == pytest.approx(24.0 / 7, rel=1e-6)
+    assert a_mse.item() < 0.5 * a_mm.item()
+    for n in scales["minmax"]:
+        w_mm, _ = scales["minmax"][n]
+        w_mse, _ = scales["mse"][n]
+        assert bool((w_mse <= w_mm * (1 + 1e-6)).all()), n
+    assert any(bool((scales["mse"][n][0] < scales["minmax"][n][0]).any()) for n in scales["mse"])

@@ -230,3 +230,53 @@ def test_fold_any_conv_config(
     )
     folded = check_fold(randomize_bn(model, seed), torch.randn(2, cin, 5, 5))
     assert isinstance(folded[1], nn.Identity)
+
+
+class EpsNet(nn.Module):
+    """Conv + BN2d and Linear + BN1d with a non-default eps and momentum."""
+
+    def __init__(self, eps: float, momentum: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, eps=eps, momentum=momentum)
+        self.fc = nn.Linear(4, 5, bias=False)
+        self.bn1d = nn.BatchNorm1d(5, eps=eps, momentum=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.bn1d(self.fc(x.mean((2, 3))))
+
+
+def test_fold_uses_the_layers_own_eps_after_momentum_updates() -> None:
+    # eps = 1e-2 against running variances of order 1e-2: dropping eps, or using the
+    # default 1e-5, moves the folded scale by tens of percent. Running statistics come
+    # from train-mode passes with momentum 0.3, so they are what the model really holds.
+    torch.manual_seed(0)
+    model = EpsNet(eps=1e-2, momentum=0.3).double()
+    with torch.no_grad():  # non-trivial affine parameters
+        for m in (model.bn, model.bn1d):
+            m.weight.copy_(torch.rand(m.num_features) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features) * 0.2)
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):  # 0.7^20: the initial running_var of 1 is forgotten
+            model(0.1 * torch.randn(16, 3, 6, 6, dtype=torch.float64))
+    bn = model.bn
+    assert bn.num_batches_tracked.item() == 20
+    assert float(bn.running_var.min()) < 0.05  # eps is not negligible against it
+    model.eval()
+    x = 0.1 * torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        folded = fold_bn(model)
+        out = folded(x)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert bn_count(folded) == 0
+    # The folded conv, by hand: w * gamma / sqrt(var + eps), (b - mean) * that + beta.
+    s = bn.weight / torch.sqrt(bn.running_var + 1e-2)
+    torch.testing.assert_close(folded.conv.weight, model.conv.weight * s.reshape(-1, 1, 1, 1),
+                               atol=1e-12, rtol=1e-12)  # fmt: skip
+    torch.testing.assert_close(folded.conv.bias, (model.conv.bias - bn.running_mean) * s + bn.bias,
+                               atol=1e-12, rtol=1e-12)  # fmt: skip
+    wrong = bn.weight / torch.sqrt(bn.running_var + 1e-5)
+    assert (folded.conv.weight - model.conv.weight * wrong.reshape(-1, 1, 1, 1)).abs().max() > 1e-2

@@ -392,3 +392,21 @@ def test_torchvision_resnet18() -> None:
     calibrate(q, x)
     with torch.no_grad():
         assert rel_err(q(x), model(x)) < 0.1
+
+
+def test_first_last_bits_at_8_lowers_the_error_of_a_low_bit_model(
+    net: TinyNet, x: torch.Tensor
+) -> None:
+    # Documented (design.md §1): the first and last layer stay at 8 bits because they
+    # are the most sensitive. At W2A2 keeping them at 8 bits must bring the output closer
+    # to FP than quantizing them like the rest; 6 bits sits in between.
+    W2, A2 = QuantSpec(bits=2, per_channel=True), QuantSpec(bits=2)
+    errs = {}
+    with torch.no_grad():
+        ref = fold_bn(net)(x)
+        for flb in (8, 6, None):
+            q = observed(net, W2, A2, first_last_bits=flb, example_input=x)
+            calibrate(q, x)
+            errs[flb] = rel_err(q(x), ref)
+    assert errs[8] < errs[6] < errs[None]
+    assert errs[8] < 0.8 * errs[None]

@@ -190,8 +190,7 @@ def test_cli_flags_reach_the_config_and_round_trip():
 def test_cli_bad_abits_is_a_one_line_error(capsys):
     from qcalib.cli import main
 
-    with pytest.raises(SystemExit):
-        main(["quantize", "--abits", "eight"])
+    assert main(["quantize", "--abits", "eight"]) == 2
     assert "16 / none" in capsys.readouterr().err
     assert main(["quantize", "--abits", "12", "--no-progress"]) == 2
     assert "16 / none" in capsys.readouterr().err

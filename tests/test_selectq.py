@@ -357,3 +357,93 @@ def test_pipeline_and_cli(trained_tiny, monkeypatch, capsys, tmp_path):
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "no parameter 'clusters'" in err and "num_clusters" in err and "\n" not in err.strip()
+
+
+def test_allocate_quotas_group_exactly_at_min_share_keeps_its_seat():
+    # Shares n * m / M = 2, 2 and exactly 1.0 for the 5-member group: "below min_share"
+    # excludes it only when strictly below, so it keeps its seat. (With a strict ">" it
+    # would be dropped and its seat re-split: [3, 2, 0].)
+    assert allocate_quotas([10, 10, 5], 5, min_share=1.0) == [2, 2, 1]
+    # Just below the boundary (share 4/4.1 < 1) it is excluded.
+    assert allocate_quotas([10, 10, 4], 5, min_share=1.0) == [3, 2, 0]
+    # A fractional min_share at its exact boundary: shares 3.25, 1.25 and 0.5 == 0.5; the
+    # boundary group's remainder (0.5) is the largest, so it takes the last seat.
+    assert allocate_quotas([13, 5, 2], 5, min_share=0.5) == [3, 1, 1]
+    assert allocate_quotas([13, 5, 2], 5, min_share=0.51) == [4, 1, 0]
+
+
+# ------------------------------------------------------ options take effect, as documented
+def _image_layer_pool(kind: str, n_pool: int = 300, n_out: int = 8, seed: int = 0):
+    """A pool whose planted samples differ from the rest only in the way ``kind`` names,
+    seen on the first conv's input (the image itself): ``spread`` = same per-channel
+    spatial means, 5x the spatial spread; ``scale`` = the whole image x4 (means and
+    spreads scaled together, so the statistics vector keeps its direction). Also returns
+    the pool before planting."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_pool, 3, 8, 8, generator=g) * 0.5 + 2.0
+    clean = x.clone()
+    out = torch.randperm(n_pool, generator=g)[:n_out]
+    if kind == "spread":
+        mu = x[out].mean((2, 3), keepdim=True)
+        x[out] = mu + (x[out] - mu) * 5
+    else:
+        x[out] = x[out] * 4
+    planted = Pool(TensorDataset(x), name=f"planted-{kind}")
+    return planted, out, Pool(TensorDataset(clean), name="clean")
+
+
+def _select(pool, seed=0, **params):
+    sel = SelectQSelector(seed=seed, num_clusters=4, batch_size=100, init_size=100,
+                          layers="0", **params)  # fmt: skip
+    return sel.fit(pool, model=small_net()).select(30)
+
+
+def _hits(pool, outliers, seeds=range(5), **params):
+    return sum(int(torch.isin(_select(pool, s, **params), outliers).sum()) for s in seeds)
+
+
+def test_stats_mean_is_blind_to_spread_only_outliers():
+    # Documented: stats="mean" keeps per-channel means only. Planting 5x the spatial
+    # spread into 8 samples (their means unchanged) leaves a mean-only selection exactly
+    # as it was on the clean pool; mean_std sees them as outliers and never picks one.
+    planted, out, clean = _image_layer_pool("spread")
+    for seed in (0, 1):
+        assert torch.equal(_select(planted, seed, stats="mean"), _select(clean, seed, stats="mean"))
+    assert _hits(planted, out, stats="mean_std") == 0
+    assert not torch.equal(_select(planted, stats="mean_std"), _select(clean, stats="mean_std"))
+
+
+def test_cosine_ignores_the_overall_magnitude_w2_does_not():
+    # Documented: cosine compares the direction of the normalised statistics and ignores
+    # their magnitude; w2 charges every deviation. 4x brighter copies of 8 samples are far
+    # for w2 and never picked (5 seeds); for cosine they rank like ordinary samples.
+    planted, out, _ = _image_layer_pool("scale")
+    assert _hits(planted, out, metric="w2") == 0
+    assert _hits(planted, out, metric="cosine") >= 3
+
+
+@pytest.mark.parametrize("metric", ["w2", "kl", "cosine"])
+@pytest.mark.parametrize("combine", ["mean", "max"])
+def test_metric_and_combine_reach_the_ranking(metric, combine, monkeypatch):
+    # Every per-layer KD is the named metric's, and the total is their mean or max.
+    import qcalib.select.selectq as selectq
+
+    seen = []
+
+    def spy(per_layer, how):
+        total = selectq_combine(per_layer, how)
+        seen.append((per_layer, how, total))
+        return total
+
+    selectq_combine = selectq.combine_layers
+    monkeypatch.setattr(selectq, "combine_layers", spy)
+    pool, _, _ = _image_layer_pool("scale")
+    sel = SelectQSelector(num_clusters=4, batch_size=100, init_size=100, metric=metric,
+                          combine=combine)  # fmt: skip
+    sel.fit(pool, model=small_net()).select(20)
+    assert {kd.metric for kd in sel.kd_.values()} == {metric}
+    assert seen and all(how == combine for _, how, _ in seen)
+    for per_layer, _, total in seen:
+        assert per_layer.shape[1] == len(sel.active_sites_) > 1
+        expected = per_layer.max(1).values if combine == "max" else per_layer.mean(1)
+        torch.testing.assert_close(total, expected)

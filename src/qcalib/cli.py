@@ -7,9 +7,18 @@ import logging
 import sys
 from pathlib import Path
 
+from qcalib import argtypes
 from qcalib.errors import QCalibError
 
 log = logging.getLogger("qcalib")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: the flag, what is wrong and the fix (the typed
+    values of :mod:`qcalib.argtypes` word it), then where the help is; exit status 2."""
+
+    def error(self, message: str):  # noqa: ANN201
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -49,23 +58,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_value(text: str):  # noqa: ANN202
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def _selector_params(pairs: list[str]) -> tuple:
+def _selector_params(pairs: list) -> tuple:
+    """``--selector-param`` values (``(name, value)`` from :data:`argtypes.name_value`, or
+    ``NAME=VALUE`` strings) as the sorted pairs :class:`SelectConfig` holds."""
     params = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise QCalibError(f"--selector-param expects NAME=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
-        params[k.replace("-", "_")] = _parse_value(v)
+        if isinstance(pair, str):
+            try:
+                pair = argtypes.name_value(pair)
+            except argparse.ArgumentTypeError as e:
+                raise QCalibError(f"--selector-param: {e}") from None
+        params[pair[0]] = pair[1]
     return tuple(sorted(params.items()))
+
+
+def check_selector_params(selector: str, params: tuple, seed: int = 0) -> None:
+    """Build the selector once with ``params`` (constructors are cheap and check their
+    values), so an unknown or bad ``--selector-param`` fails before any loading."""
+    import inspect
+
+    from qcalib.select import SELECTORS
+
+    cls = SELECTORS.get(selector)
+    accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "seed")]
+    for name, _ in params:
+        if name not in accepted:
+            known = ", ".join(accepted) or "none"
+            raise QCalibError(
+                f"--selector-param: selector {selector!r} has no parameter {name!r}; "
+                f"its parameters: {known}"
+            )
+    try:
+        cls(seed=seed, **dict(params))
+    except QCalibError as e:
+        raise QCalibError(f"--selector-param: {e}") from None
 
 
 _RECON_FLAGS = {  # argparse dest -> ReconConfig field
@@ -107,23 +133,12 @@ def _recon_config(args: argparse.Namespace):  # noqa: ANN202
         if getattr(args, dest, None) is not None
     }
     if cl and not getattr(args, "contrastive", False):
-        flags = ", ".join("--" + d.replace("_", "-") for d in _CONTRASTIVE_FLAGS if d in cl)
+        given = [d for d in _CONTRASTIVE_FLAGS if getattr(args, d, None) is not None]
+        flags = ", ".join("--" + d.replace("_", "-") for d in given)
         raise QCalibError(f"{flags} only apply with --contrastive; add it or drop them")
     if getattr(args, "contrastive", False):
         kwargs["contrastive"] = ContrastiveConfig(**cl)
     return ReconConfig(**kwargs)
-
-
-def _abits(text: str) -> int | None:
-    """``--abits``: 2..8, or 16 / none for float activations (weight-only)."""
-    if text.lower() in ("none", "float", "fp"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected bits (2..8) or 16 / none for float activations, got {text!r}"
-        ) from None
 
 
 def config_from_args(args: argparse.Namespace):  # noqa: ANN201
@@ -137,6 +152,10 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
     )
 
     flb = args.first_last_bits
+    if isinstance(flb, str):  # a Namespace not made by this parser (the API's own callers)
+        flb = argtypes.first_last_bits(flb)
+    select = SelectConfig(args.selector, _selector_params(args.selector_param))
+    check_selector_params(select.selector, select.params, args.seed)
     return RunConfig(
         model=args.model,
         data=args.data,
@@ -148,7 +167,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
             w_symmetric=args.w_symmetric,
             w_per_channel=not args.per_tensor_weights,
             a_symmetric=args.a_symmetric,
-            first_last_bits=None if flb == "same" else int(flb),
+            first_last_bits=flb,
             lm_head_bits=args.lm_head_bits,
             fold_bn=not args.no_fold_bn,
             allow_float_layers=args.allow_float_layers,
@@ -167,7 +186,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
                 **({} if args.percdamp is None else {"percdamp": args.percdamp}),
             ),
         ),
-        select=SelectConfig(args.selector, _selector_params(args.selector_param)),
+        select=select,
         seed=args.seed,
         eval_batch_size=args.eval_batch_size,
         device=args.device,
@@ -246,32 +265,33 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
                         "forms; imagefolder reads its val/ or test/), or 'none' to skip "
                         "evaluation; default: the test split of --data")  # fmt: skip
     g = q.add_argument_group("text data (--data text:PATH with an hf: model)")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    g.add_argument("--seq-len", type=argtypes.int_range(2, example=512), default=512,
+                   help="tokens per calibration sample")  # fmt: skip
     g.add_argument("--text-mode", choices=("chunk", "doc"), default="chunk",
                    help="chunk: documents concatenated and cut into --seq-len windows; doc: "
                         "one padded sample per document")  # fmt: skip
     g.add_argument("--text-field", default="text",
                    help="text field of .json/.jsonl documents (e.g. extract)")  # fmt: skip
     g = q.add_argument_group("quantization")
-    g.add_argument("--wbits", type=int, default=4)
-    g.add_argument("--abits", type=_abits, default=4,
+    g.add_argument("--wbits", type=argtypes.bits, default=4)
+    g.add_argument("--abits", type=argtypes.act_bits, default=4,
                    help="activation bits 2..8, or 16 / none: activations stay float "
                         "(weight-only, e.g. W4A16)")  # fmt: skip
-    g.add_argument("--group-size", type=int, default=None, metavar="N",
+    g.add_argument("--group-size", type=argtypes.positive_int, default=None, metavar="N",
                    help="N input channels of a weight row share a scale (e.g. 128); "
                         "default: one per output channel")  # fmt: skip
     g.add_argument("--a-dynamic", action="store_true",
                    help="per-token activation ranges computed at run time")  # fmt: skip
-    g.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+    g.add_argument("--smoothquant", type=argtypes.probability, default=None, metavar="ALPHA",
                    help="SmoothQuant before quantizing, migration strength ALPHA in [0, 1] "
                         "(the paper's default 0.5); default off")  # fmt: skip
     g.add_argument("--w-symmetric", action="store_true", help="symmetric weight grid")
     g.add_argument("--a-symmetric", action="store_true", help="symmetric activation grid")
     g.add_argument("--per-tensor-weights", action="store_true")
-    g.add_argument("--first-last-bits", default="8",
+    g.add_argument("--first-last-bits", type=argtypes.first_last_bits, default=8,
                    help="bits of the first and last layer, or 'same' to quantize them "
                         "like the rest (default 8); text models ignore it")  # fmt: skip
-    g.add_argument("--lm-head-bits", type=int, default=None,
+    g.add_argument("--lm-head-bits", type=argtypes.bits, default=None,
                    help="text models: bits of lm_head (default: float)")  # fmt: skip
     g.add_argument("--allow-float-layers", action="store_true",
                    help="quantize the rest when over 5%% of the conv/linear-like weights "
@@ -279,67 +299,79 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--no-fold-bn", action="store_true")
     g = q.add_argument_group("calibration")
     g.add_argument("--calibrator", default="minmax", choices=CALIBRATORS.names())
-    g.add_argument("--num-calib", type=int, default=64)
-    g.add_argument("--calib-batch-size", type=int, default=64)
-    g.add_argument("--percentile", type=float, default=99.99)
+    g.add_argument("--num-calib", type=argtypes.positive_int, default=64)
+    g.add_argument("--calib-batch-size", type=argtypes.positive_int, default=64)
+    g.add_argument("--percentile", type=argtypes.percentile, default=99.99)
     g.add_argument("--selector", default="random", choices=SELECTORS.names())
-    g.add_argument("--selector-param", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra selector parameter (repeatable)")  # fmt: skip
+    g.add_argument("--selector-param", type=argtypes.name_value, action="append", default=[],
+                   metavar="NAME=VALUE", help="extra selector parameter (repeatable)")  # fmt: skip
     g = q.add_argument_group("GPTQ (--calibrator gptq)")
     g.add_argument("--act-order", action="store_true",
                    help="quantize columns by descending Hessian diagonal")  # fmt: skip
-    g.add_argument("--percdamp", type=float, default=None,
+    g.add_argument("--percdamp", type=argtypes.positive_float, default=None,
                    help="Hessian dampening, share of its mean diagonal (default 0.01)")  # fmt: skip
     g = q.add_argument_group("reconstruction (--calibrator adaround, brecq, qdrop)")
     g.add_argument("--profile", choices=["fast", "paper"], default=None,
                    help="fast: 500 iterations per block (CPU); paper: 20k, as published "
                         "(default fast)")  # fmt: skip
-    g.add_argument("--iters", type=int, default=None, help="rounding iterations per block")
-    g.add_argument("--act-iters", type=int, default=None,
+    g.add_argument(
+        "--iters", type=argtypes.nonnegative_int, default=None, help="rounding iterations per block"
+    )
+    g.add_argument("--act-iters", type=argtypes.nonnegative_int, default=None,
                    help="BRECQ's activation-step iterations per block")  # fmt: skip
-    g.add_argument("--recon-batch-size", type=int, default=None, help="default 32")
-    g.add_argument("--w-lr", type=float, default=None, help="rounding lr (default 1e-3)")
-    g.add_argument("--a-lr", type=float, default=None, help="act. step lr (default 4e-5)")
-    g.add_argument("--reg-weight", type=float, default=None,
+    g.add_argument(
+        "--recon-batch-size", type=argtypes.positive_int, default=None, help="default 32"
+    )
+    g.add_argument(
+        "--w-lr", type=argtypes.positive_float, default=None, help="rounding lr (default 1e-3)"
+    )
+    g.add_argument(
+        "--a-lr", type=argtypes.positive_float, default=None, help="act. step lr (default 4e-5)"
+    )
+    g.add_argument("--reg-weight", type=argtypes.nonnegative_float, default=None,
                    help="rounding regularizer weight (default 0.01)")  # fmt: skip
-    g.add_argument("--warmup", type=float, default=None,
+    g.add_argument("--warmup", type=argtypes.fraction, default=None,
                    help="fraction of iterations without regularizer (default 0.2)")  # fmt: skip
-    g.add_argument("--drop-prob", type=float, default=None,
+    g.add_argument("--drop-prob", type=argtypes.probability, default=None,
                    help="QDrop: probability an activation is quantized (default 0.5)")  # fmt: skip
     g.add_argument("--fisher", action="store_true", help="Fisher-weighted output error")
     g = q.add_argument_group("CL-Calib add-on (with adaround, brecq, qdrop)")
     g.add_argument("--contrastive", action="store_true",
                    help="add the contrastive FP/quantized mutual-information loss")  # fmt: skip
-    g.add_argument("--cl-weight", type=float, default=None, help="lambda (default 1)")
-    g.add_argument("--cl-temperature", type=float, default=None, help="tau (default 0.1)")
+    g.add_argument(
+        "--cl-weight", type=argtypes.nonnegative_float, default=None, help="lambda (default 1)"
+    )
+    g.add_argument(
+        "--cl-temperature", type=argtypes.positive_float, default=None, help="tau (default 0.1)"
+    )
     g.add_argument("--cl-loss", choices=["nce", "infonce"], default=None,
                    help="default nce")  # fmt: skip
     g.add_argument("--cl-critic", choices=["truncated", "full", "projection"], default=None,
                    help="frozen FP tail after the block: the next --cl-tail-blocks blocks "
                         "(truncated, default) or all of them (full); projection trains a "
                         "head (ablation)")  # fmt: skip
-    g.add_argument("--cl-tail-blocks", type=int, default=None,
+    g.add_argument("--cl-tail-blocks", type=argtypes.nonnegative_int, default=None,
                    help="blocks in the truncated critic (default 1)")  # fmt: skip
     g = q.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    g.add_argument("--eval-batch-size", type=int, default=500)
+    g.add_argument("--seed", type=argtypes.nonnegative_int, default=0)
+    g.add_argument("--device", type=argtypes.device, default="cpu", help="cpu, cuda or auto")
+    g.add_argument("--eval-batch-size", type=argtypes.positive_int, default=500)
     g.add_argument("--out", default=None, help="run directory for result and artifact")
     g.add_argument("--no-progress", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qcalib", description=__doc__)
+    p = ArgumentParser(prog="qcalib", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a reference model with the project's seeded recipe")
     t.add_argument("--model", default="fmnist-resnet20")
-    t.add_argument("--epochs", type=int, default=15)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--epochs", type=argtypes.positive_int, default=15)
+    t.add_argument("--batch-size", type=argtypes.positive_int, default=128)
+    t.add_argument("--lr", type=argtypes.positive_float, default=0.1)
+    t.add_argument("--seed", type=argtypes.nonnegative_int, default=0)
+    t.add_argument("--threads", type=argtypes.positive_int, default=None)
     t.add_argument("--channels-last", action="store_true", help="NHWC training (faster on CPU)")
     t.add_argument("--data-root", default=None, help="directory with the Fashion-MNIST IDX files")
     t.add_argument("--work-dir", default=None, help="resumable training state (default runs/)")
@@ -366,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (message printed, status 2) or --help (0)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from qcalib import argtypes
 from qcalib.errors import QCalibError
 
 _DEFAULT_MODEL, _DEFAULT_DATA = "zoo:fmnist-resnet20", "fashion-mnist"
@@ -47,19 +48,27 @@ def add_inspect_calib_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--calib-files", default=None, help="file listing image paths, one a line")
     src.add_argument("--selector", default=None, choices=SELECTORS.names(),
                      help="select the set now with this strategy")  # fmt: skip
-    g.add_argument("--num-calib", type=int, default=64, help="set size for --selector")
-    g.add_argument("--seed", type=int, default=0, help="seed of --selector and of sampling")
-    g.add_argument("--selector-param", action="append", default=[], metavar="NAME=VALUE",
+    g.add_argument(
+        "--num-calib", type=argtypes.positive_int, default=64, help="set size for --selector"
+    )
+    g.add_argument(
+        "--seed",
+        type=argtypes.nonnegative_int,
+        default=0,
+        help="seed of --selector and of sampling",
+    )
+    g.add_argument("--selector-param", type=argtypes.name_value, action="append", default=[],
+                   metavar="NAME=VALUE",
                    help="selector parameter for --selector (repeatable)")  # fmt: skip
     g = p.add_argument_group("report")
     g.add_argument("--layers", default=None,
                    help="comma-separated layer names or indices (default: all)")  # fmt: skip
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--max-samples", type=int, default=None,
+    g.add_argument("--batch-size", type=argtypes.positive_int, default=128)
+    g.add_argument("--max-samples", type=argtypes.positive_int, default=None,
                    help="values sampled per layer for quantiles (default 65536)")  # fmt: skip
-    g.add_argument("--max-pool", type=int, default=None,
+    g.add_argument("--max-pool", type=argtypes.positive_int, default=None,
                    help="compare with a seeded subsample of the pool of this size")  # fmt: skip
-    g.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    g.add_argument("--device", type=argtypes.device, default="cpu", help="cpu, cuda or auto")
     g.add_argument("--json", default=None, metavar="OUT", help="also write the report here")
 
 
@@ -122,13 +131,18 @@ def _files_source(list_file: str, pool: Any) -> tuple[list[int] | None, Any]:
 
 
 def cmd_inspect_calib(args: argparse.Namespace) -> int:
-    from qcalib.cli import _selector_params
+    from qcalib.cli import _selector_params, check_selector_params
     from qcalib.data.registry import load_pool
     from qcalib.pipeline import resolve_device
     from qcalib.select.base import select_indices
     from qcalib.select.quality import DEFAULT_MAX_SAMPLES, calibration_mismatch, format_report
     from qcalib.zoo.external import load_model
 
+    params = dict(_selector_params(args.selector_param))
+    if params and args.selector is None:
+        raise QCalibError("--selector-param only applies with --selector; add it or drop them")
+    if args.selector is not None:  # before any loading: a bad parameter fails at once
+        check_selector_params(args.selector, tuple(sorted(params.items())), args.seed)
     cfg: dict[str, Any] = {}
     if args.run is not None:
         run = Path(args.run).expanduser()
@@ -156,7 +170,6 @@ def cmd_inspect_calib(args: argparse.Namespace) -> int:
         indices, calib = _files_source(args.calib_files, pool)
         source = {"calib_files": str(args.calib_files)}
     else:
-        params = dict(_selector_params(args.selector_param))
         idx = select_indices(
             args.selector, pool, args.num_calib, model=model, seed=args.seed, **params
         )

@@ -1,0 +1,255 @@
+"""The benchmark runners' shared machinery: cell stamps and the interleaved timing protocol."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import common  # noqa: E402
+
+
+class FakeClock:
+    """A clock that each fake case advances by its own cost, scaled by the round's slowdown."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_cases(clock: FakeClock, costs: dict[str, float], slowdown: list[float], calls: list):
+    """Cases whose call costs ``costs[name] * slowdown[round]`` seconds on ``clock``
+    (``slowdown[round]`` a factor, or a factor per case name); ``state["round"]`` is
+    advanced by the fake load average (see run_rounds)."""
+    state = {"round": 0}
+
+    def case(name: str):
+        def run() -> None:
+            calls.append((state["round"], name))
+            slow = slowdown[state["round"]]
+            clock.now += costs[name] * (slow.get(name, 1.0) if isinstance(slow, dict) else slow)
+
+        return run
+
+    return {n: case(n) for n in costs}, state
+
+
+def run_rounds(costs, slowdown, loads, iters=2, warmup=1, threads=1):
+    """interleaved_timing over fake cases; ``loads[r]``: the 1-min load at both ends of round r."""
+    clock = FakeClock()
+    calls: list = []
+    cases, state = make_cases(clock, costs, slowdown, calls)
+    load_iter = iter(itertools.chain.from_iterable((lo, lo) for lo in loads))
+
+    def loadavg():
+        value = next(load_iter)
+        # The second read of a round closes it: advance the fake cases' round counter.
+        loadavg.reads += 1
+        if loadavg.reads % 2 == 0:
+            state["round"] += 1
+        return (value, value, value)
+
+    loadavg.reads = 0
+    res = common.interleaved_timing(
+        cases, rounds=len(loads), iters=iters, warmup=warmup, threads=threads,
+        loadavg=loadavg, clock=clock,
+    )  # fmt: skip
+    return res, calls
+
+
+def test_ratios_are_per_round_and_cancel_drift():
+    # The machine slows down 3x in round 1: per-round ratios stay 2.0; a ratio of medians
+    # taken across rounds would not if the reference were timed in another round.
+    res, _ = run_rounds({"fwd": 1.0, "pass": 2.0}, [1.0, 3.0, 1.0], [0.5, 0.5, 0.5])
+    assert [r["seconds"]["fwd"] for r in res["per_round"]] == [1.0, 3.0, 1.0]
+    assert [r["ratios"]["pass"] for r in res["per_round"]] == [2.0, 2.0, 2.0]
+    assert res["ratios"]["pass"] == {"median": 2.0, "min": 2.0, "max": 2.0, "spread": 0.0}
+    assert res["cases"]["fwd"]["median"] == 1.0
+    assert res["cases"]["fwd"]["min"] == 1.0 and res["cases"]["fwd"]["max"] == 3.0
+    assert res["cases"]["fwd"]["spread"] == pytest.approx(2.0)
+    assert res["reference"] == {"fwd": "fwd", "pass": "fwd"} and res["protocol"] == "interleaved"
+
+
+def test_contended_rounds_are_marked_and_excluded_from_claims():
+    # threads=1: a load of 1.4 is our own process (<= 1.5), 2.6 is someone else.
+    # Round 1 is contended and slowed the pass more than the forward (ratio 4.8).
+    res, _ = run_rounds({"fwd": 1.0, "pass": 1.2}, [1.0, {"pass": 4.0}, 1.0], [1.4, 2.6, 1.0])
+    assert [r["contended"] for r in res["per_round"]] == [False, True, False]
+    assert common.uncontended_rounds(res) == [0, 2]
+    assert res["per_round"][1]["ratios"]["pass"] == pytest.approx(4.8)
+    assert res["ratios"]["pass"]["max"] == pytest.approx(4.8)  # all rounds are still reported
+    claim = common.target_claim(res, "pass", at_most=1.5)
+    assert claim == {"met": "yes", "rounds_used": 2, "ratio_median": pytest.approx(1.2),
+                     "ratio_min": pytest.approx(1.2)}  # fmt: skip
+    assert common.target_claim(res, "pass", at_most=1.1)["met"] == "no"
+
+
+def test_all_rounds_contended_claims_nothing():
+    res, _ = run_rounds({"fwd": 1.0, "pass": 1.0}, [1.0, 1.0], [3.0, 3.0])
+    assert common.uncontended_rounds(res) == []
+    claim = common.target_claim(res, "pass", at_most=1.5)
+    assert claim["met"] == "n/a" and claim["rounds_used"] == 0
+
+
+def test_contention_rule_threshold_scales_with_threads():
+    assert not common.is_contended(4.5, threads=4)
+    assert common.is_contended(4.51, threads=4)
+    assert common.is_contended(1.6, threads=1)
+
+
+def test_rounds_interleave_rotate_and_warm_up():
+    res, calls = run_rounds({"a": 1.0, "b": 1.0, "c": 1.0}, [1.0] * 3, [0.0] * 3, iters=2,
+                            warmup=1)  # fmt: skip
+    assert [r["order"] for r in res["per_round"]] == [["a", "b", "c"], ["b", "c", "a"],
+                                                      ["c", "a", "b"]]  # fmt: skip
+    # Each round runs every case warmup + iters times, one case after another.
+    for rnd in range(3):
+        names = [n for r, n in calls if r == rnd]
+        assert names == [n for n in res["per_round"][rnd]["order"] for _ in range(3)]
+
+
+def test_warmup_calls_are_not_timed():
+    clock = FakeClock()
+    n = {"calls": 0}
+
+    def first_call_slow() -> None:
+        n["calls"] += 1
+        clock.now += 10.0 if n["calls"] == 1 else 1.0
+
+    res = common.interleaved_timing({"x": first_call_slow}, rounds=1, iters=3, warmup=1,
+                                    threads=1, loadavg=lambda: (0, 0, 0), clock=clock)  # fmt: skip
+    assert res["cases"]["x"]["median"] == 1.0
+
+
+def test_self_timed_cases_and_a_reference_per_measurement():
+    # A case returning {key: seconds} reports those (per-iteration times it stamped
+    # itself), named "case/key"; each measurement is divided by its own reference.
+    clock = FakeClock()
+    slow = iter([1.0, 3.0])  # the machine is 3x slower in round 1
+
+    def engine():
+        factor = slow_now["f"]
+        clock.now += 100.0  # the whole call: not what is measured
+        return {"blockA": 0.030 * factor, "blockB": 0.050 * factor}
+
+    def floor_a():
+        return {"t": 0.010 * slow_now["f"]}
+
+    def floor_b():
+        return {"t": 0.025 * slow_now["f"]}
+
+    slow_now = {"f": 1.0}
+
+    def loadavg():
+        loadavg.reads += 1
+        if loadavg.reads % 2 == 1:
+            slow_now["f"] = next(slow, 1.0)
+        return (0.0, 0.0, 0.0)
+
+    loadavg.reads = 0
+    res = common.interleaved_timing(
+        {"engine": engine, "floorA": floor_a, "floorB": floor_b}, rounds=2, iters=1,
+        warmup=0, threads=1, loadavg=loadavg, clock=clock,
+        reference={"engine/blockA": "floorA/t", "engine/blockB": "floorB/t"},
+    )  # fmt: skip
+    assert set(res["cases"]) == {"engine/blockA", "engine/blockB", "floorA/t", "floorB/t"}
+    assert res["cases"]["engine/blockA"]["median"] == pytest.approx(0.06)  # 0.03, 0.09
+    for rnd in res["per_round"]:
+        assert rnd["ratios"] == {"engine/blockA": pytest.approx(3.0),
+                                 "engine/blockB": pytest.approx(2.0)}  # fmt: skip
+    assert set(res["ratios"]) == {"engine/blockA", "engine/blockB"}
+    with pytest.raises(ValueError, match="not measurements"):
+        common.interleaved_timing({"engine": engine}, rounds=1, iters=1, warmup=0, threads=1,
+                                  reference={"engine/blockA": "floorA/t"}, clock=clock,
+                                  loadavg=loadavg)  # fmt: skip
+
+
+def test_interleaved_timing_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="not measurements"):
+        common.interleaved_timing({"a": lambda: None}, reference="b", threads=1)
+    with pytest.raises(ValueError, match="rounds"):
+        common.interleaved_timing({"a": lambda: None}, rounds=0, threads=1)
+    with pytest.raises(ValueError, match="at least one"):
+        common.interleaved_timing({}, threads=1)
+
+
+def test_real_clock_ratio_of_twice_the_wait():
+    # Real clock, sleeps rather than CPU work, so a loaded test machine cannot swamp it.
+    import time
+
+    res = common.interleaved_timing(
+        {"one": lambda: time.sleep(0.02), "two": lambda: time.sleep(0.04)}, rounds=3, iters=2,
+        warmup=0, threads=1,
+    )  # fmt: skip
+    assert 1.5 < res["ratios"]["two"]["median"] < 2.5
+    assert res["cases"]["one"]["min"] >= 0.02
+    json.dumps(res)  # the result goes into a cell as it is
+
+
+def test_cell_stamp_fields(monkeypatch, tmp_path):
+    loads = iter([(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)])
+    monkeypatch.setattr(common.os, "getloadavg", lambda: next(loads))
+    monkeypatch.chdir(common.REPO / "bench")
+    stamp = common.CellStamp("cpu", argv=[str(common.REPO / "bench" / "recon.py"), "--threads",
+                                          "1", "--parts", "timing"])  # fmt: skip
+    fields = stamp.finish()
+    assert fields["device"] == "cpu"
+    assert fields["device_name"] == common.cpu_name() and fields["device_name"]
+    assert fields["torch"] == torch.__version__
+    assert fields["threads"] == torch.get_num_threads()
+    assert fields["loadavg_start"] == [1.0, 2.0, 3.0]
+    assert fields["loadavg_end"] == [4.0, 5.0, 6.0]
+    assert fields["command"] == "python recon.py --threads 1 --parts timing"
+    assert fields["cwd"] == "bench"
+    assert len(fields["git_commit"].removesuffix("-dirty")) in (40, 3)  # a sha or n/a
+    assert "hostname" not in fields and common.platform.node() not in json.dumps(fields)
+
+
+def test_runner_args_set_threads_from_the_flag():
+    p = argparse.ArgumentParser()
+    common.add_runner_args(p)
+    before = torch.get_num_threads()
+    try:
+        args = p.parse_args(["--threads", "1", "--device", "auto"])
+        assert common.apply_runner_args(args) in ("cpu", "cuda")
+        assert torch.get_num_threads() == 1
+        assert p.parse_args([]).threads == common.DEFAULT_THREADS
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--threads", "0"])
+
+
+def test_row_device_reads_old_and_stamped_cells():
+    assert common.row_device({}) == "cpu"  # made before devices were recorded
+    assert common.row_device({"device": "cuda:NVIDIA H100 80GB HBM3"}) == "H100"
+    assert common.row_device({"device": "cuda", "device_name": "NVIDIA H200"}) == "H200"
+    assert common.row_device({"device": "cpu", "device_name": "AMD EPYC 7763"}) == "cpu"
+    assert common.stamp_field({}, "loadavg_start") == "n/a"
+
+
+def test_selection_cost_rows_claim_from_uncontended_rounds_only():
+    import selection
+
+    # Forward 1 s; fit 1.4 s (within the 1.5 target) except in round 1, where another
+    # process slowed the fit to 3 s and the load average says so.
+    res, _ = run_rounds(
+        {"fp_forward": 1.0, "selectq_fit": 1.4, "selectq_select": 1.6, "kcenter": 0.1},
+        [1.0, {"selectq_fit": 3.0 / 1.4}, 1.0], [0.9, 3.0, 1.2], iters=1, warmup=0,
+    )  # fmt: skip
+    rows = {r["what"]: r for r in selection.interleaved_cost_rows(
+        "m", {"timing": res, "candidates": {"kcenter": 5000}})}  # fmt: skip
+    fit = rows["selectq pass 1 (fit)"]
+    assert fit["uncontended"] == "2/3" and fit["met"] == "yes"
+    assert fit["claim_median"] == pytest.approx(1.4) and fit["ratio_max"] == pytest.approx(3.0)
+    assert rows["selectq pass 2 (select)"]["met"] == "no"  # 1.6 > 1.5 in every round
+    assert rows["kcenter fit + select"]["note"] == "5000 candidates (max_pool)"
+    assert rows["plain FP forward (reference)"]["ratio_median"] == 1.0
