@@ -64,11 +64,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from qcalib.errors import QCalibError
+
+try:
+    import onnx
+    import onnxruntime  # noqa: F401 - checked here, used lazily
+    import onnxscript  # noqa: F401
+except ImportError as e:
+    raise QCalibError(
+        f"ONNX export needs the onnx, onnxruntime and onnxscript packages ({e.name} is "
+        "missing): pip install 'qcalib[export]'"
+    ) from e
 from qcalib.export.encodings import (
     LayerEncoding,
     TensorEncoding,
