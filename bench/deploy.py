@@ -2,8 +2,9 @@
 
     python bench/deploy.py                       # both reference models, W8A8 and W4A4
     python bench/deploy.py --smoke               # one model, few rounds (deploy-smoke.*)
+    python bench/deploy.py --calibrator qdrop --bits W2A4    # -> deploy-qdrop.*
 
-Per reference model (min-max calibration, 64 random pool images, seed 0):
+Per reference model (``--calibrator``, default min-max; 64 random pool images, seed 0):
 
 * **Accuracy.** Fashion-MNIST test top-1 of the PyTorch fake-quant model, of the
   exported ONNX model as written (ONNX Runtime with graph optimizations off) and as
@@ -107,7 +108,7 @@ def run_model(spec: str, bits, args, rows_acc: list, rows_speed: list) -> None: 
     name = spec.split(":")[-1]
     for w, a in bits:
         cfg = RunConfig(model=spec, data="fashion-mnist", data_root=args.data_root,
-                        quant=QuantConfig(w, a), calib=CalibConfig("minmax", num_calib=64),
+                        quant=QuantConfig(w, a), calib=CalibConfig(args.calibrator, num_calib=64),
                         seed=0)  # fmt: skip
         qmodel, result = quantize(cfg, bench, progress=False)
         path = CACHE / f"{name}-W{w}A{a}.onnx"
@@ -150,6 +151,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--bits", nargs="+", default=[f"W{w}A{a}" for w, a in BITS])
+    p.add_argument("--calibrator", default="minmax",
+                   help="e.g. qdrop --bits W2A4 (fast profile) -> deploy-CALIBRATOR.*")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument("--rounds", type=int, default=200, help="timed batch-1 runs per session")
     p.add_argument("--warmup", type=int, default=10)
@@ -164,7 +167,8 @@ def main() -> int:
     rows_acc, rows_speed = [], []
     for spec in models:
         run_model(spec, bits, args, rows_acc, rows_speed)
-    grid = "deploy-smoke" if args.smoke else "deploy"
+    grid = "deploy" if args.calibrator == "minmax" else f"deploy-{args.calibrator}"
+    grid += "-smoke" if args.smoke else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python bench/deploy.py " + " ".join(sys.argv[1:])
     write_tables(
@@ -185,15 +189,14 @@ def main() -> int:
             "check_fp32_vs_fp64",
         ],
         notes=(
-            "Fashion-MNIST test top-1 (10k images); min-max, 64 random calibration images, "
-            "seed 0. *written*: ONNX Runtime with graph optimizations off (the QDQ graph's "
-            "own arithmetic); *deployed*: ONNX Runtime defaults (some conv biases rounded "
-            "to int32 at s_x*s_w). check_*: max |logit diff| vs fake quant on 16 pool "
-            "images; check_fp32_vs_fp64: the fake-quant model itself in float32 vs float64 "
-            "on the same images (the float32 noise floor of the grid). Speed table: W8A8 "
-            "QDQ vs FP ONNX, timed interleaved in the same run; "
-            "ratios are medians of per-round ratios (latency: QDQ/FP, lower is faster; "
-            "throughput: QDQ/FP, higher is faster)."
+            f"Fashion-MNIST test top-1 (10k images); {args.calibrator}, 64 random calibration "
+            "images, seed 0. *written*: ONNX Runtime with graph optimizations off (the QDQ "
+            "graph's own arithmetic); *deployed*: ONNX Runtime defaults (some conv biases "
+            "rounded to int32 at s_x*s_w). check_*: max |logit diff| vs fake quant on 16 pool"
+            " images; check_fp32_vs_fp64: the fake-quant model itself in float32 vs float64 "
+            "on the same images (the float32 noise floor of the grid). Speed table: W8A8 QDQ "
+            "vs FP ONNX, timed interleaved in the same run; ratios are medians of per-round "
+            "ratios (latency: QDQ/FP, lower is faster; throughput: QDQ/FP, higher is faster)."
         ),
         extra=[
             (
