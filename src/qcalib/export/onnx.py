@@ -468,14 +468,6 @@ def _int4_names(layers: list[LayerEncoding]) -> dict[str, str]:
     return names
 
 
-def _example_args(example_input: Any) -> tuple[tuple, dict]:
-    if isinstance(example_input, dict):
-        return (), dict(example_input)
-    if isinstance(example_input, (tuple, list)):
-        return tuple(example_input), {}
-    return (example_input,), {}
-
-
 def export_onnx(
     qmodel: QuantModel,
     example_input: torch.Tensor,
