@@ -60,7 +60,7 @@ def export_run(
     run_dir = Path(run_dir)
     cfg, qmodel, _ = load_run(run_dir, model=model)
     pool = load_pool(cfg.data, cfg.data_root, split="train")
-    inputs = pool.get(list(range(min(CHECK_SAMPLES, len(pool))))).to(torch.float32)
+    inputs = pool.get(list(range(min(CHECK_SAMPLES, len(pool)))))
     path = Path(out) if out is not None else run_dir / DEFAULT_FILES[format]
     if format == "onnx":
         return exporter(qmodel.cpu(), inputs, path, check_inputs=inputs, **options)

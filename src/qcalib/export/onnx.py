@@ -505,7 +505,7 @@ def export_onnx(
     path = Path(path)
     layers = layer_encodings(qmodel)
     net = export_network(qmodel, layers, int4).cpu()
-    example = example_input.detach().cpu().to(torch.float32)
+    example = example_input.detach().cpu()
     batch = torch.export.Dim("batch")
     try:
         program = torch.onnx.export(
@@ -538,7 +538,7 @@ def export_onnx(
                          int4=int4)  # fmt: skip
     write_encodings(doc, enc_path)
 
-    inputs = example if check_inputs is None else check_inputs.detach().cpu().to(torch.float32)
+    inputs = example if check_inputs is None else check_inputs.detach().cpu()
     written, deployed = verify_onnx(path, qmodel, inputs)
     report = ExportReport(
         path=str(path), encodings_path=str(enc_path), opset=opset, int4=int4,
