@@ -26,6 +26,8 @@ _LAZY = {
     "quantize_model": "qcalib.model.wrap",
     "CALIBRATORS": "qcalib.calibrate",
     "SELECTORS": "qcalib.select",
+    "export_onnx": "qcalib.export",
+    "export_run": "qcalib.export",
 }
 
 

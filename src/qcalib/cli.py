@@ -246,6 +246,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from qcalib.export import export_run
+
+    options = {"int4": args.int4, "opset": args.opset} if args.format == "onnx" else {}
+    if args.format != "onnx" and (args.int4 or args.opset is not None):
+        raise QCalibError("--int4 and --opset apply to --format onnx only; drop them")
+    report = export_run(args.run, args.format, args.out, **options)
+    print(report.summary() if args.format == "onnx" else f"wrote {report}")
+    return 0
+
+
 def _add_quant_args(q: argparse.ArgumentParser) -> None:
     from qcalib.calibrate import CALIBRATORS
     from qcalib.select import SELECTORS
@@ -388,6 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on this labeled data instead of the run's")  # fmt: skip
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", help="export a saved run (ONNX QDQ + encodings JSON)")
+    x.add_argument("run", help="run directory written by `qcalib quantize --out`")
+    x.add_argument("--format", default="onnx", choices=["onnx", "encodings"],
+                   help="onnx: QDQ model checked in ONNX Runtime, with the encodings JSON "
+                        "beside it; encodings: the JSON alone")  # fmt: skip
+    x.add_argument("--int4", action="store_true",
+                   help="store grids of <= 4 bits as ONNX int4/uint4 (opset 21) instead of "
+                        "8-bit containers with a clipped range")  # fmt: skip
+    x.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset (default 18; 21 with --int4)"
+    )
+    x.add_argument("--out", default=None, help="output file (default RUN/model.onnx)")
+    x.set_defaults(func=_cmd_export)
 
     from qcalib.select.inspect_cli import add_inspect_calib_args, cmd_inspect_calib
 
