@@ -58,14 +58,20 @@ class ReconActQuantizer(nn.Module):
         self.scale = nn.Parameter(base.scale.detach().clone(), requires_grad=self.learn_scale)
         self.register_buffer("zero_point", base.zero_point.detach().clone())
         self.drop_prob = float(drop_prob)
+        # The zero point stays fixed here: its grid bounds as numbers, read back once.
+        zp = self.zero_point
+        self.bounds = (
+            (self.spec.qmin - float(zp), self.spec.qmax - float(zp)) if zp.numel() == 1 else None
+        )
         self.generator = generator
         # QuantModule._apply reads these when the quantizer is switched off.
         self.observer = None
         self.observer_enabled = False
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
         return fake_quantize_learnable(
-            x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.spec.ch_axis
+            x, self.scale, self.zero_point, s.qmin, s.qmax, s.ch_axis, bounds=self.bounds
         )
 
     def drop_mask(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,21 @@ elementwise passes and no selection ops:
   buffer (the bounds are integers, so clamping before or after rounding gives the same
   value; the reference's ``round_ste`` adds ``round(v) - v`` back onto ``v``, which is
   exact in float for every ``|v| <= 2^22``, so the values agree bit for bit);
-* backward (recomputed from the saved input rather than kept from the forward: one
-  tensor fewer held per quantizer while the block's graph is alive):
+* backward from ``v = x / s`` kept by the forward (no division again):
   ``dL/dx = g`` on the closed range ``[(qmin - z) s, (qmax - z) s]`` and 0 outside;
   ``dL/ds = sum(g * (round(v) - v))`` inside and ``sum(g * (qmin - z))`` /
   ``sum(g * (qmax - z))`` below / above (LSQ's gradient, *without* LSQ's gradient scaling,
   as the reference: the project's activation learning rate plays that part, see
   :mod:`qcalib.calibrate.lsq`). The zero point gets no gradient: a zero point that
   requires one is routed to the reference formulation.
+
+For a per-tensor grid the bounds are Python numbers, and the backward uses only float
+kernels with scalar arguments: ``hardtanh``'s backward with the bounds moved out by one
+ulp (open interval there = the closed one here) and two dot products for ``dL/ds``
+(``sum(g round(clamp(v))) - sum(dL/dx * v)``). On one CPU thread a boolean mask, a
+multiply by it, or a ``where`` each cost 5-30x a float kernel of the same size, and a
+clamp with tensor bounds 6x one with scalar bounds; the per-channel path keeps tensor
+bounds and a mask (small tensors: weights, or a GPU where it does not matter).
 
 Why not ``torch._fake_quantize_learnable_per_tensor_affine``: it decides "inside" on the
 *rounded* value ``round(x / s + z)``, so inputs up to half a step beyond a bound still
@@ -26,6 +33,7 @@ its gradients are not the project's function.
 
 from __future__ import annotations
 
+from math import inf
 from typing import Any
 
 import torch
@@ -35,34 +43,57 @@ from qcalib.quant.functional import broadcast_param, fake_quantize
 __all__ = ["fake_quantize_learnable"]
 
 
+def _outward(bound: float, dtype: torch.dtype, direction: float) -> float:
+    """The next representable value of ``dtype`` beyond ``bound`` (towards ``direction``)."""
+    b = torch.tensor(bound, dtype=dtype)
+    return torch.nextafter(b, torch.tensor(direction, dtype=dtype)).item()
+
+
 class _LearnableFakeQuantize(torch.autograd.Function):
-    """``x``, broadcast step ``s`` and integer bounds ``lo = qmin - z``, ``hi = qmax - z``."""
+    """``x``, broadcast step ``s`` and integer bounds ``lo = qmin - z``, ``hi = qmax - z``,
+    either Python numbers (per-tensor grid: scalar kernels, no boolean tensors) or
+    tensors broadcasting against ``x`` (per-channel grid)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):  # noqa: ANN205
-        out = torch.div(x, s)
-        out.clamp_(lo, hi).round_()
-        return out.mul_(s)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        x, s, lo, hi = inputs
-        ctx.save_for_backward(x, s, lo, hi)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):  # noqa: ANN205
-        x, s, lo, hi = ctx.saved_tensors
-        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(x: torch.Tensor, s: torch.Tensor, lo, hi):  # noqa: ANN001, ANN205
         v = torch.div(x, s)
-        vc = torch.clamp(v, lo, hi)
-        inside = vc == v  # closed range: a value exactly at a bound counts as inside
-        grad_x = grad * inside if need_x else None
+        return torch.clamp(v, lo, hi).round_().mul_(s), v
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        _x, s, lo, hi = inputs
+        v = output[1]
+        scalar = not isinstance(lo, torch.Tensor)
+        ctx.scalar = scalar
+        ctx.bounds = (lo, hi) if scalar else None
+        ctx.save_for_backward(v, s) if scalar else ctx.save_for_backward(v, s, lo, hi)
+        ctx.mark_non_differentiable(v)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _grad_v: torch.Tensor | None):  # noqa: ANN205
+        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.scalar:
+            v, s = ctx.saved_tensors
+            lo, hi = ctx.bounds
+            # hardtanh's backward passes the gradient on the *open* interval; the next
+            # representable values outside the bounds make it exactly the closed range.
+            lo_out, hi_out = _outward(lo, v.dtype, -inf), _outward(hi, v.dtype, inf)
+            grad_in = torch.ops.aten.hardtanh_backward(grad, v, lo_out, hi_out)
+        else:
+            v, s, lo, hi = ctx.saved_tensors
+            grad_in = grad * (torch.clamp(v, lo, hi) == v)
         grad_s = None
         if need_s:
-            # round(v) - v inside; the bound itself (round(vc) = vc) outside.
-            elem = vc.round_().sub_(v.mul_(inside))
-            grad_s = (grad * elem).sum_to_size(s.shape)
-        return grad_x, grad_s, None, None
+            # sum(g * round(clamp(v))) - sum(g * v) over the inside: per element round(v) - v
+            # inside and the bound outside (where round(clamp(v)) is the bound itself).
+            r = torch.clamp(v, lo, hi).round_()
+            if s.numel() == 1:
+                gs = torch.dot(grad.reshape(-1), r.reshape(-1))
+                gs = gs - torch.dot(grad_in.reshape(-1), v.reshape(-1))
+                grad_s = gs.reshape(s.shape)
+            else:
+                grad_s = (grad * r - grad_in * v).sum_to_size(s.shape)
+        return (grad_in if need_x else None), grad_s, None, None
 
 
 def fake_quantize_learnable(
@@ -72,17 +103,27 @@ def fake_quantize_learnable(
     qmin: int,
     qmax: int,
     ch_axis: int = 0,
+    bounds: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """:func:`~qcalib.quant.functional.fake_quantize` through one fused autograd node.
 
     Same arguments, values and gradients (see the module docs); per tensor or per channel.
-    Without gradients (or with a trainable zero point) it is ``fake_quantize`` itself.
+    ``bounds`` = ``(qmin - z, qmax - z)`` as Python numbers lets a per-tensor caller whose
+    zero point is fixed (:class:`~qcalib.calibrate.lsq.ReconActQuantizer`) skip reading
+    the zero point back from the device at every call; a per-tensor zero point on the CPU
+    is read directly. Without gradients (or with a trainable zero point) it is
+    ``fake_quantize`` itself.
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
     if not needs_grad or zero_point.requires_grad:
         return fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis)
     s = broadcast_param(scale, x, ch_axis)
-    z = broadcast_param(zero_point, x, ch_axis)
-    # The bounds are tiny (one value per channel); building them costs no host round trip.
-    lo, hi = qmin - z, qmax - z
-    return _LearnableFakeQuantize.apply(x, s, lo.to(s.dtype), hi.to(s.dtype))
+    if bounds is None and zero_point.numel() == 1 and zero_point.device.type == "cpu":
+        z = float(zero_point)
+        bounds = (qmin - z, qmax - z)
+    if bounds is not None:
+        lo, hi = float(bounds[0]), float(bounds[1])
+    else:
+        z = broadcast_param(zero_point, x, ch_axis)
+        lo, hi = (qmin - z).to(s.dtype), (qmax - z).to(s.dtype)
+    return _LearnableFakeQuantize.apply(x, s, lo, hi)[0]
