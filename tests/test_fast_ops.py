@@ -17,7 +17,7 @@ from qcalib.calibrate.lsq import ReconActQuantizer
 from qcalib.calibrate.reconstruct import FrozenWeightQuantizer
 from qcalib.calibrate.rounding import AdaRoundQuantizer, rectified_sigmoid
 from qcalib.quant.functional import broadcast_param, fake_quantize, qparams_from_range, qrange
-from qcalib.quant.fused import fake_quantize_learnable
+from qcalib.quant.fused import fake_quantize_learnable, scalar_bounds
 from qcalib.quant.quantizer import ActQuantizer, QuantSpec, WeightQuantizer
 
 # -- references (the former formulations) ------------------------------------------------
@@ -292,3 +292,26 @@ def test_frozen_weight_quantizer_returns_plain_values_once():
     assert frozen(w) is out  # no recomputation while the weight is unchanged
     w.mul_(2.0)
     assert torch.equal(frozen(w), base(w))
+
+
+def test_fused_fake_quantize_float64_and_explicit_bounds():
+    # float64 values one float64-ulp outside a bound: the closed range is exact per dtype.
+    lo_v, hi_v = -2.0, 5.0  # z = 2, 3-bit asymmetric grid [0, 7], s = 1
+    eps = 2.0**-50
+    x0 = torch.tensor([lo_v, lo_v - eps, hi_v, hi_v + eps, 0.3, -7.0], dtype=torch.float64)
+    upstream = torch.arange(1.0, 7.0, dtype=torch.float64)
+    results = []
+    f32 = scalar_bounds(0, 7, 2.0, torch.float32)  # prepared for float32: recomputed
+    for kw in ({"ref": True}, {}, {"bounds": scalar_bounds(0, 7, 2.0, torch.float64)},
+               {"bounds": f32}):  # fmt: skip
+        x = x0.clone().requires_grad_()
+        s = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        z = torch.tensor(2.0, dtype=torch.float64)
+        fn = fake_quantize if kw.pop("ref", False) else fake_quantize_learnable
+        out = fn(x, s, z, 0, 7, **kw)
+        results.append((out.detach(), *_grads(out, upstream, x, s)))
+    ref = results[0]
+    assert ref[1].tolist() == [1.0, 0.0, 3.0, 0.0, 5.0, 0.0]
+    for got in results[1:]:
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        torch.testing.assert_close(got[2], ref[2])

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
@@ -119,3 +122,30 @@ def test_cli_speed_flags():
 
     assert (recon().amp, recon().compile) == (False, False)
     assert (recon("--amp").amp, recon("--compile").compile) == (True, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronization is a CUDA matter")
+def test_cuda_iterations_do_not_synchronize_with_the_host():
+    # Between the stamps of iterations 1 and 4 nothing reads a device value back (the
+    # loss is read at iterations 0 and 5 only, without a progress bar).
+    x = _x().cuda()
+    q = build_quant_model(tiny_resnet(), QuantConfig(2, 4), x[:1].cpu()).cuda()
+    cfg = CalibConfig(calibrator="qdrop", batch_size=8, recon=ReconConfig(**FAST))
+    cal = CALIBRATORS.get("qdrop")(cfg)
+    marks: dict[tuple[int, int, int], int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def on_iteration(b: int, s: int, it: int) -> None:
+            marks[(b, s, it)] = len(caught)
+
+        cal.on_iteration = on_iteration
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            cal.calibrate(q, x, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    blocks = {b for b, _, _ in marks}
+    assert blocks
+    for b in blocks:
+        assert marks[(b, 0, 4)] == marks[(b, 0, 1)], [str(w.message) for w in caught][:3]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcalib.quant.fused import fake_quantize_learnable
+from qcalib.quant.fused import fake_quantize_learnable, scalar_bounds
 from qcalib.quant.quantizer import UniformQuantizer
 
 __all__ = ["ReconActQuantizer"]
@@ -61,7 +61,9 @@ class ReconActQuantizer(nn.Module):
         # The zero point stays fixed here: its grid bounds as numbers, read back once.
         zp = self.zero_point
         self.bounds = (
-            (self.spec.qmin - float(zp), self.spec.qmax - float(zp)) if zp.numel() == 1 else None
+            scalar_bounds(self.spec.qmin, self.spec.qmax, float(zp), self.scale.dtype)
+            if zp.numel() == 1
+            else None
         )
         self.generator = generator
         # QuantModule._apply reads these when the quantizer is switched off.

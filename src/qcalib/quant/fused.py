@@ -40,13 +40,27 @@ import torch
 
 from qcalib.quant.functional import broadcast_param, fake_quantize
 
-__all__ = ["fake_quantize_learnable"]
+__all__ = ["fake_quantize_learnable", "scalar_bounds"]
 
 
-def _outward(bound: float, dtype: torch.dtype, direction: float) -> float:
-    """The next representable value of ``dtype`` beyond ``bound`` (towards ``direction``)."""
-    b = torch.tensor(bound, dtype=dtype)
-    return torch.nextafter(b, torch.tensor(direction, dtype=dtype)).item()
+def scalar_bounds(qmin: int, qmax: int, zero_point: float, dtype: torch.dtype) -> tuple:
+    """A per-tensor grid's bounds for :func:`fake_quantize_learnable`'s ``bounds``:
+    ``(qmin - z, qmax - z)``, the representable values of ``dtype`` just outside them,
+    and ``dtype``. Computed once per grid (a caller with a fixed zero point keeps it), so
+    the hot path handles plain numbers only.
+
+    The outward values make ``hardtanh``'s open-interval backward the closed range: exact
+    in the default floating-point mode; with denormals-are-zero switched on
+    (``torch.set_flush_denormal(True)``) a bound of 0 would lose its closed end.
+    """
+    return _closed(float(qmin - zero_point), float(qmax - zero_point), dtype)
+
+
+def _closed(lo: float, hi: float, dtype: torch.dtype) -> tuple:
+    out = torch.nextafter(
+        torch.tensor([lo, hi], dtype=dtype), torch.tensor([-inf, inf], dtype=dtype)
+    )
+    return lo, hi, float(out[0]), float(out[1]), dtype
 
 
 class _LearnableFakeQuantize(torch.autograd.Function):
@@ -55,17 +69,17 @@ class _LearnableFakeQuantize(torch.autograd.Function):
     tensors broadcasting against ``x`` (per-channel grid)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, s: torch.Tensor, lo, hi):  # noqa: ANN001, ANN205
+    def forward(x: torch.Tensor, s: torch.Tensor, lo, hi, bounds):  # noqa: ANN001, ANN205
         v = torch.div(x, s)
         return torch.clamp(v, lo, hi).round_().mul_(s), v
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        _x, s, lo, hi = inputs
+        _x, s, lo, hi, bounds = inputs
         v = output[1]
-        scalar = not isinstance(lo, torch.Tensor)
+        scalar = bounds is not None
         ctx.scalar = scalar
-        ctx.bounds = (lo, hi) if scalar else None
+        ctx.bounds = bounds
         ctx.save_for_backward(v, s) if scalar else ctx.save_for_backward(v, s, lo, hi)
         ctx.mark_non_differentiable(v)
 
@@ -74,10 +88,11 @@ class _LearnableFakeQuantize(torch.autograd.Function):
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.scalar:
             v, s = ctx.saved_tensors
-            lo, hi = ctx.bounds
+            lo, hi, lo_out, hi_out, dtype = ctx.bounds
+            if dtype != v.dtype:  # the bounds were prepared for another precision
+                lo, hi, lo_out, hi_out, _ = _closed(lo, hi, v.dtype)
             # hardtanh's backward passes the gradient on the *open* interval; the next
             # representable values outside the bounds make it exactly the closed range.
-            lo_out, hi_out = _outward(lo, v.dtype, -inf), _outward(hi, v.dtype, inf)
             grad_in = torch.ops.aten.hardtanh_backward(grad, v, lo_out, hi_out)
         else:
             v, s, lo, hi = ctx.saved_tensors
@@ -93,7 +108,7 @@ class _LearnableFakeQuantize(torch.autograd.Function):
                 grad_s = gs.reshape(s.shape)
             else:
                 grad_s = (grad * r - grad_in * v).sum_to_size(s.shape)
-        return (grad_in if need_x else None), grad_s, None, None
+        return (grad_in if need_x else None), grad_s, None, None, None
 
 
 def fake_quantize_learnable(
@@ -103,27 +118,27 @@ def fake_quantize_learnable(
     qmin: int,
     qmax: int,
     ch_axis: int = 0,
-    bounds: tuple[float, float] | None = None,
+    bounds: tuple | None = None,
 ) -> torch.Tensor:
     """:func:`~qcalib.quant.functional.fake_quantize` through one fused autograd node.
 
     Same arguments, values and gradients (see the module docs); per tensor or per channel.
-    ``bounds`` = ``(qmin - z, qmax - z)`` as Python numbers lets a per-tensor caller whose
-    zero point is fixed (:class:`~qcalib.calibrate.lsq.ReconActQuantizer`) skip reading
-    the zero point back from the device at every call; a per-tensor zero point on the CPU
-    is read directly. Without gradients (or with a trainable zero point) it is
-    ``fake_quantize`` itself.
+    ``bounds`` (from :func:`scalar_bounds`) lets a per-tensor caller whose zero point is
+    fixed (:class:`~qcalib.calibrate.lsq.ReconActQuantizer`) skip reading the zero point
+    back from the device at every call; a per-tensor zero point on the CPU is read
+    directly. Without gradients (or with a trainable zero point) it is ``fake_quantize``
+    itself.
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
     if not needs_grad or zero_point.requires_grad:
         return fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis)
     s = broadcast_param(scale, x, ch_axis)
     if bounds is None and zero_point.numel() == 1 and zero_point.device.type == "cpu":
-        z = float(zero_point)
-        bounds = (qmin - z, qmax - z)
+        dtype = torch.promote_types(x.dtype, s.dtype)
+        bounds = scalar_bounds(qmin, qmax, float(zero_point), dtype)
     if bounds is not None:
-        lo, hi = float(bounds[0]), float(bounds[1])
+        lo, hi = bounds[0], bounds[1]
     else:
         z = broadcast_param(zero_point, x, ch_axis)
         lo, hi = (qmin - z).to(s.dtype), (qmax - z).to(s.dtype)
-    return _LearnableFakeQuantize.apply(x, s, lo, hi)[0]
+    return _LearnableFakeQuantize.apply(x, s, lo, hi, bounds)[0]
