@@ -315,3 +315,20 @@ def test_fused_fake_quantize_float64_and_explicit_bounds():
     for got in results[1:]:
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
         torch.testing.assert_close(got[2], ref[2])
+
+
+def test_drop_float64_input_keeps_its_precision_and_the_stream():
+    base = _act_quantizer(4, 0.0)
+    x0 = torch.randn(6, 40, dtype=torch.float64)
+    outs = []
+    for which in ("ref", "new"):
+        gen = torch.Generator().manual_seed(5)
+        q = ReconActQuantizer(base, learn_scale=True, drop_prob=0.5, generator=gen)
+        x = x0.clone().requires_grad_()
+        out = reference_drop(q, x, gen) if which == "ref" else q(x)
+        out.sum().backward()
+        outs.append((out.detach(), x.grad, q.scale.grad))
+    assert outs[1][0].dtype == torch.float64
+    assert torch.equal(outs[1][0], outs[0][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1])
+    torch.testing.assert_close(outs[1][2], outs[0][2])

@@ -18,8 +18,8 @@ Speed (issue 14), same mathematics: the quantization is the fused autograd node
 drop is arithmetic on a float mask, ``torch.lerp(x, x_q, m)`` with ``m`` in {0, 1}: lerp
 returns ``x`` and ``x_q`` exactly at 0 and 1 and its gradients are ``g (1 - m)`` and
 ``g m``, the gradients of the former ``torch.where(keep, x_q, x)``, at a fraction of a
-select's cost. The mask is drawn as before (``torch.rand(..., generator) < p``, in the
-input's dtype, compared in place), so the random stream, and hence every run, is that of
+select's cost. The mask is drawn as before (``torch.rand(..., generator) < p``, compared
+in place into a float 0/1 mask), so the random stream, and hence every run, is that of
 the selecting version. A fresh mask per call rather than one reused buffer: autograd
 keeps the mask for the backward, and a block that runs its forward twice before one
 backward would find a reused buffer overwritten.
@@ -78,13 +78,14 @@ class ReconActQuantizer(nn.Module):
 
     def drop_mask(self, x: torch.Tensor) -> torch.Tensor:
         """1.0 where an element is quantized (probability ``drop_prob``), else 0.0."""
-        u = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-        return u.lt_(self.drop_prob)
+        # Drawn in the default dtype, as the selecting version drew it (the same stream).
+        mask = torch.rand(x.shape, generator=self.generator, device=x.device).lt_(self.drop_prob)
+        return mask if mask.dtype == x.dtype else mask.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or self.drop_prob == 0.0:
             return x
-        if x.dtype != self.scale.dtype:
+        if x.dtype.itemsize < self.scale.dtype.itemsize:
             # Mixed precision: the grid arithmetic (and the drop mix) stays in the step's
             # precision; only the layers' own FP work runs in the reduced one.
             x = x.to(self.scale.dtype)
