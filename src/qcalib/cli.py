@@ -125,8 +125,9 @@ def _recon_config(args: argparse.Namespace):  # noqa: ANN202
         for dest, field in _RECON_FLAGS.items()
         if getattr(args, dest, None) is not None
     }
-    if getattr(args, "fisher", False):
-        kwargs["fisher"] = True
+    for flag in ("fisher", "amp", "compile"):
+        if getattr(args, flag, False):
+            kwargs[flag] = True
     cl = {
         field: getattr(args, dest)
         for dest, field in _CONTRASTIVE_FLAGS.items()
@@ -346,6 +347,10 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-prob", type=argtypes.probability, default=None,
                    help="QDrop: probability an activation is quantized (default 0.5)")  # fmt: skip
     g.add_argument("--fisher", action="store_true", help="Fisher-weighted output error")
+    g.add_argument("--amp", action="store_true",
+                   help="block forward in bfloat16 autocast (speed)")  # fmt: skip
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the block step (speed)")  # fmt: skip
     g = q.add_argument_group("CL-Calib add-on (with adaround, brecq, qdrop)")
     g.add_argument("--contrastive", action="store_true",
                    help="add the contrastive FP/quantized mutual-information loss")  # fmt: skip

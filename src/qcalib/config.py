@@ -159,7 +159,9 @@ class ReconConfig:
     the BRECQ / QDrop code: Adam lr 1e-3 on the rounding variables and 4e-5 on activation
     step sizes (cosine-annealed), rounding regularizer weight 0.01 with beta annealed from
     20 to 2 after a 20% warm-up, QDrop probability 0.5, weights initialized by a
-    per-channel MSE search, activations by an MSE search.
+    per-channel MSE search, activations by an MSE search. ``amp`` (bfloat16 autocast of
+    the block's forward) and ``compile`` (``torch.compile`` of it) are speed switches, off
+    by default (see :mod:`qcalib.calibrate.reconstruct`).
     """
 
     profile: str = "fast"
@@ -178,6 +180,10 @@ class ReconConfig:
     a_observer: str = "mse"
     # CL-Calib add-on (None: off); a nested dict (from RunConfig.from_dict) is accepted.
     contrastive: ContrastiveConfig | None = None
+    # Speed switches (qcalib.calibrate.reconstruct): the block's forward in bfloat16 autocast,
+    # and through torch.compile.
+    amp: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.contrastive, dict):

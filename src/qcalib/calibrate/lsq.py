@@ -13,6 +13,17 @@ while a block is reconstructed:
   probability ``p`` and passed in float otherwise; ``p = 0`` is exactly the float input,
   ``p = 1`` exactly the plain quantizer's output (no random numbers are drawn for those).
 
+Speed (issue 14), same mathematics: the quantization is the fused autograd node
+:func:`~qcalib.quant.fused.fake_quantize_learnable` (one node, clamps, no selects), and the
+drop is arithmetic on a float mask, ``torch.lerp(x, x_q, m)`` with ``m`` in {0, 1}: lerp
+returns ``x`` and ``x_q`` exactly at 0 and 1 and its gradients are ``g (1 - m)`` and
+``g m``, the gradients of the former ``torch.where(keep, x_q, x)``, at a fraction of a
+select's cost. The mask is drawn as before (``torch.rand(..., generator) < p``, compared
+in place into a float 0/1 mask), so the random stream, and hence every run, is that of
+the selecting version. A fresh mask per call rather than one reused buffer: autograd
+keeps the mask for the backward, and a block that runs its forward twice before one
+backward would find a reused buffer overwritten.
+
 :meth:`commit` writes the learned scale back into the original quantizer and returns it.
 """
 
@@ -21,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcalib.quant.functional import fake_quantize
+from qcalib.quant.fused import fake_quantize_learnable, scalar_bounds
 from qcalib.quant.quantizer import UniformQuantizer
 
 __all__ = ["ReconActQuantizer"]
@@ -47,24 +58,41 @@ class ReconActQuantizer(nn.Module):
         self.scale = nn.Parameter(base.scale.detach().clone(), requires_grad=self.learn_scale)
         self.register_buffer("zero_point", base.zero_point.detach().clone())
         self.drop_prob = float(drop_prob)
+        # The zero point stays fixed here: its grid bounds as numbers, read back once.
+        zp = self.zero_point
+        self.bounds = (
+            scalar_bounds(self.spec.qmin, self.spec.qmax, float(zp), self.scale.dtype)
+            if zp.numel() == 1
+            else None
+        )
         self.generator = generator
         # QuantModule._apply reads these when the quantizer is switched off.
         self.observer = None
         self.observer_enabled = False
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(
-            x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.spec.ch_axis
+        s = self.spec
+        return fake_quantize_learnable(
+            x, self.scale, self.zero_point, s.qmin, s.qmax, s.ch_axis, bounds=self.bounds
         )
+
+    def drop_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """1.0 where an element is quantized (probability ``drop_prob``), else 0.0."""
+        # Drawn in the default dtype, as the selecting version drew it (the same stream).
+        mask = torch.rand(x.shape, generator=self.generator, device=x.device).lt_(self.drop_prob)
+        return mask if mask.dtype == x.dtype else mask.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or self.drop_prob == 0.0:
             return x
+        if x.dtype.itemsize < self.scale.dtype.itemsize:
+            # Mixed precision: the grid arithmetic (and the drop mix) stays in the step's
+            # precision; only the layers' own FP work runs in the reduced one.
+            x = x.to(self.scale.dtype)
         xq = self.quantize(x)
         if self.drop_prob == 1.0:
             return xq
-        keep_q = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
-        return torch.where(keep_q, xq, x)
+        return torch.lerp(x, xq, self.drop_mask(x))
 
     @torch.no_grad()
     def project(self) -> None:

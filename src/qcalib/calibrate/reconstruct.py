@@ -49,6 +49,21 @@ Loss normalization follows the BRECQ / QDrop ``lp_loss``: the error is summed ov
 dimension 1 (channels / features) and averaged over the batch and the remaining
 dimensions; this sets the balance with the regularizer weight 0.01.
 
+Speed (issue 14): an iteration does the block's forward and backward plus the fused
+quantizer ops of :mod:`qcalib.calibrate.lsq` / :mod:`qcalib.calibrate.rounding` and
+nothing else. The stage's sample indices are drawn up front from the same CPU generator
+(the same stream as one ``randperm`` per iteration) and moved to the device once; a stage
+that does not learn the weights quantizes them once (:class:`FrozenWeightQuantizer`)
+instead of every iteration; the loss values are read back to the host only at logging
+iterations (first, last, every 50th with a progress bar), so on CUDA the loop queues
+kernels without waiting for them. ``ReconConfig.amp`` runs the block's forward under
+``torch.autocast`` in bfloat16 (the layers' FP work; fake quantization, the mixing of the
+drop and the loss stay float32; bfloat16 has float32's range, so no gradient scaler is
+needed); ``ReconConfig.compile`` runs it through ``torch.compile`` (built once per stage,
+because the stage swaps the quantizers; dynamo's per-code recompile limit may send later
+blocks of the same class back to eager mode, which changes speed, not results). Both are
+off by default and, when on, part of the fingerprint.
+
 Device: everything (caches, generators, optimizers) lives on the device of the model's
 parameters and the calibration tensor; nothing is hard-coded. The cache holds one block's
 inputs and outputs for the whole calibration set on that device (BRECQ / QDrop's
@@ -97,6 +112,7 @@ __all__ = [
     "BlockCache",
     "BlockInfo",
     "BlockReconstructor",
+    "FrozenWeightQuantizer",
     "LossContext",
     "LossTerm",
     "ReconstructionLoss",
@@ -366,6 +382,41 @@ def _term_id(term: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", str(text))
 
 
+def _recon_identity(cfg: ReconConfig) -> dict[str, Any]:
+    # Speed switches that are off leave the fingerprint of the runs made before they existed.
+    return {k: v for k, v in asdict(cfg).items() if not (k in _SPEED_FLAGS and not v)}
+
+
+_SPEED_FLAGS = ("amp", "compile")
+
+
+class FrozenWeightQuantizer(nn.Module):
+    """The weight quantizer of a stage that does not learn the weights: the quantized
+    weight is computed once (by the plain quantizer, so the same values) and returned at
+    every call; recomputed only if the weight tensor is written in place."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = [base]  # kept out of children / state_dict
+        self.spec = getattr(base, "spec", None)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        key = (w.data_ptr(), w._version, w.shape, w.dtype, w.device)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.base[0](w).detach())
+        return self._cache[1]
+
+
+def _sample_indices(n: int, batch: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """``[iters, batch]`` draws without replacement, one ``randperm`` per iteration (the
+    stream of drawing them inside the loop)."""
+    if iters == 0:
+        return torch.empty(0, batch, dtype=torch.long)
+    return torch.stack([torch.randperm(n, generator=generator)[:batch] for _ in range(iters)])
+
+
 # -- the engine ------------------------------------------------------------------------
 
 
@@ -433,7 +484,7 @@ class BlockReconstructor:
         meta = {
             "engine": _STATE_VERSION,
             "method": self.method,
-            "recon": asdict(self.cfg),
+            "recon": _recon_identity(self.cfg),
             "seed": self.seed,
             "capture_batch_size": self.capture_batch_size,
             "blocks": [[b.name, b.kind, [asdict(s) for s in self.stages(b)]] for b in self.blocks],
@@ -714,11 +765,19 @@ class BlockReconstructor:
             bar = tqdm(range(iters), desc=desc, leave=False, disable=not self.progress)
             first = last = None
             t_stage = time.perf_counter()
+            all_idx = _sample_indices(n, batch, iters, idx_gen).to(device)
+            forward = torch.compile(block.module) if cfg.compile and iters else block.module
+            autocast = (
+                torch.autocast(device.type, dtype=torch.bfloat16)
+                if cfg.amp
+                else contextlib.nullcontext()
+            )
             for it in bar:
-                idx = torch.randperm(n, generator=idx_gen)[:batch].to(device)
+                idx = all_idx[it]
                 inputs = cache.inputs(idx)
                 with torch.enable_grad():
-                    q_out = _output_tensor(block.module(*inputs[0], **inputs[1]))
+                    with autocast:
+                        q_out = _output_tensor(forward(*inputs[0], **inputs[1]))
                     fisher = cache.fisher[idx] if cache.fisher is not None else None
                     ctx = LossContext(
                         q_out, cache.fp_out[idx], fisher, inputs, idx, block, index, stage, it,
@@ -760,8 +819,9 @@ def stage_quantizers(
 
     Weights get :class:`AdaRoundQuantizer` s when the stage learns them; every activation
     quantizer becomes a :class:`ReconActQuantizer` (learned step when the stage learns
-    activations, drop probability ``stage.drop_prob``); all layers quantize weights and
-    activations. On a normal exit with ``commit`` the rounding is hardened into the
+    activations, drop probability ``stage.drop_prob``), and a stage that does not learn
+    the weights quantizes them once (:class:`FrozenWeightQuantizer`); all layers quantize
+    weights and activations. On a normal exit with ``commit`` the rounding is hardened into the
     weights and the learned steps written back; otherwise (an exception, ``commit=False``)
     the original quantizers return unchanged. The layers' quant-state flags are restored.
     """
@@ -774,6 +834,8 @@ def stage_quantizers(
         for m in layers:
             if stage.learn_weights:
                 rounding.append(install_adaround(m))
+            else:
+                m.weight_quantizer = FrozenWeightQuantizer(m.weight_quantizer)
             if m.act_quantizer is not None:
                 base = m.act_quantizer
                 act = ReconActQuantizer(base, stage.learn_act, stage.drop_prob, generator)
@@ -786,6 +848,8 @@ def stage_quantizers(
         for m in layers:
             if isinstance(m.weight_quantizer, AdaRoundQuantizer):
                 (harden if finished else restore)(m)
+            if isinstance(m.weight_quantizer, FrozenWeightQuantizer):
+                m.weight_quantizer = m.weight_quantizer.base[0]
             if isinstance(m.act_quantizer, ReconActQuantizer):
                 q = m.act_quantizer
                 m.act_quantizer = q.commit() if finished else q.base[0]

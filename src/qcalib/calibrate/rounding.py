@@ -19,6 +19,15 @@ final rounding into the layer: the weight parameter receives the hard-rounded,
 dequantized values (they lie on the grid) and the original quantizer comes back; the
 plain quantizer maps grid values onto themselves exactly, so the layer computes the same
 function and saves / loads like any other calibrated layer.
+
+Per-iteration cost (issue 14), same function and gradients: ``floor(w / s) + z`` depends
+only on the frozen weight and grid, so it is computed once per weight version (the
+weight's ``_version`` changes with any in-place write) instead of every iteration; the
+soft weight is then ``s * (clamp(base + h(V), qmin, qmax) - z)``, its value within one
+ulp of the former ``floor(w / s) + h(V) + z`` ordering (two integers are added first,
+exactly). ``h(V)`` is computed once per iteration: the forward keeps it, keyed on ``V``'s
+version and the grad mode, and the regularizer of the same iteration reuses it (one node
+in the graph, whose gradient is the sum of both paths, as with two separate copies).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ __all__ = [
     "harden",
     "inverse_rectified_sigmoid",
     "rectified_sigmoid",
+    "regularizer_of_offsets",
     "rounding_regularizer",
 ]
 
@@ -60,7 +70,12 @@ def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
 
 def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
     """``sum(1 - |2 h(V) - 1|^beta)``: 0 when every ``h(V)`` is 0 or 1, 1 per weight at 0.5."""
-    return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
+    return regularizer_of_offsets(rectified_sigmoid(v), beta)
+
+
+def regularizer_of_offsets(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """:func:`rounding_regularizer` from already computed offsets ``h = h(V)``."""
+    return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
 
 
 class BetaSchedule:
@@ -117,6 +132,9 @@ class AdaRoundQuantizer(nn.Module):
             x = w / self._s(w)
             frac = x - torch.floor(x)
             self.v = nn.Parameter(inverse_rectified_sigmoid(frac).to(w.dtype))
+        # (weight identity, weight version) -> floor(w / s) + z; (V version, grad mode) -> h(V)
+        self._base: tuple[tuple, torch.Tensor] | None = None
+        self._h: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def qmin(self) -> int:
@@ -130,8 +148,26 @@ class AdaRoundQuantizer(nn.Module):
         return broadcast_param(self.scale, w, self.spec.ch_axis)
 
     def h(self) -> torch.Tensor:
-        """Soft rounding offsets ``h(V)`` in ``[0, 1]``."""
-        return rectified_sigmoid(self.v)
+        """Soft rounding offsets ``h(V)`` in ``[0, 1]`` (computed once per version of ``V``)."""
+        key = (self.v._version, torch.is_grad_enabled())
+        if self._h is None or self._h[0] != key:
+            self._h = (key, rectified_sigmoid(self.v))
+        return self._h[1]
+
+    def _grid_base(self, w: torch.Tensor) -> torch.Tensor:
+        """``floor(w / s) + z`` of the current weight (no gradient reaches ``w``: floor's
+        derivative is 0). Cached for the soft path, the optimization loop, where the weight
+        is frozen; the hard path (hardening) always recomputes it, so a weight written
+        behind autograd's back (``.data``, which keeps the version) cannot leak in."""
+        key = (w.data_ptr(), w._version, w.shape, w.dtype, w.device)
+        if not self.soft or self._base is None or self._base[0] != key:
+            with torch.no_grad():
+                z = broadcast_param(self.zero_point, w, self.spec.ch_axis)
+                base = torch.floor(w / self._s(w)) + z
+            if not self.soft:
+                return base
+            self._base = (key, base)
+        return self._base[1]
 
     def hard_offsets(self) -> torch.Tensor:
         """Hard rounding offsets, 0 (down) or 1 (up)."""
@@ -141,11 +177,11 @@ class AdaRoundQuantizer(nn.Module):
         s = self._s(w)
         z = broadcast_param(self.zero_point, w, self.spec.ch_axis)
         offset = self.h() if self.soft else self.hard_offsets()
-        q = torch.clamp(torch.floor(w / s) + offset + z, self.qmin, self.qmax)
+        q = torch.clamp(self._grid_base(w) + offset, self.qmin, self.qmax)
         return (q - z) * s
 
     def regularization(self, beta: float) -> torch.Tensor:
-        return rounding_regularizer(self.v, beta)
+        return regularizer_of_offsets(self.h(), beta)
 
     @torch.no_grad()
     def hard_weight(self, w: torch.Tensor) -> torch.Tensor:
