@@ -1,4 +1,5 @@
-"""Recompute the README's quoted benchmark tables from the committed cells; fail on a mismatch.
+"""Recompute the quoted benchmark tables of the README and the results document
+(``docs/results.md``) from the committed cells; fail on a mismatch.
 
     python bench/check_readme.py            # exit 1 and one line per mismatch
     python bench/check_readme.py --verbose  # also every figure that matched
@@ -12,7 +13,7 @@ aggregation code (so the check and the tables cannot drift apart):
   diff, target, overhead;
 * the CL-Calib ablation table (``contrastive.ablation_rows``): means, stds, paired diffs.
 
-A README table is found by its header row; each of its rows must match a recomputed row,
+A table is found by its header row in any of the documents (README first); each of its rows must match a recomputed row,
 and a table that is missing from the README is itself a mismatch (a renamed header would
 otherwise silently turn the check off). Figures in the README's prose are not parsed:
 they must quote one of these tables or a committed ``bench/results/*.md``.
@@ -30,6 +31,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 README = BENCH.parent / "README.md"
+RESULTS_DOC = BENCH.parent / "docs" / "results.md"
 MINUS = "\u2212"
 
 
@@ -214,10 +216,12 @@ CHECKS = (check_baseline, check_recon, check_contrastive)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--readme", type=Path, nargs="+", default=[README, RESULTS_DOC],
+                   help="documents whose tables are checked (default: README and "
+                        "docs/results.md)")  # fmt: skip
     p.add_argument("--verbose", action="store_true", help="print every matched figure too")
     args = p.parse_args(argv)
-    found = list(tables(args.readme.read_text()))
+    found = [t for doc in args.readme if doc.exists() for t in tables(doc.read_text())]
     c = Checker(args.verbose)
     for check in CHECKS:
         check(c, found)

@@ -18,7 +18,7 @@ def test_committed_readme_matches_the_cells(capsys):
 
 
 def test_a_changed_figure_is_a_mismatch(tmp_path, capsys):
-    text = check_readme.README.read_text()
+    text = check_readme.RESULTS_DOC.read_text()
     # One baseline cell, one reconstruction cell and one CL row, each nudged by 0.01.
     edits = [
         ("| minmax | W3A3 | 64 | 68.31 ± 5.49 |", "| minmax | W3A3 | 64 | 68.32 ± 5.49 |"),
@@ -28,7 +28,7 @@ def test_a_changed_figure_is_a_mismatch(tmp_path, capsys):
     for old, new in edits:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "results.md"
     readme.write_text(text)
     assert check_readme.main(["--readme", str(readme)]) == 1
     out = capsys.readouterr().out
@@ -41,8 +41,8 @@ def test_a_changed_figure_is_a_mismatch(tmp_path, capsys):
 
 
 def test_a_missing_table_is_a_mismatch(tmp_path, capsys):
-    text = check_readme.README.read_text().replace("| model (FP) | bits |", "| model | bits |")
-    readme = tmp_path / "README.md"
+    text = check_readme.RESULTS_DOC.read_text().replace("| model (FP) | bits |", "| model | bits |")
+    readme = tmp_path / "results.md"
     readme.write_text(text)
     assert check_readme.main(["--readme", str(readme)]) == 1
     assert "no README table with header model (FP) | bits" in capsys.readouterr().out
