@@ -13,9 +13,9 @@ aggregation code (so the check and the tables cannot drift apart):
   diff, target, overhead;
 * the CL-Calib ablation table (``contrastive.ablation_rows``): means, stds, paired diffs.
 
-A table is found by its header row in any of the documents (README first); each of its rows must match a recomputed row,
-and a table that is missing from the README is itself a mismatch (a renamed header would
-otherwise silently turn the check off). Figures in the README's prose are not parsed:
+A table is found by its header row in any of the documents; each of its rows must match
+a recomputed row, and a table missing from all of them is itself a mismatch (a renamed
+header would otherwise silently turn the check off). Figures in the README's prose are not parsed:
 they must quote one of these tables or a committed ``bench/results/*.md``.
 """
 
