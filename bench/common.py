@@ -225,6 +225,27 @@ def row_device(row: dict) -> str:
     return row.get("device", "cpu").removeprefix("cuda:NVIDIA ").split(" ")[0]
 
 
+def stated_command(base: str, rows: Iterable[dict]) -> str:
+    """The command that reproduces a table's cells: one per device and thread count the
+    cells ran with, each set by the runner's own flags (``--device``, ``--threads``).
+    GPU cells ran several runner processes at once through ``bench/parallel.sh`` (claim
+    files: each cell once), which passes these flags on; cells made before the stamp
+    recorded no thread count (``threads n/a``)."""
+    groups: collections.Counter = collections.Counter()
+    for r in rows:
+        dev = row_device(r)
+        groups[(dev, r.get("threads"))] += 1
+    parts = []
+    for (dev, threads), count in sorted(groups.items(), key=lambda kv: (-kv[1], str(kv[0]))):
+        flags = " --device cpu" if dev == "cpu" else " --device cuda"
+        flags += f" --threads {threads}" if threads is not None else ""
+        where = f"{dev}, {count} cells" + ("" if threads is not None else ", threads n/a")
+        if dev != "cpu":
+            where += ", via bench/parallel.sh"
+        parts.append(f"{base}{flags} [{where}]")
+    return " ; ".join(parts) if parts else base
+
+
 def main_device(rows: Iterable[dict]) -> str:
     """The device most of ``rows`` ran on (time columns average its cells only)."""
     return collections.Counter(row_device(r) for r in rows).most_common(1)[0][0]

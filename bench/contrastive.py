@@ -48,6 +48,7 @@ from common import (
     group_rows,
     main_device,
     row_device,
+    stated_command,
     summarize,
     write_tables,
 )
@@ -244,7 +245,8 @@ ABLATION_COLS = ["variant", "seeds", "accs", "mean", "std", "diff_vs_base", "ove
 def report(
     grid: str, base_store: CellStore, cl_store: CellStore, ab_store: CellStore, models, iters
 ) -> None:
-    command = "cd bench && ../.venv/bin/python contrastive.py"
+    base_command = "cd bench && ../.venv/bin/python contrastive.py"
+    command = stated_command(base_command, [*base_store.rows.values(), *cl_store.rows.values()])
     rows = paired_rows(base_store, cl_store, models, iters)
     if rows:
         notes = (
@@ -280,6 +282,7 @@ def report(
                 "that drift: a value below 1 is the machine getting faster, not the term "
                 "costing nothing."
             )
+        command = stated_command(base_command, ab_store.rows.values())
         write_tables(f"{grid}-ablation", "CL-Calib ablation (validation split)", command,
                      arows, ABLATION_COLS, notes=notes)  # fmt: skip
 

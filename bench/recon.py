@@ -57,6 +57,7 @@ from common import (
     main_device,
     positive_int,
     row_device,
+    stated_command,
     summarize,
     uncontended_rounds,
     write_tables,
@@ -606,6 +607,7 @@ def _paper_twins(store: CellStore) -> list[dict]:
 
 def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int) -> None:
     rows = aggregate(store, seeds=range(SEEDS))
+    base_command, command = command, stated_command(command, store.rows.values())
     main = [r for r in rows if r["selector"] == "random" and r["n"] == n]
     if main:
         title = "Reconstruction calibrators (AdaRound / BRECQ / QDrop), random calibration sets"
@@ -646,6 +648,7 @@ def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int)
         notes = TIMING_NOTES if trows else "NOT MEASURED under the interleaved protocol yet " \
             "(run --parts timing). " + TIMING_NOTES  # fmt: skip
         extra = [(OLD_TIMING_HEADING, old, OLD_TIMING_COLS)] if old else []
+        command = stated_command(base_command, tstore.rows.values())
         write_tables(f"{grid}-timing", title, command, trows, TIMING_COLS, notes=notes,
                      extra=extra)  # fmt: skip
 
