@@ -197,12 +197,25 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from qcalib.distributed import init_from_env, is_main, world_size
     from qcalib.pipeline import quantize
 
     cfg = config_from_args(args)
+    # torchrun (WORLD_SIZE > 1): one process group, gloo on CPU, NCCL on cuda:LOCAL_RANK.
+    device = init_from_env(cfg.device)
+    if device != cfg.device:
+        cfg = replace(cfg, device=device)
+    if not is_main():
+        logging.getLogger().setLevel(logging.WARNING)
     log.info("quantizing %s at W%sA%s with %s", cfg.model, cfg.quant.wbits, cfg.quant.abits,
              cfg.calib.calibrator)  # fmt: skip
-    _, result = quantize(cfg, out=args.out, progress=not args.no_progress)
+    _, result = quantize(cfg, out=args.out, progress=not args.no_progress and is_main())
+    if not is_main():  # rank 0 reports and writes; the others only compute their share
+        return 0
+    if world_size() > 1:
+        print(f"data-parallel over {world_size()} ranks")
     if result.quant_metric is None:
         print(f"not evaluated: {result.summary()}")
     elif result.metric == "top1":

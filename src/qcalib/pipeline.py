@@ -8,6 +8,11 @@ model (:class:`~qcalib.zoo.hf.HFTextModel`) on ``text:`` data, perplexity on the
 documents in ``chunk`` windows (causal LMs) or the mean cosine similarity of the
 quantized to the FP embeddings on the held-out documents in the run's text mode
 (encoders; the FP model's own figure is 1 by definition and is not computed).
+
+Under ``torchrun`` (:mod:`qcalib.distributed`) every rank runs the same :func:`quantize`:
+SelectQ's passes, the observer passes and GPTQ's Hessians are split over the ranks and
+reduced, so all ranks hold the same selection and calibrated model; rank 0 alone writes
+the run directory and evaluates (the other ranks return a result without a metric).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from qcalib.config import QuantConfig, RunConfig, TextConfig
 from qcalib.data.pool import Pool
 from qcalib.data.registry import is_text_spec, load_dataset, load_pool
 from qcalib.data.text import TokenSamples, check_enough_tokens, limit_tokens
+from qcalib.distributed import barrier, is_main
 from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy, embedding_cosine, perplexity
 from qcalib.measure import Measure
@@ -331,7 +337,10 @@ def quantize(
         else:
             indices = check_indices(indices, len(bench.pool), cfg.calib.num_calib)
     seconds["select"], rss["select"] = m.seconds, m.peak_rss_mb
-    if out is not None:
+    # Data-parallel runs: every rank selects and calibrates the same model; only rank 0
+    # writes, evaluates and reports (the others' results carry no metric).
+    writes = out is not None and is_main()
+    if writes:
         save_indices(Path(out), indices)
 
     with Measure() as m:
@@ -345,12 +354,12 @@ def quantize(
             smooth_report = apply_smoothquant(fp_model, calib, cfg.quant.smoothquant_alpha)
         # --- end SmoothQuant ---
         qmodel = build_quant_model(fp_model, cfg.quant, bench.example_input())
-        work_dir = Path(out) / "calib_state" if out is not None else None
+        work_dir = Path(out) / "calib_state" if writes else None
         calibrator.calibrate(qmodel, calib, seed=cfg.seed, progress=progress, work_dir=work_dir)
     seconds["calibrate"], rss["calibrate"] = m.seconds, m.peak_rss_mb
 
     fp = q_metric = eval_tokens = None
-    if bench.evaluates:
+    if bench.evaluates and is_main():
         t0 = time.perf_counter()
         fp = bench.fp_metric
         with Measure() as m:
@@ -378,6 +387,7 @@ def quantize(
     )
     if smooth_report is not None:  # SmoothQuant (issue 11)
         result.calib_stats["smoothquant"] = smooth_report
-    if out is not None:
+    if writes:
         save_run(Path(out), result, qmodel)
+    barrier()  # no rank returns before the run directory is complete
     return qmodel, result

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from qcalib.config import CalibConfig
+from qcalib.distributed import rank, require_shards, shard
 from qcalib.errors import QCalibError
 from qcalib.model.wrap import QuantModel
 from qcalib.quant.observers import make_observer
@@ -23,6 +24,9 @@ from qcalib.quant.quantizer import UniformQuantizer
 from qcalib.registry import Registry
 
 log = logging.getLogger(__name__)
+
+# Seed offset of a sampling observer on rank r: distinct key streams per rank.
+_RANK_SEED_STRIDE = 1_000_003
 
 
 class Calibrator(ABC):
@@ -98,6 +102,12 @@ def calibrate_activations(
 
     Weights are already quantized during the pass, so the observed activation ranges are
     those the quantized network really produces upstream of each layer.
+
+    Under ``torchrun`` every rank observes its contiguous shard of ``calib_data`` and the
+    observers are merged across ranks before the ranges are computed
+    (:meth:`~qcalib.quant.observers.Observer.reduce_across_ranks`): min-max ranges are the
+    single-process ones; sampling observers draw their keys with a seed offset per rank
+    (rank 0 keeps the run's seed, so one process is unchanged).
     """
     _, acts = _quantizers(qmodel)
     # Weight-only models have no activation quantizer, dynamic ones nothing to calibrate.
@@ -105,15 +115,19 @@ def calibrate_activations(
     if not acts:
         qmodel.set_quant_state(weight=True, act=True)
         return
+    require_shards(len(calib_data), "activation calibration", "--num-calib")
+    if "seed" in params:
+        params = {**params, "seed": int(params["seed"]) + _RANK_SEED_STRIDE * rank()}
     for q in acts:
         q.observer = make_observer(observer, per_channel=False, ch_axis=q.spec.ch_axis, **params)
     qmodel.set_quant_state(weight=True, act=False)
     qmodel.set_observing(True)
     try:
-        chunks = torch.split(calib_data, batch_size)
+        chunks = torch.split(shard(calib_data), batch_size)
         for x in tqdm(chunks, desc="observe activations", leave=False, disable=not progress):
             qmodel(x)
         for q in acts:
+            q.observer.reduce_across_ranks()
             q.compute_qparams()
     finally:
         qmodel.set_observing(False)

@@ -47,6 +47,10 @@ Choices (ours where the paper leaves them open):
 * **Activations.** Float while ``H`` is collected (GPTQ is a weight method). Activation
   quantizers (W4A8 ...) are calibrated afterwards by a min-max observer pass on the
   network with its GPTQ weights, as the observer calibrators do.
+* **Data-parallel** (``torchrun``): each rank runs the Hessian passes on its contiguous
+  shard of the calibration set; ``X^T X`` and the row counts are all-reduced (summed), so
+  every rank holds the whole set's ``H`` (equal to one process's up to the order of the
+  float32 sums) and runs the same solve.
 * Layers GPTQ cannot handle (grouped / depthwise convs, layers the calibration pass
   never reaches) keep their round-to-nearest weights, with a warning; :meth:`report`
   lists them.
@@ -73,6 +77,7 @@ from qcalib.calibrate.base import (
 )
 from qcalib.config import CalibConfig, GPTQConfig
 from qcalib.data.tokens import is_token_batch, unpack_tokens
+from qcalib.distributed import all_reduce_sum, is_distributed, require_shards, shard
 from qcalib.errors import QCalibError
 from qcalib.model.partition import Block, partition_blocks
 from qcalib.model.qmodules import QuantConv2d, QuantLinear, QuantModule, first_tensor
@@ -185,6 +190,14 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         return self.sum * (2.0 / max(self.rows, 1))
 
+    def reduce_across_ranks(self) -> None:
+        """Sum ``X^T X`` and the row count over ranks (no-op in one process): every rank
+        then holds the Hessian of the whole calibration set."""
+        if not is_distributed():
+            return
+        self.sum = all_reduce_sum(self.sum)
+        self.rows = int(all_reduce_sum(torch.tensor([self.rows], dtype=torch.int64)))
+
 
 def supports_gptq(m: QuantModule) -> bool:
     return isinstance(m, QuantLinear) or (isinstance(m, QuantConv2d) and m.groups == 1)
@@ -295,7 +308,9 @@ def collect_hessians(
     """Hessians of ``layers`` (all inside ``block``) from one pass over ``calib_data``.
 
     With ``inputs`` (the block's cached call arguments) only the block runs; else the
-    model runs in its current quantization state up to the block's output.
+    model runs in its current quantization state up to the block's output. Under
+    ``torchrun`` ``calib_data`` / ``inputs`` are this rank's shard and the accumulators are
+    summed over ranks before they are returned.
     """
     acc = {n: HessianAccumulator(m.weight[0].numel(), m.weight.device) for n, m in layers.items()}
     state: dict[str, Any] = {"mask": None}
@@ -319,15 +334,17 @@ def collect_hessians(
                 state["mask"] = mask
                 with contextlib.suppress(_StopForward):
                     block.module(*args, **kwargs)
-            return acc
-        for chunk in torch.split(calib_data, batch_size):
-            state["mask"] = unpack_tokens(chunk)[1] if is_token_batch(chunk) else None
-            with contextlib.suppress(_StopForward):
-                qmodel(chunk)
+        else:
+            for chunk in torch.split(calib_data, batch_size):
+                state["mask"] = unpack_tokens(chunk)[1] if is_token_batch(chunk) else None
+                with contextlib.suppress(_StopForward):
+                    qmodel(chunk)
     finally:
         for h in handles:
             h.remove()
         qmodel.train(was_training)
+    for a in acc.values():
+        a.reduce_across_ranks()
     return acc
 
 
@@ -357,6 +374,10 @@ class GPTQCalibrator(ObserverCalibrator):
         t0 = time.perf_counter()
         calibrate_weights(qmodel, self.weight_observer)
         blocks = partition_blocks(qmodel, example_input=calib_data[:1])
+        # Data-parallel: Hessian passes on this rank's shard, H summed over ranks in
+        # collect_hessians; every rank then solves the same H into the same weights.
+        require_shards(len(calib_data), "GPTQ calibration", "--num-calib")
+        full_calib, calib_data = calib_data, shard(calib_data)
         prefix = {id(m): n for n, m in qmodel.quant_modules()}
         qmodel.set_quant_state(weight=True, act=False)
         done, fallback = 0, []
@@ -414,7 +435,9 @@ class GPTQCalibrator(ObserverCalibrator):
                 len(fallback),
                 ", ".join(fallback[:10]),
             )
-        calibrate_activations(qmodel, calib_data, self.act_observer, self.cfg.batch_size, progress)
+        calibrate_activations(
+            qmodel, full_calib, self.act_observer, self.cfg.batch_size, progress
+        )  # shards it itself
         self._report = {
             "blocks": len(blocks),
             "gptq_layers": done,

@@ -31,6 +31,7 @@ import math
 import torch
 from torch import nn
 
+from qcalib.distributed import all_gather_rows, all_reduce_max, all_reduce_min, is_distributed
 from qcalib.errors import QCalibError
 from qcalib.quant.functional import qparams_from_range
 from qcalib.quant.quantizer import QuantSpec
@@ -130,6 +131,21 @@ class Observer(nn.Module):
     @property
     def is_empty(self) -> bool:
         return self.min_val is None
+
+    def reduce_across_ranks(self) -> None:
+        """Merge what every rank observed into every rank's observer (no-op in one process).
+
+        The running range is an exact all-reduce (min of mins, max of maxes), so a
+        min-max observer ends with the very range one process would have seen. Every
+        rank must have observed something (the calibration set is split so that each
+        rank gets at least one sample).
+        """
+        if not is_distributed():
+            return
+        if self.min_val is None:
+            raise RuntimeError(f"{type(self).__name__}: a rank observed nothing to reduce")
+        self.min_val = all_reduce_min(self.min_val)
+        self.max_val = all_reduce_max(self.max_val)
 
     # -- proposing ----------------------------------------------------------------------
 
@@ -300,6 +316,31 @@ class _SampledObserver(Observer):
             self.samples = torch.gather(self.samples, 1, idx)
             self.threshold = self.keys.amax(dim=1)
         self._held = 0 if self.samples is None else self.samples.shape[1]
+
+    def reduce_across_ranks(self) -> None:
+        """Also merge the ranks' subsamples: the union of their ``(value, key)`` pairs,
+        trimmed to the ``max_samples`` smallest keys.
+
+        While everything fits (at most ``max_samples`` values per channel over all ranks)
+        the merged sample is all the data, so the percentile / MSE range equals the
+        single-process one up to the order of a float sum (MSE) or exactly (percentile).
+        Beyond that it is a uniform bottom-k sample of the union, as in one process, but a
+        different one: each rank draws its own keys (the caller seeds every rank
+        differently, so no two ranks share a key sequence), hence the range agrees with
+        the single-process run only within the sampling error of ``max_samples`` values.
+        """
+        super().reduce_across_ranks()
+        if not is_distributed():
+            return
+        self._consolidate()
+        assert self.samples is not None and self.keys is not None
+        # all_gather_rows concatenates along dim 0: gather [m, C] and transpose back.
+        samples = all_gather_rows(self.samples.T.contiguous()).T
+        keys = all_gather_rows(self.keys.T.contiguous()).T
+        self.samples, self.keys, self.threshold = samples.contiguous(), keys.contiguous(), None
+        self._held = self.samples.shape[1]
+        if self._held > self.max_samples:
+            self._consolidate()
 
     def sample(self) -> torch.Tensor:
         """The pooled subsample, ``[C, m]`` with ``m <= max_samples`` (all data if it fit)."""

@@ -88,6 +88,30 @@ seeding with seeds derived from it); distances are float64; every tie is broken 
 lower index. The same seed, pool and model give bit-identical indices within a process
 configuration (same device and thread count; see the BLAS note in ``kmeans.py``).
 
+Data-parallel (``torchrun --nproc-per-node N``)
+-----------------------------------------------
+Both passes keep the single-process stream: the same batches of ``batch_size`` samples in
+the same (shuffled) order. Each batch is split into contiguous shards, one per rank
+(:func:`~qcalib.distributed.shard_indices`); every rank forwards only its shard, and the
+``[b, sum_l 2 C_l]`` statistic rows are all-gathered in rank order, which restores the
+batch's rows in stream order. Everything after the rows (spread estimate, k-means++
+seeding and its ``n_init`` refinements, the mini-batch centroid updates, empty-cluster
+reseeding, cluster masses, the per-cluster top-k buffers, the stratified random keys)
+then runs replicated on every rank on identical inputs, so every rank holds the same
+state and selects the same indices as one process with the same seed. Why gather rows
+rather than all-reduce per-centroid sums: streaming k-means is order dependent and its
+seeding, reseeding and top-k read individual rows, not sums; the rows are the
+sufficient statistic of all of them. Sums reduced across ranks would also add in a
+different order than ``index_add_`` does in one process, so centroids would only agree
+to rounding; gathered rows make them bit-identical. The cost is one all-gather of
+``batch_size x sum_l 2 C_l`` float32 values per batch (under 1 MB at batch 128 for ResNet-20)
+and the replicated O(B·K·D) distance work, both small next to the forward, which is what
+is split. The indices are bit-identical to one process whenever a sample's rows do not
+depend on which other samples share its forward (true of eval-mode CNNs / transformers up
+to kernels that pick a different algorithm for a different batch size; then rows agree to
+float32 rounding and so do the indices, except at exact distance ties). ``batch_size``
+must be at least the number of ranks.
+
 Errors (``QCalibError`` with the fix): ``n`` larger than the pool, ``num_clusters`` larger
 than the pool, an empty pool, NaN/Inf activations (the layer is named), unknown
 parameters.
@@ -96,12 +120,21 @@ parameters.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from qcalib.data.pool import Pool
+from qcalib.distributed import (
+    all_gather_rows,
+    is_distributed,
+    is_main,
+    require_shards,
+    shard_indices,
+)
 from qcalib.errors import QCalibError
 from qcalib.select.base import SELECTORS, Selector
 from qcalib.select.budget import ClusterTopK, allocate_quotas
@@ -262,6 +295,46 @@ class SelectQSelector(Selector):
         self._pool: Pool | None = None
         self._collector: ActivationStatsCollector | None = None
 
+    # ------------------------------------------------------------------ streams
+    def _stat_batches(
+        self,
+        pool: Pool,
+        collector: ActivationStatsCollector,
+        order: Tensor | None = None,
+        desc: str = "pool",
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """``(indices, {site: rows})`` per batch of ``batch_size`` samples, in ``order``.
+
+        Under ``torchrun`` each batch is split over the ranks (contiguous shards), every
+        rank forwards its shard and the rows are all-gathered in rank order, so every rank
+        yields the very batches, rows and order of the single-process stream (see the
+        module notes, "Data-parallel").
+        """
+        if not is_distributed():
+            for idx, x in self._pass(pool, self.batch_size, order, desc=desc):
+                yield idx, collector(x)
+            return
+        require_shards(
+            min(self.batch_size, len(pool)), "selectq batch", "--selector-param batch_size=N"
+        )
+        stream = torch.arange(len(pool)) if order is None else order
+        widths: list[tuple[str, int]] | None = None
+        chunks = torch.split(stream, self.batch_size)
+        for idx in tqdm(chunks, desc=f"{type(self).__name__}: {desc}", leave=False,
+                        disable=not (self.progress and is_main())):  # fmt: skip
+            mine = shard_indices(idx.numel())
+            if len(mine):
+                rows = collector(pool.get(idx[mine.start : mine.stop]))
+                if widths is None:
+                    widths = [(site, r.shape[1]) for site, r in rows.items()]
+                flat = torch.cat(list(rows.values()), 1)
+            else:  # a last batch shorter than the world leaves this rank nothing
+                assert widths is not None
+                flat = torch.empty(0, sum(w for _, w in widths))
+            full = all_gather_rows(flat)
+            parts = torch.split(full, [w for _, w in widths], 1)
+            yield idx, {site: p.contiguous() for (site, _), p in zip(widths, parts, strict=True)}
+
     # ------------------------------------------------------------------ pass 1
     def _fit(self, pool: Pool, model: nn.Module | None) -> None:
         assert model is not None
@@ -287,8 +360,7 @@ class SelectQSelector(Selector):
         buffer: dict[str, list[Tensor]] | None = {}
         n_buf = 0
         seeded = False
-        for _, x in self._pass(pool, self.batch_size, order, desc="cluster pass"):
-            rows = collector(x)
+        for _, rows in self._stat_batches(pool, collector, order, desc="cluster pass"):
             if not seeded:
                 assert buffer is not None
                 for s, r in rows.items():
@@ -381,8 +453,7 @@ class SelectQSelector(Selector):
         stratified = self.within == "stratified"
         top = ClusterTopK(self.num_clusters, max(16 * n, 4096) if stratified else n)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, -1))
-        for idx, x in self._pass(self._pool, self.batch_size, desc="ranking pass"):
-            rows = self._collector(x)
+        for idx, rows in self._stat_batches(self._pool, self._collector, desc="ranking pass"):
             per_layer, labels = [], None
             for s in active:
                 lab, d = self.kd_[s].nearest(rows[s], self.kmeans_[s].cluster_centers_)
