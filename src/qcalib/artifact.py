@@ -84,6 +84,7 @@ def load_run(
     ``model`` is needed only for runs made from an in-memory ``nn.Module`` through the
     API; runs of named models rebuild it from the name.
     """
+    from qcalib.data.preprocess import image_transform
     from qcalib.data.registry import load_pool
     from qcalib.pipeline import build_quant_model
     from qcalib.zoo.external import load_model
@@ -99,7 +100,9 @@ def load_run(
     if model is None:
         model = load_model(cfg.model, cfg.weights)
     tokenizer = getattr(model, "tokenizer", None)
-    example = load_pool(cfg.data, cfg.data_root, tokenizer=tokenizer, text=cfg.text).example()
+    transform = image_transform(cfg.preprocess, model)
+    example = load_pool(cfg.data, cfg.data_root, tokenizer=tokenizer, text=cfg.text,
+                        transform=transform).example()  # fmt: skip
     qmodel = build_quant_model(model.eval(), cfg.quant, example)
     qmodel.load_state_dict(load_file(str(run_dir / STATE_FILE)))
     return cfg, qmodel.eval(), result

@@ -193,6 +193,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         device=args.device,
         eval_data=args.eval_data,
         text=TextConfig(seq_len=args.seq_len, mode=args.text_mode, field=args.text_field),
+        preprocess=getattr(args, "preprocess", "auto"),
     )
 
 
@@ -276,8 +277,11 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     from qcalib.select import SELECTORS
 
     g = q.add_argument_group("model and data")
-    g.add_argument("--model", default="zoo:fmnist-resnet20",
-                   help="zoo:NAME, torchvision:NAME, timm:NAME or hf:PATH")  # fmt: skip
+    g.add_argument(
+        "--model",
+        default="zoo:fmnist-resnet20",
+        help="zoo:NAME, torchvision:NAME, timm:NAME, hf:PATH or effnet:lite0",
+    )
     g.add_argument("--weights", default=None, help="local .safetensors/.pt weights file")
     g.add_argument(
         "--data",
@@ -285,6 +289,11 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
         help="fashion-mnist, digits, imagefolder:DIR, files:LIST or text:PATH",
     )
     g.add_argument("--data-root", default=None, help="directory of the dataset files")
+    from qcalib.data.preprocess import AUTO, PREPROCESSING
+
+    g.add_argument("--preprocess", choices=[AUTO, *PREPROCESSING.names()], default=AUTO,
+                   help="preprocessing of image files; auto: the model's own (ImageNet "
+                        "mean/std, (x-127)/128 for effnet:)")  # fmt: skip
     g.add_argument("--eval-data", default=None, metavar="SPEC",
                    help="labeled evaluation data when --data is an unlabeled pool (same "
                         "forms; imagefolder reads its val/ or test/), or 'none' to skip "

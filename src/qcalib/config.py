@@ -340,10 +340,16 @@ class RunConfig:
     eval_data: str | None = None
     # Tokenization and held-out split of ``text:`` data (ignored for image data).
     text: TextConfig = field(default_factory=TextConfig)
+    # Preprocessing of image files (qcalib.data.preprocess): "auto" (the model's own),
+    # "imagenet" or "efficientnet-lite"; tensor and text datasets ignore it.
+    preprocess: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.text, dict):
             object.__setattr__(self, "text", TextConfig(**self.text))
+        from qcalib.data.preprocess import check_preprocess
+
+        check_preprocess(self.preprocess)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

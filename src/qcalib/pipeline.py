@@ -32,7 +32,9 @@ from torch.utils.data import Dataset
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import Calibrator
 from qcalib.config import QuantConfig, RunConfig, TextConfig
+from qcalib.data.imagefolder import EvalTransform
 from qcalib.data.pool import Pool
+from qcalib.data.preprocess import AUTO, image_transform
 from qcalib.data.registry import is_text_spec, load_dataset, load_pool
 from qcalib.data.text import TokenSamples, check_enough_tokens, limit_tokens
 from qcalib.distributed import barrier, is_main
@@ -59,11 +61,17 @@ METRICS = ("top1", "perplexity", "embedding_cosine")
 TEXT_METRICS = {"causal-lm": "perplexity", "embedding": "embedding_cosine"}
 
 
-def load_eval_set(data: str, data_root: str | None, eval_data: str | None) -> Dataset | None:
-    """The labeled evaluation set of a run (see ``RunConfig.eval_data``); None for "none"."""
+def load_eval_set(
+    data: str,
+    data_root: str | None,
+    eval_data: str | None,
+    transform: EvalTransform | None = None,
+) -> Dataset | None:
+    """The labeled evaluation set of a run (see ``RunConfig.eval_data``); None for "none".
+    ``transform``: the preprocessing of image files (None: ImageNet's)."""
     if eval_data == NO_EVAL:
         return None
-    return load_dataset(eval_data or data, "test", data_root)
+    return load_dataset(eval_data or data, "test", data_root, transform=transform)
 
 
 def text_metric(model: nn.Module) -> str:
@@ -100,7 +108,11 @@ def load_text_eval_set(
 
 class Workbench:
     """The fixed parts of a run: FP model, calibration pool, test set (None when the run is
-    not evaluated): labeled images for classifiers, held-out text for text models."""
+    not evaluated): labeled images for classifiers, held-out text for text models.
+
+    Image files are preprocessed by ``preprocess`` (:mod:`qcalib.data.preprocess`;
+    ``"auto"``: the model's own, e.g. ``(x - 127) / 128`` for EfficientNet-Lite), pool and
+    test set alike; :attr:`transform` is the one used."""
 
     def __init__(
         self,
@@ -112,12 +124,14 @@ class Workbench:
         eval_batch_size: int = 500,
         eval_data: str | None = None,
         text: TextConfig | None = None,
+        preprocess: str = AUTO,
     ) -> None:
         self.device = resolve_device(device)
         self.model_name = model if isinstance(model, str) else type(model).__name__
         if isinstance(model, str):
             model = load_model(model, weights)
         self.model = model.eval().to(self.device)
+        self.transform = image_transform(preprocess, model)
         self.eval_batch_size = eval_batch_size
         self.text = text or TextConfig()
         self.test_set: Dataset | None
@@ -132,7 +146,7 @@ class Workbench:
             elif text_model:
                 self.test_set = load_text_eval_set(model, eval_data, data_root, None, self.text)
             else:
-                self.test_set = load_eval_set(eval_data, data_root, None)
+                self.test_set = load_eval_set(eval_data, data_root, None, self.transform)
         elif is_text_spec(data):
             self.metric = text_metric(model)
             tokenizer = getattr(model, "tokenizer", None)
@@ -140,14 +154,14 @@ class Workbench:
             self.test_set = load_text_eval_set(model, data, data_root, eval_data, self.text)
         else:
             self.metric = "top1"
-            self.pool = load_pool(data, data_root, split="train")
-            self.test_set = load_eval_set(data, data_root, eval_data)
+            self.pool = load_pool(data, data_root, split="train", transform=self.transform)
+            self.test_set = load_eval_set(data, data_root, eval_data, self.transform)
         self._fp_metric: float | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Workbench:
         return cls(cfg.model, cfg.data, cfg.data_root, cfg.weights, cfg.device,
-                   cfg.eval_batch_size, cfg.eval_data, cfg.text)  # fmt: skip
+                   cfg.eval_batch_size, cfg.eval_data, cfg.text, cfg.preprocess)  # fmt: skip
 
     @property
     def evaluates(self) -> bool:

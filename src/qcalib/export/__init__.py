@@ -54,12 +54,15 @@ def export_run(
     ``options`` go to the exporter (``int4``, ``opset``).
     """
     from qcalib.artifact import load_run
+    from qcalib.data.preprocess import image_transform
     from qcalib.data.registry import load_pool
 
     exporter = EXPORTERS.get(format)
     run_dir = Path(run_dir)
     cfg, qmodel, _ = load_run(run_dir, model=model)
-    pool = load_pool(cfg.data, cfg.data_root, split="train")
+    # The run's own preprocessing, so the check sees inputs like those calibrated on.
+    transform = image_transform(cfg.preprocess, qmodel.model)
+    pool = load_pool(cfg.data, cfg.data_root, split="train", transform=transform)
     inputs = pool.get(list(range(min(CHECK_SAMPLES, len(pool)))))
     path = Path(out) if out is not None else run_dir / DEFAULT_FILES[format]
     if format == "onnx":

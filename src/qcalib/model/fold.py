@@ -12,20 +12,39 @@ own) plus two structural rules: consecutive siblings of an ``nn.Sequential``, an
 conv/bn attribute pairs of torchvision's ResNet / BasicBlock / Bottleneck (exact class
 only, since a subclass may reorder them). The structural rules cannot see a conv output that the
 untraceable forward also uses elsewhere.
+
+Conv2d / Linear subclasses that override ``forward`` (EfficientNet's
+``Conv2dStaticSamePadding``: pad, then ``F.conv2d``) are traced as opaque leaves, like the
+torch layers, so ``conv -> bn`` pairs through them are seen. Folding into the *stored*
+weight is exact only when their forward is affine in ``(weight, bias)`` the way the
+parent's is (padding is; weight standardization is not), so for them each fold is
+checked on a seeded probe input: ``bn(layer(x))`` against the folded layer's output, in
+float64. A pair that fails the check (or whose layer does not run on the probe) keeps
+its BatchNorm, with a warning naming it.
+
+A module whose ``forward`` has optional arguments (EfficientNet's
+``MBConvBlock.forward(x, drop_connect_rate=None)``) is traced with them fixed at their
+defaults when plain tracing fails: the eval-mode graph the analysis needs.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import logging
 from collections import Counter
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from qcalib.model.qmodules import QuantModule
+from qcalib.model.qmodules import QuantModule, has_custom_forward
 
 __all__ = ["find_conv_bn_pairs", "fold_bn", "try_trace"]
+
+log = logging.getLogger(__name__)
+#: Largest relative error of a checked fold into a custom-forward layer (float64 math).
+_FOLD_CHECK_RTOL = 1e-6
 
 # Exact torchvision classes whose conv -> bn attribute pairs are known.
 _KNOWN_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -37,16 +56,42 @@ _KNOWN_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
 
 class _Tracer(fx.Tracer):
     # Quantized layers hold data-dependent control flow (``initialized``), so they are
-    # opaque leaves like the torch.nn layers they replace.
+    # opaque leaves like the torch.nn layers they replace; conv/linear subclasses with
+    # their own forward are leaves too, so the graph shows them as the layers they are.
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, QuantModule) or super().is_leaf_module(m, module_qualified_name)
+        return (
+            isinstance(m, QuantModule)
+            or has_custom_forward(m)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+
+def _optional_defaults(module: nn.Module) -> dict[str, object]:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params[1:]
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def try_trace(module: nn.Module) -> fx.Graph | None:
-    """The module's fx graph (QuantModules as leaves), or None if it does not trace."""
+    """The module's fx graph (QuantModules and custom-forward layers as leaves), or None
+    if it does not trace, even with its optional forward arguments at their defaults."""
     try:
         return _Tracer().trace(module)
     except Exception:  # noqa: BLE001 - any failure just means "not traceable"
+        pass
+    defaults = _optional_defaults(module)
+    if not defaults:
+        return None
+    try:
+        return _Tracer().trace(module, concrete_args=defaults)
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -155,14 +200,54 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name), leaf, new)
 
 
+def _probe_input(layer: nn.Module) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(layer, nn.Conv2d):
+        # Large enough for any kernel / dilation / stride to produce a few outputs.
+        size = max(
+            (k - 1) * d + s + 3
+            for k, d, s in zip(layer.kernel_size, layer.dilation, layer.stride, strict=True)
+        )
+        shape: tuple[int, ...] = (2, layer.in_channels, size, size)
+    else:
+        shape = (2, layer.in_features)
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def _fold_is_exact(layer: nn.Module, bn: nn.Module) -> bool:
+    """Whether folding ``bn`` into the custom-forward ``layer`` keeps ``bn(layer(x))``."""
+    ref_layer, ref_bn = copy.deepcopy(layer).double(), copy.deepcopy(bn).double()
+    folded = copy.deepcopy(layer).double()
+    _fold_into(folded, copy.deepcopy(bn).double())
+    x = _probe_input(layer)
+    try:
+        with torch.no_grad():
+            want, got = ref_bn(ref_layer(x)), folded(x)
+    except Exception:  # noqa: BLE001 - a layer that cannot run on the probe is not folded
+        return False
+    if want.shape != got.shape:
+        return False
+    err = (want - got).abs().max() / want.abs().max().clamp_min(1e-12)
+    return bool(err <= _FOLD_CHECK_RTOL)
+
+
 def fold_bn(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with every foldable BatchNorm folded and set to Identity.
 
     The user's model is not modified. BNs that cannot be folded (no preceding conv/linear,
-    shared input, no running statistics) are kept as they are.
+    shared input, no running statistics, a custom-forward layer whose fold does not check
+    out) are kept as they are.
     """
     folded = copy.deepcopy(model).eval()
     for layer_name, bn_name in find_conv_bn_pairs(folded):
-        _fold_into(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
+        layer, bn = folded.get_submodule(layer_name), folded.get_submodule(bn_name)
+        if has_custom_forward(layer) and not _fold_is_exact(layer, bn):
+            log.warning(
+                "BatchNorm %s is not folded into %s (%s): its forward is not affine in the "
+                "stored weight, so the fold would change the output",
+                bn_name, layer_name, type(layer).__name__,
+            )  # fmt: skip
+            continue
+        _fold_into(layer, bn)
         set_submodule(folded, bn_name, nn.Identity())
     return folded

@@ -4,8 +4,9 @@ A block is either a residual-like module reconstructed as a whole, or a quantiza
 layer that lies in no such module. A module is a block when:
 
 1. its class is known: torchvision BasicBlock / Bottleneck ("residual"), InvertedResidual /
-   MBConv ("inverted_residual", with or without skip connection: the block boundary is
-   the same, only the add is missing), ``nn.TransformerEncoderLayer`` / ``DecoderLayer``
+   MBConv and the efficientnet(-lite)-pytorch packages' MBConvBlock ("inverted_residual",
+   with or without skip connection: the block boundary is the same, only the add is
+   missing), ``nn.TransformerEncoderLayer`` / ``DecoderLayer``
    and torchvision's ViT / Swin blocks ("transformer"); subclasses included;
 2. or it is detected structurally (see :func:`is_residual_graph`): it traces with fx and
    its output is the module input carried through residual additions, each adding a
@@ -56,6 +57,9 @@ _KNOWN: dict[str, BlockKind] = {
     "torchvision.models.mobilenetv3.InvertedResidual": "inverted_residual",
     "torchvision.models.efficientnet.MBConv": "inverted_residual",
     "torchvision.models.efficientnet.FusedMBConv": "inverted_residual",
+    # EfficientNet(-Lite) of the efficientnet-pytorch / efficientnet-lite-pytorch packages.
+    "efficientnet_lite_pytorch.model.MBConvBlock": "inverted_residual",
+    "efficientnet_pytorch.model.MBConvBlock": "inverted_residual",
     "torchvision.models.vision_transformer.EncoderBlock": "transformer",
     "torchvision.models.swin_transformer.SwinTransformerBlock": "transformer",
     "torchvision.models.swin_transformer.SwinTransformerBlockV2": "transformer",

