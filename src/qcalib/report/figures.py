@@ -195,12 +195,19 @@ def layer_mismatch(records: list[RunRecord]) -> bytes | None:
 
 def pool_projection(records: list[RunRecord]) -> bytes | None:
     """2-D PCA of the pool's activation statistics, the selected samples marked."""
-    runs = [r for r in _first_runs(records, lambda r: r.projection is not None)][:MAX_PROJECTIONS]
+    # Runs that differ only in the bits share their selection: one panel per selection.
+    runs, shown = [], set()
+    for r in _first_runs(records, lambda r: r.projection is not None):
+        key = (r.selector, tuple(r.result["calib_indices"]))
+        if key not in shown:
+            shown.add(key)
+            runs.append(r)
+    runs = runs[:MAX_PROJECTIONS]
     if not runs:
         return None
     cols = min(2, len(runs))
     rows = (len(runs) + cols - 1) // cols
-    fig = Figure(figsize=(4.6 * cols, 4.0 * rows))
+    fig = Figure(figsize=(4.6 * cols, 4.0 * rows), layout="constrained")
     for i, r in enumerate(runs):
         p = r.projection or {}
         ax = fig.add_subplot(rows, cols, i + 1)
