@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All set-up on a fresh machine: the Fashion-MNIST apt package, a virtualenv in .venv,
+# All set-up on a fresh machine: the Fashion-MNIST and Chromium apt packages, a virtualenv in .venv,
 # the pinned torch/torchvision pair (the only pair that installs from this machine's
 # local disk; an unpinned torch pulls a multi-GB CUDA build from the network), and qcalib
 # itself with its test extras. Idempotent: a second run only checks.
@@ -8,10 +8,16 @@ cd "$(dirname "$0")/.."
 
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 
-if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+# Debian packages: the Fashion-MNIST IDX files, and headless Chromium for the report's
+# render test (tests/test_report.py).
+apt_missing=""
+[ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_missing="dataset-fashion-mnist"
+command -v chromium >/dev/null 2>&1 || apt_missing="$apt_missing chromium"
+if [ -n "$apt_missing" ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $apt_missing
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -212,7 +213,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     log.info("quantizing %s at W%sA%s with %s", cfg.model, cfg.quant.wbits, cfg.quant.abits,
              cfg.calib.calibrator)  # fmt: skip
-    _, result = quantize(cfg, out=args.out, progress=not args.no_progress and is_main())
+    from qcalib.experiment import LOG_FILE, log_to_file
+
+    # Rank 0 alone logs to the run directory (the others write nothing there).
+    to_file = args.out and is_main()
+    logged = log_to_file(Path(args.out) / LOG_FILE) if to_file else contextlib.nullcontext()
+    with logged:
+        _, result = quantize(cfg, out=args.out, progress=not args.no_progress and is_main())
     if not is_main():  # rank 0 reports and writes; the others only compute their share
         return 0
     if world_size() > 1:
@@ -269,6 +276,36 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise QCalibError("--int4 and --opset apply to --format onnx only; drop them")
     report = export_run(args.run, args.format, args.out, **options)
     print(report.summary() if args.format == "onnx" else f"wrote {report}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from qcalib.config_file import load_experiment
+
+    exp = load_experiment(args.config)
+    out = args.out or exp.out
+    if out is None:
+        raise QCalibError(f"{args.config} has no out: key; give the output directory with --out")
+    for seed in exp.seeds:  # bad selector parameters fail before any loading
+        check_selector_params(exp.run.select.selector, exp.run.select.params, seed)
+    from qcalib.calibrate import CALIBRATORS
+
+    CALIBRATORS.get(exp.run.calib.calibrator)
+    from qcalib.experiment import run_experiment
+
+    results = run_experiment(exp, out, progress=not args.no_progress)
+    for seed, result in zip(exp.seeds, results, strict=True):
+        where = exp.run_dir(Path(out), seed)
+        print(f"seed {seed}: " + ("finished earlier, kept" if result is None else result.summary())
+              + f"  -> {where}")  # fmt: skip
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from qcalib.report import write_report
+
+    path = write_report(args.runs, args.out, progress=not args.no_progress)
+    print(f"wrote {path}")
     return 0
 
 
@@ -440,6 +477,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--out", default=None, help="output file (default RUN/model.onnx)")
     x.set_defaults(func=_cmd_export)
+
+    r = sub.add_parser("run", help="run an experiment file (YAML): one run per seed")
+    r.add_argument(
+        "config", help="YAML file; keys: the fields of RunConfig (see qcalib.config_file)"
+    )
+    r.add_argument("--out", default=None, help="output directory (default: the file's out: key)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_cmd_run)
+
+    rp = sub.add_parser("report", help="HTML report with plots of finished run directories")
+    rp.add_argument("runs", nargs="+", metavar="RUN",
+                    help="run directories, or directories holding them (e.g. seed-N/)")  # fmt: skip
+    rp.add_argument("--out", default="report.html", help="HTML file to write")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(func=_cmd_report)
 
     from qcalib.select.inspect_cli import add_inspect_calib_args, cmd_inspect_calib
 
