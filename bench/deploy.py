@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS, write_tables
+from common import RESULTS, CellStamp, is_contended, write_tables
 from qcalib.config import CalibConfig, QuantConfig, RunConfig
 from qcalib.data.pool import iterate_labeled
 from qcalib.export import export_onnx
@@ -110,6 +110,7 @@ def run_model(spec: str, bits, args, rows_acc: list, rows_speed: list) -> None: 
         cfg = RunConfig(model=spec, data="fashion-mnist", data_root=args.data_root,
                         quant=QuantConfig(w, a), calib=CalibConfig(args.calibrator, num_calib=64),
                         seed=0)  # fmt: skip
+        stamp = CellStamp("cpu")
         qmodel, result = quantize(cfg, bench, progress=False)
         path = CACHE / f"{name}-W{w}A{a}.onnx"
         check = bench.pool.get(list(range(16)))
@@ -129,10 +130,12 @@ def run_model(spec: str, bits, args, rows_acc: list, rows_speed: list) -> None: 
             "check_max_abs_diff": report.max_abs_diff,
             "check_deployed_max_abs_diff": report.deployed_max_abs_diff,
             "check_fp32_vs_fp64": fp32_vs_fp64,
+            **stamp.finish(),
         })  # fmt: skip
         print(rows_acc[-1], flush=True)
         if (w, a) != (8, 8):
             continue
+        stamp = CellStamp("cpu")
         fp, qdq = session(fp_path, args.threads), session(path, args.threads)
         shape = tuple(example.shape[1:])
         lat = interleaved_timing(fp, qdq, 1, shape, args.rounds, args.warmup)
@@ -143,7 +146,11 @@ def run_model(spec: str, bits, args, rows_acc: list, rows_speed: list) -> None: 
             "latency_ratio": lat["ratio"],
             "fp_images_per_s": 64 / thr["fp_s"], "qdq_images_per_s": 64 / thr["qdq_s"],
             "throughput_ratio": 1 / thr["ratio"],
+            **stamp.finish(),
         })  # fmt: skip
+        row = rows_speed[-1]
+        loads = (row["loadavg_start"], row["loadavg_end"])
+        row["contended"] = any(is_contended(load[0], args.threads) for load in loads)
         print(rows_speed[-1], flush=True)
 
 
@@ -211,6 +218,7 @@ def main() -> int:
                     "fp_images_per_s",
                     "qdq_images_per_s",
                     "throughput_ratio",
+                    "contended",
                 ],
             )
         ],  # fmt: skip
