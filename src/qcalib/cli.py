@@ -114,6 +114,7 @@ _CONTRASTIVE_FLAGS = {  # argparse dest -> ContrastiveConfig field
     "cl_loss": "loss",
     "cl_critic": "critic",
     "cl_tail_blocks": "tail_blocks",
+    "cl_schedule": "schedule",
 }
 
 
@@ -427,6 +428,9 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
                         "head (ablation)")  # fmt: skip
     g.add_argument("--cl-tail-blocks", type=argtypes.nonnegative_int, default=None,
                    help="blocks in the truncated critic (default 1)")  # fmt: skip
+    g.add_argument("--cl-schedule", choices=["constant", "fade"], default=None,
+                   help="lambda over a stage's iterations: constant (default) or fade "
+                        "(cosine decay to 0)")  # fmt: skip
     g = q.add_argument_group("run")
     g.add_argument("--seed", type=argtypes.nonnegative_int, default=0)
     g.add_argument("--device", type=argtypes.device, default="cpu", help="cpu, cuda or auto")

@@ -104,6 +104,7 @@ RECON_PROFILES: dict[str, dict[str, int]] = {
 
 CONTRASTIVE_LOSSES = ("nce", "infonce")
 CONTRASTIVE_CRITICS = ("truncated", "full", "projection")
+CONTRASTIVE_SCHEDULES = ("constant", "fade")
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,9 @@ class ContrastiveConfig:
     after this one, as far as they chain), or ``projection`` (a trainable linear head on
     the pooled block output, ``proj_dim`` wide, Adam at ``proj_lr``: an ablation, the one
     critic that trains something). ``center`` subtracts the mean FP feature of the
-    calibration set before normalizing (frozen critics). Defaults: see
-    :mod:`qcalib.calibrate.contrastive`.
+    calibration set before normalizing (frozen critics). ``schedule``: ``constant`` keeps
+    ``weight`` for every iteration, ``fade`` decays it to 0 over each reconstruction
+    stage (cosine). Defaults: see :mod:`qcalib.calibrate.contrastive`.
     """
 
     weight: float = 1.0
@@ -128,10 +130,16 @@ class ContrastiveConfig:
     center: bool = True
     proj_dim: int = 128
     proj_lr: float = 1e-3
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         checks = (
             (self.weight >= 0, f"--cl-weight must be at least 0, got {self.weight}"),
+            (
+                self.schedule in CONTRASTIVE_SCHEDULES,
+                f"--cl-schedule must be one of {', '.join(CONTRASTIVE_SCHEDULES)}, "
+                f"got {self.schedule!r}",
+            ),
             (self.temperature > 0, f"--cl-temperature must be positive, got {self.temperature}"),
             (
                 self.loss in CONTRASTIVE_LOSSES,

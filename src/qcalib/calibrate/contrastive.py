@@ -38,6 +38,31 @@ the pooled output). The FP side of every sample is mapped once per block and cac
 The tail's parameters belong to the engine's frozen FP copy (``requires_grad=False``):
 gradients flow through it to the quantized block output only.
 
+**Transformer blocks** (token outputs ``[B, L, H]``, see
+:func:`~qcalib.calibrate.reconstruct.feature_last`): a sample is a *sequence*. Decoder /
+encoder layers are called with more than the hidden states (attention mask, rotary
+``position_embeddings``, position ids), so the trace also admits a call whose first
+argument is the previous output and whose other arguments are the very objects the
+reconstructed block was called with (a decoder stack passes one mask and one rotary table
+to every layer); the critic replays them from the engine's block cache, indexed like the
+batch. For token outputs the chain also stops at the first call that changes the shape,
+so the features stay in the hidden space: ``truncated`` is the next ``tail_blocks``
+layers, ``full`` every following layer and the final norm (Llama's ``model.norm``; the
+LM head, which changes the width, and BERT's pooler, reached through slicing, end it).
+The pooled feature is the mean over the *real* tokens (the cache's padding mask, as in
+the reconstruction loss). We chose pooled hidden states over the tail's next-token
+distributions: the full vocabulary per token would cost an LM-head forward and backward
+per iteration (49k-wide for SmolLM2) and soft next-token distributions of different
+sequences are close to each other (frequent tokens), the same shared-direction problem
+that centering removes for pooled image features.
+
+**λ schedule** (``schedule``): ``constant`` uses ``weight`` at every iteration;
+``fade`` uses ``weight · ½(1 + cos(π t / T))`` at iteration ``t = 0 … T−1`` of a stage
+of ``T`` iterations (the cosine the engine anneals the activation step sizes with), so
+the term steers the early iterations and the end of every stage, where AdaRound's
+rounding hardens, is decided by the reconstruction loss alone. A block with two stages
+(BRECQ's rounding then activation stage) fades the term in each.
+
 Cost: the critic adds one forward and one input-gradient backward of the tail per
 iteration; ``truncated`` with one block keeps this near a block's own cost. The term
 counts the seconds of its own forward passes (:attr:`ContrastiveLoss.history`); the
@@ -46,6 +71,7 @@ benchmark compares whole iterations with and without it.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -59,7 +85,22 @@ from qcalib.config import ContrastiveConfig
 from qcalib.errors import QCalibError
 from qcalib.model.qmodules import first_tensor
 
-__all__ = ["ContrastiveLoss", "FrozenTailCritic", "contrastive_loss", "pool_features"]
+__all__ = [
+    "ContrastiveLoss",
+    "FrozenTailCritic",
+    "contrastive_loss",
+    "pool_features",
+    "scheduled_weight",
+]
+
+
+def scheduled_weight(weight: float, schedule: str, iteration: int, iters: int) -> float:
+    """λ at 0-based ``iteration`` of a stage of ``iters`` iterations (module docs)."""
+    if schedule == "constant":
+        return weight
+    if schedule != "fade":
+        raise QCalibError(f"unknown contrastive schedule {schedule!r}; choose constant or fade")
+    return weight * 0.5 * (1.0 + math.cos(math.pi * iteration / max(iters, 1)))
 
 
 def contrastive_loss(z_q: torch.Tensor, z_f: torch.Tensor, temperature: float, kind: str = "nce"):
@@ -80,12 +121,16 @@ def contrastive_loss(z_q: torch.Tensor, z_f: torch.Tensor, temperature: float, k
     return -F.logsigmoid(s.diagonal()).mean() - F.logsigmoid(-s[off]).mean()
 
 
-def pool_features(t: torch.Tensor) -> torch.Tensor:
-    """``B x D`` features: average over space (4-D) or tokens (3-D), else flatten."""
+def pool_features(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``B x D`` features: average over space (4-D) or tokens (3-D; over the real tokens,
+    ``mask [B, L]``, when given), else flatten."""
     if t.dim() == 4:
         return t.mean((2, 3))
     if t.dim() == 3:
-        return t.mean(1)
+        if mask is None:
+            return t.mean(1)
+        w = mask.to(t.dtype).unsqueeze(-1)
+        return (t * w).sum(1) / w.sum(1).clamp_min(1.0)
     return t.flatten(1)
 
 
@@ -93,20 +138,33 @@ class FrozenTailCritic(nn.Module):
     """``pool(tail(x))`` with ``tail`` the FP modules that follow a block (module docs).
 
     ``modules`` is the traced chain; ``names`` says what it is, for logs and reports.
+    ``with_context[i]``: module ``i`` is called like the block, with the block's other
+    arguments (``forward``'s ``args`` and ``kwargs``: the block's cached inputs after the
+    hidden states) — a decoder / encoder layer of the same stack.
     """
 
-    def __init__(self, modules: list[nn.Module], names: list[str]) -> None:
+    def __init__(
+        self, modules: list[nn.Module], names: list[str], with_context: list[bool] | None = None
+    ) -> None:
         super().__init__()
         self.tail = nn.ModuleList(modules)
         self.names = names
+        self.with_context = list(with_context) if with_context is not None else []
+        self.with_context += [False] * (len(modules) - len(self.with_context))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # A clone, because a tail may start with an in-place op (ReLU(inplace=True)) and
         # the block output is also read by the reconstruction loss.
         x = x.clone()
-        for m in self.tail:
-            x = m(x)
-        return pool_features(x)
+        for m, context in zip(self.tail, self.with_context, strict=True):
+            x = first_tensor(m(x, *args, **(kwargs or {}))) if context else m(x)
+        return pool_features(x, mask)
 
     @classmethod
     def trace(cls, info: BlockInfo, max_blocks: int | None) -> FrozenTailCritic:
@@ -149,24 +207,47 @@ class FrozenTailCritic(nn.Module):
         start = next((i for i, c in enumerate(calls) if c["module"] is target), None)
         modules: list[nn.Module] = []
         names: list[str] = []
+        context: list[bool] = []
         if start is None:
             return cls(modules, names)
         cur = first_tensor(calls[start]["out"])
+        tokens = bool(getattr(info.cache, "tokens", False))
+        block_args, block_kwargs = calls[start]["args"][1:], calls[start]["kwargs"]
         n_blocks = 0
         for c in calls[start + 1 :]:
             if cur is None or (max_blocks is not None and n_blocks >= max_blocks):
                 break
             args = c["args"]
-            if c["kwargs"] or len(args) != 1 or args[0] is not cur:
+            if not args or args[0] is not cur:
                 continue
-            out = c["out"]
-            if not isinstance(out, torch.Tensor):
+            plain = len(args) == 1 and not c["kwargs"]
+            if not plain and not (tokens and _same_objects(args[1:], c["kwargs"], block_args,
+                                                           block_kwargs)):  # fmt: skip
+                continue
+            out = c["out"] if plain else first_tensor(c["out"])
+            if not isinstance(out, torch.Tensor) or (tokens and out.shape != cur.shape):
                 break
             modules.append(c["module"])
             names.append(candidates[id(c["module"])][0])
+            context.append(not plain)
             n_blocks += id(c["module"]) in blocks
             cur = out
-        return cls(modules, names)
+        return cls(modules, names, context)
+
+
+def _same_objects(args: tuple, kwargs: dict, ref_args: tuple, ref_kwargs: dict) -> bool:
+    """Whether a call got exactly the objects (identity, not equality) the block got."""
+    return (
+        len(args) == len(ref_args)
+        and all(a is b for a, b in zip(args, ref_args, strict=True))
+        and kwargs.keys() == ref_kwargs.keys()
+        and all(kwargs[k] is ref_kwargs[k] for k in kwargs)
+    )
+
+
+def _rows(cache: Any, idx: torch.Tensor) -> torch.Tensor | None:
+    mask = getattr(cache, "token_mask", None)
+    return mask[idx] if mask is not None else None
 
 
 class ContrastiveLoss:
@@ -190,7 +271,10 @@ class ContrastiveLoss:
         self._seconds = 0.0
 
     def fingerprint(self) -> str:
-        return f"ContrastiveLoss({sorted(asdict(self.cfg).items())})"
+        fields = asdict(self.cfg)
+        if fields["schedule"] == "constant":  # runs from before the option keep resuming
+            del fields["schedule"]
+        return f"ContrastiveLoss({sorted(fields.items())})"
 
     # -- engine hooks --------------------------------------------------------------
 
@@ -219,8 +303,19 @@ class ContrastiveLoss:
             limit = None if c.critic == "full" else c.tail_blocks
             self._critic = FrozenTailCritic.trace(info, limit)
             self._head = None
+            cache = info.cache
+            replay = any(self._critic.with_context)  # else the block inputs are not read
             with torch.no_grad():
-                z = torch.cat([self._critic(f) for f in torch.split(info.cache.fp_out, 256)])
+                z = torch.cat(
+                    [
+                        self._map(
+                            cache.fp_out[idx],
+                            cache.inputs(idx) if replay else None,
+                            _rows(cache, idx),
+                        )
+                        for idx in torch.arange(len(cache), device=cache.fp_out.device).split(256)
+                    ]
+                )
             self._center = z.mean(0) if c.center else None
             self._z_fp = self._normalize(z)
         self._calls, self._seconds = 0, time.perf_counter() - t0
@@ -245,10 +340,26 @@ class ContrastiveLoss:
 
     # -- the term -----------------------------------------------------------------
 
-    def features(self, out: torch.Tensor) -> torch.Tensor:
+    def _map(
+        self,
+        out: torch.Tensor,
+        inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Critic features of block outputs ``out``; ``inputs``: the block's cached inputs
+        of the same samples (the tail's layers replay all but the hidden states)."""
         if self._critic is None:
             raise RuntimeError("ContrastiveLoss is used outside a block (begin_block not called)")
-        z = self._critic(out)
+        args, kwargs = inputs if inputs else ((), {})
+        return self._critic(out, tuple(args[1:]), kwargs, mask)
+
+    def features(
+        self,
+        out: torch.Tensor,
+        inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        z = self._map(out, inputs, mask)
         if self._head is not None:
             z = self._head(z)
         return self._normalize(z)
@@ -260,11 +371,22 @@ class ContrastiveLoss:
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
         t0 = time.perf_counter()
-        z_q = self.features(ctx.q_out)
+        mask = getattr(ctx, "token_mask", None)
+        inputs = getattr(ctx, "inputs", None)
+        z_q = self.features(ctx.q_out, inputs, mask)
         # Frozen critics: the FP side was mapped once per block; a trained head cannot be.
         cached = self._z_fp
-        z_f = cached[ctx.batch_indices] if cached is not None else self.features(ctx.fp_out)
-        loss = self.cfg.weight * contrastive_loss(z_q, z_f, self.cfg.temperature, self.cfg.loss)
+        if cached is not None:
+            z_f = cached[ctx.batch_indices]
+        else:
+            z_f = self.features(ctx.fp_out, inputs, mask)
+        stage = getattr(ctx, "stage", None)
+        weight = (
+            scheduled_weight(self.cfg.weight, self.cfg.schedule, ctx.iteration, stage.iters)
+            if stage is not None
+            else self.cfg.weight
+        )
+        loss = weight * contrastive_loss(z_q, z_f, self.cfg.temperature, self.cfg.loss)
         self._calls += 1
         self._seconds += time.perf_counter() - t0
         return loss

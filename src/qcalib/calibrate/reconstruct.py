@@ -45,9 +45,23 @@ and including this block and float after it. Calibration data is unlabeled, so t
 model's own predictions serve as (soft) labels, exactly as in the BRECQ code. The
 gradients come from the same forward pass that captures the block inputs.
 
-Loss normalization follows the BRECQ / QDrop ``lp_loss``: the error is summed over
-dimension 1 (channels / features) and averaged over the batch and the remaining
-dimensions; this sets the balance with the regularizer weight 0.01.
+Loss normalization follows the BRECQ / QDrop ``lp_loss``: the error is summed over the
+feature dimension and averaged over the batch and the remaining dimensions; this sets the
+balance with the regularizer weight 0.01. The feature dimension is dimension 1 for
+channel-first outputs (convolutions ``[B, C, H, W]``, classifiers ``[B, F]``), and the
+*last* one for token outputs ``[B, L, H]`` (a 3-D output of a "transformer" block or of a
+linear layer), where summing over dimension 1 would sum over tokens and make the loss
+scale with the sequence length. For token outputs the mean runs over *valid* tokens
+only: the padding mask is read from the calibration batch itself when it is a packed
+token batch (:mod:`qcalib.data.tokens`, row 1 of ``[B, 2, L]``), not from the block's
+attention-mask argument, whose layout differs between models (4-D additive or boolean,
+causal or not, ``None`` without padding); the cache keeps it as
+:attr:`BlockCache.token_mask`. Without padding this is the plain mean over tokens.
+
+Fisher weighting of token outputs: the KL divergence is taken over the vocabulary (the
+last dimension of ``[B, L, V]`` LM logits, not dimension 1, the sequence), per token,
+summed over the valid tokens of a sequence and averaged over sequences (the
+``batchmean`` of the image case, one sequence standing for one image).
 
 Speed (issue 14): an iteration does the block's forward and backward plus the fused
 quantizer ops of :mod:`qcalib.calibrate.lsq` / :mod:`qcalib.calibrate.rounding` and
@@ -101,9 +115,10 @@ from qcalib.calibrate.rounding import (
     restore,
 )
 from qcalib.config import ReconConfig
+from qcalib.data.tokens import is_token_batch
 from qcalib.errors import QCalibError
 from qcalib.model.partition import Block
-from qcalib.model.qmodules import QuantModule, first_tensor
+from qcalib.model.qmodules import QuantConv1D, QuantLinear, QuantModule, first_tensor
 from qcalib.model.wrap import QuantModel
 
 __all__ = [
@@ -120,7 +135,9 @@ __all__ = [
     "Stage",
     "block_layers",
     "derive_seed",
+    "feature_last",
     "stage_quantizers",
+    "token_mask",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,6 +175,10 @@ class BlockCache:
     batched_kwargs: dict[str, Any]
     fp_out: torch.Tensor
     fisher: torch.Tensor | None = None
+    # Token outputs ``[N, L, H]`` (features last, module docs) and, when the calibration
+    # data is a packed token batch, which of their tokens are real (``[N, L]`` bool).
+    tokens: bool = False
+    token_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.fp_out.shape[0]
@@ -213,6 +234,8 @@ class LossContext:
     rounding: list[AdaRoundQuantizer]
     act_quantizers: list[ReconActQuantizer]
     info: BlockInfo
+    tokens: bool = False  # q_out / fp_out are token outputs [B, L, H]
+    token_mask: torch.Tensor | None = None  # [B, L] bool, real tokens of this batch
 
     @property
     def step(self) -> int:
@@ -234,6 +257,31 @@ def _channel_sum_mean(err: torch.Tensor) -> torch.Tensor:
     return err.sum(1).mean() if err.dim() >= 2 else err.mean()
 
 
+def _token_sum_mean(err: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, L, H]`` error: sum over features, mean over the real tokens (``mask``)."""
+    per_token = err.sum(-1)
+    if mask is None:
+        return per_token.mean()
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0)
+
+
+def feature_last(block: Block, out: torch.Tensor) -> bool:
+    """Whether ``out`` is a token output ``[B, L, H]`` (features last, module docs): a 3-D
+    output of a transformer block or of a linear layer (a 3-D conv output is ``[B, C, L]``)."""
+    if out.dim() != 3:
+        return False
+    return block.kind == "transformer" or isinstance(block.module, (QuantLinear, QuantConv1D))
+
+
+def token_mask(calib_data: Any, out: torch.Tensor) -> torch.Tensor | None:
+    """Real tokens ``[B, L]`` of token outputs ``out`` from a packed token batch; None when
+    the data carries no mask of that length (then every token counts)."""
+    if not is_token_batch(calib_data) or calib_data.shape[-1] != out.shape[1]:
+        return None
+    return calib_data[:, 1].to(out.device) != 0
+
+
 @dataclass(frozen=True)
 class ReconstructionLoss:
     """``|q_out - fp_out|^p`` (or ``(q_out - fp_out)^2 (|g| + 1)^2`` with ``fisher``)."""
@@ -247,8 +295,11 @@ class ReconstructionLoss:
         if self.fisher:
             if ctx.fisher is None:
                 raise QCalibError("Fisher-weighted loss without cached gradients")
-            return _channel_sum_mean(diff.square() * ctx.fisher.square())
-        err = diff.square() if self.p == 2.0 else diff.abs().pow(self.p)
+            err = diff.square() * ctx.fisher.square()
+        else:
+            err = diff.square() if self.p == 2.0 else diff.abs().pow(self.p)
+        if getattr(ctx, "tokens", False):
+            return _token_sum_mean(err, getattr(ctx, "token_mask", None))
         return _channel_sum_mean(err)
 
 
@@ -359,6 +410,23 @@ def _collate(items: list[Any], sizes: list[int], what: str) -> tuple[Any, Any]:
         f"{what} is neither a batch-first tensor nor the same in every batch; block "
         "reconstruction needs batch-first block inputs"
     )
+
+
+def _fisher_kl(q_logits: torch.Tensor, fp_logits: torch.Tensor, x: Any) -> torch.Tensor:
+    """``KL(softmax(FP) || softmax(Q))`` of a batch (module docs): over classes (dim 1) of
+    ``[B, C, ...]`` logits; over the vocabulary (last dim) of ``[B, L, V]`` LM logits, per
+    token, padding excluded, summed per sequence and averaged over sequences."""
+    if q_logits.dim() != 3:
+        return F.kl_div(
+            F.log_softmax(q_logits, dim=1), F.softmax(fp_logits, dim=1), reduction="batchmean"
+        )
+    per_token = F.kl_div(
+        F.log_softmax(q_logits, dim=-1), F.softmax(fp_logits, dim=-1), reduction="none"
+    ).sum(-1)
+    mask = token_mask(x, q_logits)
+    if mask is not None:
+        per_token = per_token * mask.to(per_token.dtype)
+    return per_token.sum() / q_logits.shape[0]
 
 
 def block_layers(block: Block) -> list[QuantModule]:
@@ -651,9 +719,12 @@ class BlockReconstructor:
         for key in keys.pop():
             value, batched = _collate([k[key] for k in kwargs_b], sizes, f"{key!r} of {label}")
             kwargs[key], batched_kwargs[key] = value, batched
+        fp_out = torch.cat(outs)
+        tokens = feature_last(block, fp_out)
         return BlockCache(
-            args, kwargs, batched_args, batched_kwargs, torch.cat(outs),
-            torch.cat(grads) if fisher else None,
+            args, kwargs, batched_args, batched_kwargs, fp_out,
+            torch.cat(grads) if fisher else None, tokens,
+            token_mask(self.calib_data, fp_out) if tokens else None,
         )  # fmt: skip
 
     def _capture_batch(
@@ -708,11 +779,7 @@ class BlockReconstructor:
                 m.set_quant_state(False, False)
             with torch.enable_grad():
                 q_logits = _logits(self.qmodel(x))
-                loss = F.kl_div(
-                    F.log_softmax(q_logits, dim=1),
-                    F.softmax(fp_logits, dim=1),
-                    reduction="batchmean",
-                )
+                loss = _fisher_kl(q_logits, fp_logits, x)
                 leaf = store.get("leaf")
                 if leaf is None:
                     return store
@@ -779,9 +846,10 @@ class BlockReconstructor:
                     with autocast:
                         q_out = _output_tensor(forward(*inputs[0], **inputs[1]))
                     fisher = cache.fisher[idx] if cache.fisher is not None else None
+                    mask = cache.token_mask[idx] if cache.token_mask is not None else None
                     ctx = LossContext(
                         q_out, cache.fp_out[idx], fisher, inputs, idx, block, index, stage, it,
-                        rounding, acts, info,
+                        rounding, acts, info, cache.tokens, mask,
                     )  # fmt: skip
                     values = [(t.name, t(ctx)) for t in terms]
                     total = sum(v for _, v in values)
