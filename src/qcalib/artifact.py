@@ -12,7 +12,6 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,10 +19,9 @@ from torch import nn
 
 from qcalib.config import RunConfig
 from qcalib.errors import QCalibError
+from qcalib.model.build import build_quant_model
 from qcalib.model.wrap import QuantModel
-
-if TYPE_CHECKING:
-    from qcalib.pipeline import RunResult
+from qcalib.result import RunResult
 
 STATE_FILE, RESULT_FILE, LAYERS_FILE, INDICES_FILE = (
     "quant_state.safetensors",
@@ -85,7 +83,6 @@ def load_run(
     API; runs of named models rebuild it from the name.
     """
     from qcalib.data.registry import load_pool
-    from qcalib.pipeline import build_quant_model
     from qcalib.zoo.external import load_model
 
     run_dir = Path(run_dir)

@@ -58,42 +58,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _selector_params(pairs: list) -> tuple:
-    """``--selector-param`` values (``(name, value)`` from :data:`argtypes.name_value`, or
-    ``NAME=VALUE`` strings) as the sorted pairs :class:`SelectConfig` holds."""
-    params = {}
-    for pair in pairs:
-        if isinstance(pair, str):
-            try:
-                pair = argtypes.name_value(pair)
-            except argparse.ArgumentTypeError as e:
-                raise QCalibError(f"--selector-param: {e}") from None
-        params[pair[0]] = pair[1]
-    return tuple(sorted(params.items()))
-
-
-def check_selector_params(selector: str, params: tuple, seed: int = 0) -> None:
-    """Build the selector once with ``params`` (constructors are cheap and check their
-    values), so an unknown or bad ``--selector-param`` fails before any loading."""
-    import inspect
-
-    from qcalib.select import SELECTORS
-
-    cls = SELECTORS.get(selector)
-    accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "seed")]
-    for name, _ in params:
-        if name not in accepted:
-            known = ", ".join(accepted) or "none"
-            raise QCalibError(
-                f"--selector-param: selector {selector!r} has no parameter {name!r}; "
-                f"its parameters: {known}"
-            )
-    try:
-        cls(seed=seed, **dict(params))
-    except QCalibError as e:
-        raise QCalibError(f"--selector-param: {e}") from None
-
-
 _RECON_FLAGS = {  # argparse dest -> ReconConfig field
     "profile": "profile",
     "iters": "iters",
@@ -151,11 +115,12 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         SelectConfig,
         TextConfig,
     )
+    from qcalib.select.params import check_selector_params, parse_selector_params
 
     flb = args.first_last_bits
     if isinstance(flb, str):  # a Namespace not made by this parser (the API's own callers)
         flb = argtypes.first_last_bits(flb)
-    select = SelectConfig(args.selector, _selector_params(args.selector_param))
+    select = SelectConfig(args.selector, parse_selector_params(args.selector_param))
     check_selector_params(select.selector, select.params, args.seed)
     return RunConfig(
         model=args.model,
@@ -419,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="output file (default RUN/model.onnx)")
     x.set_defaults(func=_cmd_export)
 
-    from qcalib.select.inspect_cli import add_inspect_calib_args, cmd_inspect_calib
+    from qcalib.inspect_cli import add_inspect_calib_args, cmd_inspect_calib
 
     ic = sub.add_parser("inspect-calib", help="per-layer activation mismatch of a calibration set")
     add_inspect_calib_args(ic)

@@ -16,9 +16,8 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -26,15 +25,16 @@ from torch.utils.data import Dataset
 
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import Calibrator
-from qcalib.config import QuantConfig, RunConfig, TextConfig
+from qcalib.config import RunConfig, TextConfig
 from qcalib.data.pool import Pool
 from qcalib.data.registry import is_text_spec, load_dataset, load_pool
 from qcalib.data.text import TokenSamples, check_enough_tokens, limit_tokens
 from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy, embedding_cosine, perplexity
 from qcalib.measure import Measure
-from qcalib.model.wrap import QuantModel, quantize_model
-from qcalib.quant.quantizer import QuantSpec
+from qcalib.model.build import build_quant_model
+from qcalib.model.wrap import QuantModel
+from qcalib.result import RunResult
 from qcalib.select import SELECTORS
 from qcalib.zoo.external import load_model
 
@@ -204,61 +204,6 @@ class Workbench:
 
     def example_input(self) -> torch.Tensor:
         return self.pool.example().to(self.device)
-
-
-def build_quant_model(model: nn.Module, q: QuantConfig, example_input: torch.Tensor) -> QuantModel:
-    """Wrap ``model`` with quantizers (no parameters yet) as the config says."""
-    a_spec = (
-        QuantSpec(q.abits, q.a_symmetric, per_channel=False, dynamic=q.a_dynamic)
-        if q.quantize_activations
-        else None
-    )
-    return quantize_model(
-        model,
-        QuantSpec(q.wbits, q.w_symmetric, q.w_per_channel, ch_axis=0, group_size=q.group_size),
-        a_spec,
-        first_last_bits=q.first_last_bits,
-        lm_head_bits=q.lm_head_bits,
-        allow_float=q.allow_float_layers,
-        example_input=example_input,
-        fold=q.fold_bn,
-    )
-
-
-@dataclass
-class RunResult:
-    config: dict[str, Any]
-    model: str
-    fp_top1: float | None  # None: not evaluated (eval_data "none")
-    quant_top1: float | None
-    calib_indices: list[int]
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_rss_mb: dict[str, float] = field(default_factory=dict)
-    calib_stats: dict[str, Any] = field(default_factory=dict)
-    # The run's metric (one of METRICS) and its FP / quantized figures; for "top1" they
-    # repeat fp_top1 / quant_top1. eval_tokens: tokens scored (perplexity) or held in the
-    # evaluation set (embedding cosine); None for images. Defaults keep old result.json.
-    metric: str = "top1"
-    fp_metric: float | None = None
-    quant_metric: float | None = None
-    eval_tokens: int | None = None
-
-    def summary(self) -> str:
-        q = self.config["quant"]
-        head = (
-            f"{self.model} W{q['wbits']}A{q['abits']} {self.config['calib']['calibrator']} "
-            f"({self.config['select']['selector']}, n={len(self.calib_indices)}): "
-        )
-        if self.metric == "top1":
-            if self.fp_top1 is None or self.quant_top1 is None:
-                return head + "not evaluated"
-            return head + f"FP {self.fp_top1:.2f}% -> quantized {self.quant_top1:.2f}%"
-        if self.fp_metric is None or self.quant_metric is None:
-            return head + "not evaluated"
-        return head + (
-            f"{self.metric} FP {self.fp_metric:.4g} -> quantized {self.quant_metric:.4g} "
-            f"({self.eval_tokens} tokens)"
-        )
 
 
 def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> torch.Tensor:
