@@ -167,7 +167,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     log.info("quantizing %s at W%sA%s with %s", cfg.model, cfg.quant.wbits, cfg.quant.abits,
              cfg.calib.calibrator)  # fmt: skip
-    _, result = quantize(cfg, out=args.out, progress=not args.no_progress)
+    if args.overwrite and args.out is None:
+        raise QCalibError("--overwrite only applies with --out DIR; add --out or drop it")
+    _, result = quantize(cfg, out=args.out, progress=not args.no_progress, overwrite=args.overwrite)
     if result.quant_metric is None:
         print(f"not evaluated: {result.summary()}")
     elif result.metric == "top1":
@@ -338,6 +340,10 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--device", type=argtypes.device, default="cpu", help="cpu, cuda or auto")
     g.add_argument("--eval-batch-size", type=argtypes.positive_int, default=500)
     g.add_argument("--out", default=None, help="run directory for result and artifact")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished (or unfinished) run in --out; without it a "
+                        "finished run is refused and an unfinished one of the same "
+                        "config resumes")  # fmt: skip
     g.add_argument("--no-progress", action="store_true")
 
 

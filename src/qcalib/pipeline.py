@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from qcalib.artifact import prepare_run_dir, save_indices, save_run
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import Calibrator
 from qcalib.config import RunConfig, TextConfig
@@ -243,8 +244,14 @@ def quantize(
     progress: bool = True,
     calibrator: Calibrator | None = None,
     indices: Sequence[int] | torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> tuple[QuantModel, RunResult]:
     """One PTQ run. With ``out``, each finished stage is written at once.
+
+    ``out`` holding a finished run is refused unless ``overwrite``; an unfinished run
+    there resumes when its config equals ``cfg`` (its calibration indices are reused and a
+    reconstruction restarts at its first unfinished block), else it is refused naming
+    what differs (:func:`qcalib.artifact.prepare_run_dir`).
 
     ``calibrator``: an instance to use instead of a new one from the registry (e.g. to
     read a reconstruction calibrator's ``engine`` afterwards, or to set its hooks); it
@@ -255,8 +262,9 @@ def quantize(
     the calibrator or the bits); selection is skipped and ``cfg.select`` only labels the
     run. The indices are sorted like a selector's.
     """
-    from qcalib.artifact import save_indices, save_run
-
+    saved_indices = prepare_run_dir(out, cfg, overwrite) if out is not None else None
+    if indices is None:
+        indices = saved_indices
     bench = bench or Workbench.from_config(cfg)
     check_enough_tokens(bench.pool, bench.text.seq_len, cfg.calib.num_calib)
     torch.manual_seed(cfg.seed)
