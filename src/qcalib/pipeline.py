@@ -33,7 +33,7 @@ from qcalib.data.text import TokenSamples, check_enough_tokens, limit_tokens
 from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy, embedding_cosine, perplexity
 from qcalib.measure import Measure
-from qcalib.model.build import build_quant_model
+from qcalib.model.build import build_quant_model, check_input_fits
 from qcalib.model.wrap import QuantModel
 from qcalib.result import RunResult
 from qcalib.select import SELECTORS
@@ -267,6 +267,7 @@ def quantize(
         indices = saved_indices
     bench = bench or Workbench.from_config(cfg)
     check_enough_tokens(bench.pool, bench.text.seq_len, cfg.calib.num_calib)
+    check_input_fits(bench.model, bench.example_input())
     torch.manual_seed(cfg.seed)
     seconds, rss = {}, {}
     cls = CALIBRATORS.get(cfg.calib.calibrator)
