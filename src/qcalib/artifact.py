@@ -279,7 +279,10 @@ def load_run(
     if model is None:
         model = load_model(cfg.model, cfg.weights)
     tokenizer = getattr(model, "tokenizer", None)
-    example = load_pool(cfg.data, cfg.data_root, tokenizer=tokenizer, text=cfg.text).example()
+    example = load_pool(
+        cfg.data, cfg.data_root, tokenizer=tokenizer, text=cfg.text,
+        unreadable=cfg.unreadable_images,
+    ).example()  # fmt: skip
     qmodel = build_quant_model(model.eval(), cfg.quant, example)
     load_quant_state(run_dir, qmodel, result)
     return cfg, qmodel.eval(), result

@@ -158,6 +158,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         device=args.device,
         eval_data=args.eval_data,
         text=TextConfig(seq_len=args.seq_len, mode=args.text_mode, field=args.text_field),
+        unreadable_images=getattr(args, "unreadable_images", "error"),
     )
 
 
@@ -239,6 +240,10 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
         help="fashion-mnist, digits, imagefolder:DIR, files:LIST or text:PATH",
     )
     g.add_argument("--data-root", default=None, help="directory of the dataset files")
+    g.add_argument("--unreadable-images", choices=("error", "skip"), default="error",
+                   help="image files that do not decode: error (stop, naming the file) or "
+                        "skip (check every file once at load, leave them out, log a "
+                        "count); default error")  # fmt: skip
     g.add_argument("--eval-data", default=None, metavar="SPEC",
                    help="labeled evaluation data when --data is an unlabeled pool (same "
                         "forms; imagefolder reads its val/ or test/), or 'none' to skip "

@@ -276,6 +276,7 @@ class SelectConfig:
 
 
 TEXT_MODES = ("chunk", "doc")
+UNREADABLE_IMAGES = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -340,10 +341,19 @@ class RunConfig:
     eval_data: str | None = None
     # Tokenization and held-out split of ``text:`` data (ignored for image data).
     text: TextConfig = field(default_factory=TextConfig)
+    # Image files that do not decode: "error" stops at the first, naming it; "skip" checks
+    # every file once when the pool / evaluation set loads and leaves them out (a count is
+    # logged). Ignored for non-file data.
+    unreadable_images: str = "error"
 
     def __post_init__(self) -> None:
         if isinstance(self.text, dict):
             object.__setattr__(self, "text", TextConfig(**self.text))
+        if self.unreadable_images not in UNREADABLE_IMAGES:
+            raise QCalibError(
+                f"--unreadable-images must be one of {', '.join(UNREADABLE_IMAGES)}, got "
+                f"{self.unreadable_images!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -54,11 +54,13 @@ METRICS = ("top1", "perplexity", "embedding_cosine")
 TEXT_METRICS = {"causal-lm": "perplexity", "embedding": "embedding_cosine"}
 
 
-def load_eval_set(data: str, data_root: str | None, eval_data: str | None) -> Dataset | None:
+def load_eval_set(
+    data: str, data_root: str | None, eval_data: str | None, unreadable: str = "error"
+) -> Dataset | None:
     """The labeled evaluation set of a run (see ``RunConfig.eval_data``); None for "none"."""
     if eval_data == NO_EVAL:
         return None
-    return load_dataset(eval_data or data, "test", data_root)
+    return load_dataset(eval_data or data, "test", data_root, unreadable=unreadable)
 
 
 def text_metric(model: nn.Module) -> str:
@@ -107,6 +109,7 @@ class Workbench:
         eval_batch_size: int = 500,
         eval_data: str | None = None,
         text: TextConfig | None = None,
+        unreadable_images: str = "error",
     ) -> None:
         self.device = resolve_device(device)
         self.model_name = model if isinstance(model, str) else type(model).__name__
@@ -127,7 +130,7 @@ class Workbench:
             elif text_model:
                 self.test_set = load_text_eval_set(model, eval_data, data_root, None, self.text)
             else:
-                self.test_set = load_eval_set(eval_data, data_root, None)
+                self.test_set = load_eval_set(eval_data, data_root, None, unreadable_images)
         elif is_text_spec(data):
             self.metric = text_metric(model)
             tokenizer = getattr(model, "tokenizer", None)
@@ -135,14 +138,14 @@ class Workbench:
             self.test_set = load_text_eval_set(model, data, data_root, eval_data, self.text)
         else:
             self.metric = "top1"
-            self.pool = load_pool(data, data_root, split="train")
-            self.test_set = load_eval_set(data, data_root, eval_data)
+            self.pool = load_pool(data, data_root, split="train", unreadable=unreadable_images)
+            self.test_set = load_eval_set(data, data_root, eval_data, unreadable_images)
         self._fp_metric: float | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Workbench:
         return cls(cfg.model, cfg.data, cfg.data_root, cfg.weights, cfg.device,
-                   cfg.eval_batch_size, cfg.eval_data, cfg.text)  # fmt: skip
+                   cfg.eval_batch_size, cfg.eval_data, cfg.text, cfg.unreadable_images)  # fmt: skip
 
     @property
     def evaluates(self) -> bool:
