@@ -246,3 +246,77 @@ def test_read_only_out_is_one_line(bench, tmp_path):
             quantize(_cfg(), bench, out=ro / "run", progress=False)
     finally:
         ro.chmod(0o755)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_indices(bench, tmp_path, monkeypatch):
+    import qcalib.artifact as artifact
+
+    def no_space(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifact, "save_file", no_space)
+    run = tmp_path / "run"
+    with pytest.raises(QCalibError, match=rf"cannot write .*{STATE_FILE} \(No space left"):
+        quantize(_cfg(), bench, out=run, progress=False)
+    assert read_indices(run / INDICES_FILE) and not (run / RESULT_FILE).exists()
+    monkeypatch.undo()
+    _, result = quantize(_cfg(), bench, out=run, progress=False)  # resumes, then finishes
+    assert result.calib_indices == read_indices(run / INDICES_FILE)
+
+
+def _train_set(n: int = 64):
+    from qcalib.data.pool import TensorImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    return TensorImageDataset(images, torch.randint(0, 10, (n,), generator=g), (0.5,), (0.5,))
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import qcalib.train as training
+    from conftest import TinyNet
+
+    data = _train_set(32)
+    cfg = training.TrainConfig(epochs=2, batch_size=16, seed=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        return TinyNet()
+
+    reference = fresh()
+    training.train(reference, data, data, cfg, tmp_path / "ref")
+
+    calls = {"n": 0}
+    real_accuracy = training.accuracy
+
+    def interrupt_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_accuracy(*a, **k)
+
+    monkeypatch.setattr(training, "accuracy", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(fresh(), data, data, cfg, tmp_path / "run")
+    monkeypatch.setattr(training, "accuracy", real_accuracy)
+    resumed = fresh()
+    history = training.train(resumed, data, data, cfg, tmp_path / "run")
+    assert [h["epoch"] for h in history] == [1, 2]
+    # Measured: equal up to 1 ulp (<= 6e-8) after a resume, while two uninterrupted runs
+    # are bit-identical (cause of the drift not found yet; see the branch report).
+    for key, value in reference.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[key].float(), value.float(), atol=1e-6), key
+
+    other = training.TrainConfig(epochs=2, batch_size=8, seed=1)
+    with pytest.raises(QCalibError, match=r"another training config \(batch_size: 16 -> 8"):
+        training.train(fresh(), data, data, other, tmp_path / "run")
+    (tmp_path / "run" / "train_state.pt").write_bytes(b"torn")
+    with pytest.raises(QCalibError, match="not a readable training state"):
+        training.train(fresh(), data, data, cfg, tmp_path / "run")
+
+
+def test_inspect_calib_on_a_damaged_run_is_one_line(finished, capsys):
+    (finished / RESULT_FILE).write_text("{")
+    assert main(["inspect-calib", "--run", str(finished)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "result.json is not valid JSON" in err

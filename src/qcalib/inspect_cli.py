@@ -103,9 +103,13 @@ def read_indices(path: str | Path) -> list[int]:
 
 
 def _run_config(run: Path) -> dict[str, Any]:
+    from qcalib.files import read_json
+
     result = run / "result.json"
     if result.is_file():
-        return json.loads(result.read_text()).get("config", {})
+        data = read_json(result, "pass --model/--data yourself, or rerun the quantize run")
+        config = data.get("config") if isinstance(data, dict) else None
+        return config if isinstance(config, dict) else {}
     return {}
 
 
