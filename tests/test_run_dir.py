@@ -320,3 +320,13 @@ def test_inspect_calib_on_a_damaged_run_is_one_line(finished, capsys):
     assert main(["inspect-calib", "--run", str(finished)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "result.json is not valid JSON" in err
+
+
+def test_an_unfinished_run_of_an_older_qcalib_selects_again(bench, finished, caplog):
+    (finished / RESULT_FILE).unlink()
+    (finished / CONFIG_FILE).unlink()
+    (finished / INDICES_FILE).write_text("[0, 1, 2]")  # not trusted without its config
+    with caplog.at_level(logging.WARNING, logger="qcalib"):
+        _, result = quantize(_cfg(), bench, out=finished, progress=False)
+    assert "unknown config" in caplog.text
+    assert len(result.calib_indices) == 32 and read_indices(finished / INDICES_FILE) != [0, 1, 2]

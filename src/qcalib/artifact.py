@@ -16,7 +16,9 @@ Reusing a run directory (:func:`prepare_run_dir`), choices made here:
   checkpoint) resumes when its saved config equals the new
   one: the saved calibration indices are reused (selection is not run again) and a
   reconstruction calibrator restarts at its first unfinished block. With another config
-  it is refused, naming the fields that differ.
+  it is refused, naming the fields that differ. One without ``run_config.json`` (an older
+  qcalib) selects again and keeps only a reconstruction checkpoint whose fingerprint
+  matches.
 
 Loading (:func:`load_run`) checks every file it reads and names the file and what is
 wrong with it (see :mod:`qcalib.files`).
@@ -171,12 +173,15 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, overwrite: bool = False) ->
             f"{out} holds a finished run ({RESULT_FILE}); pass --overwrite to replace it, or "
             "choose another --out"
         )
+    elif unfinished and not (out / CONFIG_FILE).exists():
+        # Made before run_config.json existed: its config is unknown, so its indices are not
+        # trusted (selection runs again); a reconstruction checkpoint is still used only if
+        # its fingerprint (model, data, config, seed) matches.
+        log.warning(
+            "%s holds an unfinished run of unknown config (no %s): selecting again; its "
+            "reconstruction checkpoint is reused only if it matches", out, CONFIG_FILE,
+        )  # fmt: skip
     elif unfinished:
-        if not (out / CONFIG_FILE).exists():
-            raise QCalibError(
-                f"{out} holds an unfinished run of unknown config (no {CONFIG_FILE}); pass "
-                "--overwrite to replace it, or choose another --out"
-            )
         fix = "pass --overwrite to replace it, or choose another --out"
         saved = read_json(out / CONFIG_FILE, fix)
         diffs = config_differences(saved, _config_json(cfg))
