@@ -37,6 +37,7 @@ from qcalib.model.build import build_quant_model, check_input_fits
 from qcalib.model.wrap import QuantModel
 from qcalib.result import RunResult
 from qcalib.select import SELECTORS
+from qcalib.select.base import check_budget
 from qcalib.zoo.external import load_model
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,8 @@ def quantize(
         indices = saved_indices
     bench = bench or Workbench.from_config(cfg)
     check_enough_tokens(bench.pool, bench.text.seq_len, cfg.calib.num_calib)
+    if indices is None:
+        check_budget(cfg.calib.num_calib, len(bench.pool))
     check_input_fits(bench.model, bench.example_input())
     torch.manual_seed(cfg.seed)
     seconds, rss = {}, {}
