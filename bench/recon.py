@@ -200,6 +200,10 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         if c["profile"] == "paper"
         else None
     )
+    if out is not None and (out / "result.json").exists():
+        # Finished but not stored (killed in between): replay it from its checkpoint, as an
+        # unfinished run of the same config (quantize refuses to replace a finished run).
+        (out / "result.json").unlink()
     stamp = CellStamp(bench.device)
     t0 = time.perf_counter()
     _, res = quantize(cfg, bench=bench, out=out, progress=False, calibrator=calibrator)

@@ -45,8 +45,13 @@ def test_quantize_end_to_end_round_trip_and_rerun(bench, trained_tiny, tmp_path,
     x = bench.pool.get(list(range(32)))
     with torch.no_grad():
         assert torch.equal(q1(x), q2(x))
-    # A rerun into the same directory replays the finished reconstruction.
+    # A rerun into a finished run's directory is refused (no silent overwrite); once its
+    # result is gone (a run killed before the end) the rerun replays the reconstruction.
+    with pytest.raises(QCalibError, match="--overwrite"):
+        quantize(cfg, bench, out=out, progress=False)
+    (out / "result.json").unlink()
     q3, r3 = quantize(cfg, bench, out=out, progress=False)
+    assert r3.calib_stats["resumed_from_block"] == r3.calib_stats["blocks"]
     with torch.no_grad():
         assert torch.equal(q3(x), q1(x))
     assert r3.quant_top1 == r1.quant_top1

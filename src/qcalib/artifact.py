@@ -1,29 +1,60 @@
 """The exported artifact of a run, and loading it back.
 
-``OUT/calib_indices.json`` (written as soon as selection ends), ``OUT/result.json``
-(config, accuracies, timings), ``OUT/quant_state.safetensors`` (every tensor of the
-calibrated QuantModel: folded weights, scales, zero points) and ``OUT/quant_layers.json``
-(the grid of each quantized layer, readable without torch).
+``OUT/run_config.json`` (the run's config, written before any work so an unfinished run
+can be recognized), ``OUT/calib_indices.json`` (written as soon as selection ends),
+``OUT/calib_state/`` (a reconstruction calibrator's per-block checkpoints),
+``OUT/result.json`` (config, accuracies, timings; written last, so its presence marks a
+finished run), ``OUT/quant_state.safetensors`` (every tensor of the calibrated QuantModel:
+folded weights, scales, zero points; its SHA-256 is recorded in ``result.json``) and
+``OUT/quant_layers.json`` (the grid of each quantized layer, readable without torch).
+
+Reusing a run directory (:func:`prepare_run_dir`), choices made here:
+
+* a finished run is never replaced silently: it is refused unless ``overwrite`` (CLI
+  ``--overwrite``), which deletes qcalib's own files there first (other files stay);
+* an unfinished run (no ``result.json``, but calibration indices or a reconstruction
+  checkpoint) resumes when its saved config equals the new
+  one: the saved calibration indices are reused (selection is not run again) and a
+  reconstruction calibrator restarts at its first unfinished block. With another config
+  it is refused, naming the fields that differ. One without ``run_config.json`` (an older
+  qcalib) selects again and keeps only a reconstruction checkpoint whose fingerprint
+  matches.
+
+Loading (:func:`load_run`) checks every file it reads and names the file and what is
+wrong with it (see :mod:`qcalib.files`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from qcalib.config import RunConfig
 from qcalib.errors import QCalibError
+from qcalib.files import (
+    atomic_write_text,
+    check_sha256,
+    describe_mismatch,
+    read_json,
+    read_safetensors,
+    sha256_file,
+    writable_dir,
+    write_failed,
+)
+from qcalib.model.build import build_quant_model
 from qcalib.model.wrap import QuantModel
+from qcalib.result import RunResult
 
-if TYPE_CHECKING:
-    from qcalib.pipeline import RunResult
+log = logging.getLogger(__name__)
 
 STATE_FILE, RESULT_FILE, LAYERS_FILE, INDICES_FILE = (
     "quant_state.safetensors",
@@ -31,18 +62,30 @@ STATE_FILE, RESULT_FILE, LAYERS_FILE, INDICES_FILE = (
     "quant_layers.json",
     "calib_indices.json",
 )
+CONFIG_FILE, WORK_DIR = "run_config.json", "calib_state"
+STATE_FORMAT = "qcalib-quant-state-v1"
+RUN_FILES = (CONFIG_FILE, INDICES_FILE, STATE_FILE, LAYERS_FILE, RESULT_FILE)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # A crash mid-write must not leave a truncated result behind.
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _rerun(run_dir: Path) -> str:
+    return f"rerun `qcalib quantize ... --out {run_dir} --overwrite`"
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+def _config_json(cfg: RunConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as read back
+
+
+def save_config(out: Path, cfg: RunConfig) -> None:
+    writable_dir(out)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(_config_json(cfg), indent=1))
 
 
 def save_indices(out: Path, indices: torch.Tensor) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / INDICES_FILE, json.dumps(indices.tolist()))
+    writable_dir(out)
+    atomic_write_text(out / INDICES_FILE, json.dumps(indices.tolist()))
 
 
 def layer_table(qmodel: QuantModel) -> list[dict]:
@@ -67,13 +110,157 @@ def layer_table(qmodel: QuantModel) -> list[dict]:
 
 
 def save_run(out: Path, result: RunResult, qmodel: QuantModel) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out)
     tensors = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
     tmp = out / (STATE_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "qcalib-quant-state-v1"})
-    os.replace(tmp, out / STATE_FILE)
-    _atomic_write(out / LAYERS_FILE, json.dumps(layer_table(qmodel), indent=1))
-    _atomic_write(out / RESULT_FILE, json.dumps(asdict(result), indent=1))
+    try:
+        save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT})
+        os.replace(tmp, out / STATE_FILE)
+    except OSError as e:
+        raise write_failed(out / STATE_FILE, e) from None
+    atomic_write_text(out / LAYERS_FILE, json.dumps(layer_table(qmodel), indent=1))
+    record = {**asdict(result), "files": {STATE_FILE: sha256_file(out / STATE_FILE)}}
+    atomic_write_text(out / RESULT_FILE, json.dumps(record, indent=1))
+
+
+# -- reusing a run directory ------------------------------------------------------------
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``["quant.wbits: 4 -> 3", ...]``: the fields of two config dicts that differ."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]  # fmt: skip
+
+
+def clear_run(out: Path) -> None:
+    """Delete qcalib's own files of a run in ``out`` (not the directory, not other files)."""
+    try:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        if (out / WORK_DIR).exists():
+            shutil.rmtree(out / WORK_DIR)
+    except OSError as e:
+        raise write_failed(out, e) from None
+
+
+def prepare_run_dir(out: str | Path, cfg: RunConfig, overwrite: bool = False) -> list[int] | None:
+    """Make ``out`` ready for a run of ``cfg``; the saved calibration indices when an
+    unfinished run of the same config resumes, else None (see the module docstring)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QCalibError(f"--out {out} is a file, not a directory; choose another --out")
+    finished = (out / RESULT_FILE).exists()
+    # A lone run_config.json is a run that failed before any work (a bad option): nothing
+    # to keep, so a corrected rerun simply starts.
+    unfinished = not finished and any(
+        (out / n).exists() for n in (INDICES_FILE, STATE_FILE, WORK_DIR)
+    )
+    if overwrite and (finished or unfinished):
+        log.info("--overwrite: replacing the run in %s", out)
+        clear_run(out)
+    elif finished:
+        raise QCalibError(
+            f"{out} holds a finished run ({RESULT_FILE}); pass --overwrite to replace it, or "
+            "choose another --out"
+        )
+    elif unfinished and not (out / CONFIG_FILE).exists():
+        # Made before run_config.json existed: its config is unknown, so its indices are not
+        # trusted (selection runs again); a reconstruction checkpoint is still used only if
+        # its fingerprint (model, data, config, seed) matches.
+        log.warning(
+            "%s holds an unfinished run of unknown config (no %s): selecting again; its "
+            "reconstruction checkpoint is reused only if it matches", out, CONFIG_FILE,
+        )  # fmt: skip
+    elif unfinished:
+        fix = "pass --overwrite to replace it, or choose another --out"
+        saved = read_json(out / CONFIG_FILE, fix)
+        diffs = config_differences(saved, _config_json(cfg))
+        if diffs:
+            shown = "; ".join(diffs[:3]) + (f"; +{len(diffs) - 3} more" if len(diffs) > 3 else "")
+            raise QCalibError(
+                f"{out} holds an unfinished run of another config ({shown}); rerun with the "
+                f"same options to resume it, {fix}"
+            )
+        indices = read_indices(out / INDICES_FILE) if (out / INDICES_FILE).exists() else None
+        log.info(
+            "resuming the unfinished run in %s (same config): %s", out,
+            "reusing its calibration indices" if indices is not None else "selecting again",
+        )  # fmt: skip
+        writable_dir(out)
+        return indices
+    save_config(out, cfg)
+    return None
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def read_indices(path: str | Path) -> list[int]:
+    """The indices of a ``calib_indices.json`` file (a JSON list of non-negative ints)."""
+    path = Path(path)
+    fix = f"delete it to select again, or {_rerun(path.parent)}"
+    data = read_json(path, fix)
+    if isinstance(data, dict) and "indices" in data:
+        data = data["indices"]
+    if not isinstance(data, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data
+    ):
+        raise QCalibError(f"{path}: expected a JSON list of non-negative integers; {fix}")
+    return data
+
+
+def read_result(run_dir: str | Path) -> tuple[RunConfig, dict]:
+    """The config and record of a finished run's ``result.json``."""
+    path = Path(run_dir) / RESULT_FILE
+    fix = _rerun(Path(run_dir))
+    result = read_json(path, fix)
+    if not isinstance(result, dict) or not isinstance(result.get("config"), dict):
+        raise QCalibError(f"{path} has no 'config' object; it is not a qcalib result; {fix}")
+    try:
+        cfg = RunConfig.from_dict(result["config"])
+    except QCalibError as e:
+        raise QCalibError(f"{path}: its config is invalid ({e}); {fix}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise QCalibError(f"{path}: its config does not fit this qcalib ({e}); {fix}") from None
+    return cfg, result
+
+
+def load_quant_state(run_dir: str | Path, qmodel: QuantModel, result: dict | None = None) -> None:
+    """Load ``run_dir``'s quantization state into ``qmodel``, checking the file's hash (as
+    recorded in ``result``), its format and that it was made for this architecture."""
+    run_dir = Path(run_dir)
+    path, fix = run_dir / STATE_FILE, _rerun(run_dir)
+    recorded = ((result or {}).get("files") or {}).get(STATE_FILE)
+    if recorded is not None and path.is_file():
+        check_sha256(path, recorded, fix)
+    tensors, metadata = read_safetensors(path, fix)
+    if metadata.get("format") != STATE_FORMAT:
+        raise QCalibError(
+            f"{path} is a safetensors file but not a qcalib quantization state (format "
+            f"{metadata.get('format')!r}, expected {STATE_FORMAT!r}); {fix}"
+        )
+    expected = qmodel.state_dict()
+    # A fresh quantizer holds scalar scale / zero point until calibrated or loaded.
+    placeholders = {
+        k for k, v in expected.items() if k.endswith(("scale", "zero_point")) and v.dim() == 0
+    }
+    diff = describe_mismatch(expected, tensors, placeholders)
+    if diff is not None:
+        raise QCalibError(
+            f"{path} was made for another architecture or grid than {type(qmodel.model).__name__}"
+            f" as configured: {diff}; check --model/--weights, or {fix}"
+        )
+    qmodel.load_state_dict(tensors)
 
 
 def load_run(
@@ -86,7 +273,6 @@ def load_run(
     """
     from qcalib.data.preprocess import image_transform
     from qcalib.data.registry import load_pool
-    from qcalib.pipeline import build_quant_model
     from qcalib.zoo.external import load_model
 
     run_dir = Path(run_dir)
@@ -95,14 +281,15 @@ def load_run(
             f"{run_dir} holds no finished run ({RESULT_FILE} and {STATE_FILE} are needed); "
             f"run `qcalib quantize ... --out {run_dir}` first"
         )
-    result = json.loads((run_dir / RESULT_FILE).read_text())
-    cfg = RunConfig.from_dict(result["config"])
+    cfg, result = read_result(run_dir)
     if model is None:
         model = load_model(cfg.model, cfg.weights)
     tokenizer = getattr(model, "tokenizer", None)
     transform = image_transform(cfg.preprocess, model)
-    example = load_pool(cfg.data, cfg.data_root, tokenizer=tokenizer, text=cfg.text,
-                        transform=transform).example()  # fmt: skip
+    example = load_pool(
+        cfg.data, cfg.data_root, tokenizer=tokenizer, text=cfg.text, transform=transform,
+        unreadable=cfg.unreadable_images,
+    ).example()  # fmt: skip
     qmodel = build_quant_model(model.eval(), cfg.quant, example)
-    qmodel.load_state_dict(load_file(str(run_dir / STATE_FILE)))
+    load_quant_state(run_dir, qmodel, result)
     return cfg, qmodel.eval(), result

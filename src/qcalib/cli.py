@@ -59,42 +59,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _selector_params(pairs: list) -> tuple:
-    """``--selector-param`` values (``(name, value)`` from :data:`argtypes.name_value`, or
-    ``NAME=VALUE`` strings) as the sorted pairs :class:`SelectConfig` holds."""
-    params = {}
-    for pair in pairs:
-        if isinstance(pair, str):
-            try:
-                pair = argtypes.name_value(pair)
-            except argparse.ArgumentTypeError as e:
-                raise QCalibError(f"--selector-param: {e}") from None
-        params[pair[0]] = pair[1]
-    return tuple(sorted(params.items()))
-
-
-def check_selector_params(selector: str, params: tuple, seed: int = 0) -> None:
-    """Build the selector once with ``params`` (constructors are cheap and check their
-    values), so an unknown or bad ``--selector-param`` fails before any loading."""
-    import inspect
-
-    from qcalib.select import SELECTORS
-
-    cls = SELECTORS.get(selector)
-    accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "seed")]
-    for name, _ in params:
-        if name not in accepted:
-            known = ", ".join(accepted) or "none"
-            raise QCalibError(
-                f"--selector-param: selector {selector!r} has no parameter {name!r}; "
-                f"its parameters: {known}"
-            )
-    try:
-        cls(seed=seed, **dict(params))
-    except QCalibError as e:
-        raise QCalibError(f"--selector-param: {e}") from None
-
-
 _RECON_FLAGS = {  # argparse dest -> ReconConfig field
     "profile": "profile",
     "iters": "iters",
@@ -153,11 +117,12 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         SelectConfig,
         TextConfig,
     )
+    from qcalib.select.params import check_selector_params, parse_selector_params
 
     flb = args.first_last_bits
     if isinstance(flb, str):  # a Namespace not made by this parser (the API's own callers)
         flb = argtypes.first_last_bits(flb)
-    select = SelectConfig(args.selector, _selector_params(args.selector_param))
+    select = SelectConfig(args.selector, parse_selector_params(args.selector_param))
     check_selector_params(select.selector, select.params, args.seed)
     return RunConfig(
         model=args.model,
@@ -196,6 +161,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         eval_data=args.eval_data,
         text=TextConfig(seq_len=args.seq_len, mode=args.text_mode, field=args.text_field),
         preprocess=getattr(args, "preprocess", "auto"),
+        unreadable_images=getattr(args, "unreadable_images", "error"),
     )
 
 
@@ -214,13 +180,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     log.info("quantizing %s at W%sA%s with %s", cfg.model, cfg.quant.wbits, cfg.quant.abits,
              cfg.calib.calibrator)  # fmt: skip
+    if args.overwrite and args.out is None:
+        raise QCalibError("--overwrite only applies with --out DIR; add --out or drop it")
     from qcalib.experiment import LOG_FILE, log_to_file
 
     # Rank 0 alone logs to the run directory (the others write nothing there).
     to_file = args.out and is_main()
     logged = log_to_file(Path(args.out) / LOG_FILE) if to_file else contextlib.nullcontext()
     with logged:
-        _, result = quantize(cfg, out=args.out, progress=not args.no_progress and is_main())
+        _, result = quantize(cfg, out=args.out, progress=not args.no_progress and is_main(),
+                             overwrite=args.overwrite)  # fmt: skip
     if not is_main():  # rank 0 reports and writes; the others only compute their share
         return 0
     if world_size() > 1:
@@ -282,6 +251,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from qcalib.config_file import load_experiment
+    from qcalib.select.params import check_selector_params
 
     exp = load_experiment(args.config)
     out = args.out or exp.out
@@ -332,6 +302,10 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--preprocess", choices=[AUTO, *PREPROCESSING.names()], default=AUTO,
                    help="preprocessing of image files; auto: the model's own (ImageNet "
                         "mean/std, (x-127)/128 for effnet:)")  # fmt: skip
+    g.add_argument("--unreadable-images", choices=("error", "skip"), default="error",
+                   help="image files that do not decode: error (stop, naming the file) or "
+                        "skip (check every file once at load, leave them out, log a "
+                        "count); default error")  # fmt: skip
     g.add_argument("--eval-data", default=None, metavar="SPEC",
                    help="labeled evaluation data when --data is an unlabeled pool (same "
                         "forms; imagefolder reads its val/ or test/), or 'none' to skip "
@@ -436,6 +410,10 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--device", type=argtypes.device, default="cpu", help="cpu, cuda or auto")
     g.add_argument("--eval-batch-size", type=argtypes.positive_int, default=500)
     g.add_argument("--out", default=None, help="run directory for result and artifact")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished (or unfinished) run in --out; without it a "
+                        "finished run is refused and an unfinished one of the same "
+                        "config resumes")  # fmt: skip
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -497,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(func=_cmd_report)
 
-    from qcalib.select.inspect_cli import add_inspect_calib_args, cmd_inspect_calib
+    from qcalib.inspect_cli import add_inspect_calib_args, cmd_inspect_calib
 
     ic = sub.add_parser("inspect-calib", help="per-layer activation mismatch of a calibration set")
     add_inspect_calib_args(ic)

@@ -284,6 +284,7 @@ class SelectConfig:
 
 
 TEXT_MODES = ("chunk", "doc")
+UNREADABLE_IMAGES = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,10 @@ class RunConfig:
     # Preprocessing of image files (qcalib.data.preprocess): "auto" (the model's own),
     # "imagenet" or "efficientnet-lite"; tensor and text datasets ignore it.
     preprocess: str = "auto"
+    # Image files that do not decode: "error" stops at the first, naming it; "skip" checks
+    # every file once when the pool / evaluation set loads and leaves them out (a count is
+    # logged). Ignored for non-file data.
+    unreadable_images: str = "error"
 
     def __post_init__(self) -> None:
         if isinstance(self.text, dict):
@@ -358,6 +363,11 @@ class RunConfig:
         from qcalib.data.preprocess import check_preprocess
 
         check_preprocess(self.preprocess)
+        if self.unreadable_images not in UNREADABLE_IMAGES:
+            raise QCalibError(
+                f"--unreadable-images must be one of {', '.join(UNREADABLE_IMAGES)}, got "
+                f"{self.unreadable_images!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

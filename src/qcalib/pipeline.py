@@ -21,17 +21,17 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from qcalib.artifact import prepare_run_dir, save_indices, save_run
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import Calibrator
-from qcalib.config import QuantConfig, RunConfig, TextConfig
+from qcalib.config import RunConfig, TextConfig
 from qcalib.data.imagefolder import EvalTransform
 from qcalib.data.pool import Pool
 from qcalib.data.preprocess import AUTO, image_transform
@@ -41,9 +41,11 @@ from qcalib.distributed import barrier, is_main
 from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy, embedding_cosine, perplexity
 from qcalib.measure import Measure
-from qcalib.model.wrap import QuantModel, quantize_model
-from qcalib.quant.quantizer import QuantSpec
+from qcalib.model.build import build_quant_model, check_input_fits
+from qcalib.model.wrap import QuantModel
+from qcalib.result import RunResult
 from qcalib.select import SELECTORS
+from qcalib.select.base import check_budget
 from qcalib.zoo.external import load_model
 
 log = logging.getLogger(__name__)
@@ -66,12 +68,16 @@ def load_eval_set(
     data_root: str | None,
     eval_data: str | None,
     transform: EvalTransform | None = None,
+    unreadable: str = "error",
 ) -> Dataset | None:
     """The labeled evaluation set of a run (see ``RunConfig.eval_data``); None for "none".
-    ``transform``: the preprocessing of image files (None: ImageNet's)."""
+    ``transform``: the preprocessing of image files (None: ImageNet's); ``unreadable``:
+    what to do with image files that do not decode (``RunConfig.unreadable_images``)."""
     if eval_data == NO_EVAL:
         return None
-    return load_dataset(eval_data or data, "test", data_root, transform=transform)
+    return load_dataset(
+        eval_data or data, "test", data_root, transform=transform, unreadable=unreadable
+    )
 
 
 def text_metric(model: nn.Module) -> str:
@@ -125,6 +131,7 @@ class Workbench:
         eval_data: str | None = None,
         text: TextConfig | None = None,
         preprocess: str = AUTO,
+        unreadable_images: str = "error",
     ) -> None:
         self.device = resolve_device(device)
         self.model_name = model if isinstance(model, str) else type(model).__name__
@@ -146,7 +153,9 @@ class Workbench:
             elif text_model:
                 self.test_set = load_text_eval_set(model, eval_data, data_root, None, self.text)
             else:
-                self.test_set = load_eval_set(eval_data, data_root, None, self.transform)
+                self.test_set = load_eval_set(
+                    eval_data, data_root, None, self.transform, unreadable_images
+                )
         elif is_text_spec(data):
             self.metric = text_metric(model)
             tokenizer = getattr(model, "tokenizer", None)
@@ -154,14 +163,17 @@ class Workbench:
             self.test_set = load_text_eval_set(model, data, data_root, eval_data, self.text)
         else:
             self.metric = "top1"
-            self.pool = load_pool(data, data_root, split="train", transform=self.transform)
-            self.test_set = load_eval_set(data, data_root, eval_data, self.transform)
+            self.pool = load_pool(data, data_root, split="train", transform=self.transform,
+                                  unreadable=unreadable_images)  # fmt: skip
+            self.test_set = load_eval_set(data, data_root, eval_data, self.transform,
+                                          unreadable_images)  # fmt: skip
         self._fp_metric: float | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Workbench:
         return cls(cfg.model, cfg.data, cfg.data_root, cfg.weights, cfg.device,
-                   cfg.eval_batch_size, cfg.eval_data, cfg.text, cfg.preprocess)  # fmt: skip
+                   cfg.eval_batch_size, cfg.eval_data, cfg.text, cfg.preprocess,
+                   cfg.unreadable_images)  # fmt: skip
 
     @property
     def evaluates(self) -> bool:
@@ -226,61 +238,6 @@ class Workbench:
         return self.pool.example().to(self.device)
 
 
-def build_quant_model(model: nn.Module, q: QuantConfig, example_input: torch.Tensor) -> QuantModel:
-    """Wrap ``model`` with quantizers (no parameters yet) as the config says."""
-    a_spec = (
-        QuantSpec(q.abits, q.a_symmetric, per_channel=False, dynamic=q.a_dynamic)
-        if q.quantize_activations
-        else None
-    )
-    return quantize_model(
-        model,
-        QuantSpec(q.wbits, q.w_symmetric, q.w_per_channel, ch_axis=0, group_size=q.group_size),
-        a_spec,
-        first_last_bits=q.first_last_bits,
-        lm_head_bits=q.lm_head_bits,
-        allow_float=q.allow_float_layers,
-        example_input=example_input,
-        fold=q.fold_bn,
-    )
-
-
-@dataclass
-class RunResult:
-    config: dict[str, Any]
-    model: str
-    fp_top1: float | None  # None: not evaluated (eval_data "none")
-    quant_top1: float | None
-    calib_indices: list[int]
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_rss_mb: dict[str, float] = field(default_factory=dict)
-    calib_stats: dict[str, Any] = field(default_factory=dict)
-    # The run's metric (one of METRICS) and its FP / quantized figures; for "top1" they
-    # repeat fp_top1 / quant_top1. eval_tokens: tokens scored (perplexity) or held in the
-    # evaluation set (embedding cosine); None for images. Defaults keep old result.json.
-    metric: str = "top1"
-    fp_metric: float | None = None
-    quant_metric: float | None = None
-    eval_tokens: int | None = None
-
-    def summary(self) -> str:
-        q = self.config["quant"]
-        head = (
-            f"{self.model} W{q['wbits']}A{q['abits']} {self.config['calib']['calibrator']} "
-            f"({self.config['select']['selector']}, n={len(self.calib_indices)}): "
-        )
-        if self.metric == "top1":
-            if self.fp_top1 is None or self.quant_top1 is None:
-                return head + "not evaluated"
-            return head + f"FP {self.fp_top1:.2f}% -> quantized {self.quant_top1:.2f}%"
-        if self.fp_metric is None or self.quant_metric is None:
-            return head + "not evaluated"
-        return head + (
-            f"{self.metric} FP {self.fp_metric:.4g} -> quantized {self.quant_metric:.4g} "
-            f"({self.eval_tokens} tokens)"
-        )
-
-
 def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> torch.Tensor:
     selector = SELECTORS.get(cfg.select.selector)(seed=cfg.seed, **cfg.select.kwargs())
     selector.progress = progress
@@ -318,8 +275,14 @@ def quantize(
     progress: bool = True,
     calibrator: Calibrator | None = None,
     indices: Sequence[int] | torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> tuple[QuantModel, RunResult]:
     """One PTQ run. With ``out``, each finished stage is written at once.
+
+    ``out`` holding a finished run is refused unless ``overwrite``; an unfinished run
+    there resumes when its config equals ``cfg`` (its calibration indices are reused and a
+    reconstruction restarts at its first unfinished block), else it is refused naming
+    what differs (:func:`qcalib.artifact.prepare_run_dir`).
 
     ``calibrator``: an instance to use instead of a new one from the registry (e.g. to
     read a reconstruction calibrator's ``engine`` afterwards, or to set its hooks); it
@@ -330,10 +293,14 @@ def quantize(
     the calibrator or the bits); selection is skipped and ``cfg.select`` only labels the
     run. The indices are sorted like a selector's.
     """
-    from qcalib.artifact import save_indices, save_run
-
+    saved_indices = prepare_run_dir(out, cfg, overwrite) if out is not None else None
+    if indices is None:
+        indices = saved_indices
     bench = bench or Workbench.from_config(cfg)
     check_enough_tokens(bench.pool, bench.text.seq_len, cfg.calib.num_calib)
+    if indices is None:
+        check_budget(cfg.calib.num_calib, len(bench.pool))
+    check_input_fits(bench.model, bench.example_input())
     torch.manual_seed(cfg.seed)
     seconds, rss = {}, {}
     cls = CALIBRATORS.get(cfg.calib.calibrator)

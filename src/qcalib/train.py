@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qcalib.data.pool import TensorImageDataset
+from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy
 
 log = logging.getLogger(__name__)
@@ -95,9 +97,22 @@ def train(
     state_path = out_dir / "train_state.pt"
     start_epoch = 0
     if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
-        if state["config"] != asdict(cfg):
-            raise RuntimeError(f"{state_path} was written with another config; delete it")
+        try:
+            state = torch.load(state_path, weights_only=True)
+        except Exception as e:  # torn or foreign file: UnpicklingError, RuntimeError, EOFError
+            raise QCalibError(
+                f"{state_path} is not a readable training state ({type(e).__name__}); delete "
+                "it to start over, or choose another --work-dir"
+            ) from None
+        if not isinstance(state, dict) or state.get("config") != asdict(cfg):
+            saved = state.get("config", {}) if isinstance(state, dict) else {}
+            diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+                     if saved.get(k) != v]  # fmt: skip
+            raise QCalibError(
+                f"{state_path} was written with another training config "
+                f"({'; '.join(diffs[:3]) or 'unknown'}); rerun with the same options to "
+                "resume, delete it to start over, or choose another --work-dir"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -134,6 +149,8 @@ def train(
         log.info(
             "epoch %d: loss %.4f test top-1 %.2f%%", epoch + 1, loss_sum / steps_per_epoch, acc
         )
+        # Atomic: an interruption while saving must not destroy the last finished epoch.
+        tmp = state_path.with_name(state_path.name + ".tmp")
         torch.save(
             {
                 "config": asdict(cfg),
@@ -144,7 +161,8 @@ def train(
                 "history": history,
                 "epoch": epoch + 1,
             },
-            state_path,
+            tmp,
         )
+        os.replace(tmp, state_path)
         (out_dir / "train_log.json").write_text(json.dumps(history, indent=1))
     return history

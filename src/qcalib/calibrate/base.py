@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from qcalib.config import CalibConfig
@@ -76,17 +77,67 @@ def _quantizers(qmodel: QuantModel) -> tuple[list[UniformQuantizer], list[Unifor
     return weights, acts
 
 
+def _is_nonfinite(error: ValueError) -> bool:
+    return "non-finite" in str(error)  # the observers' own message (quant/observers.py)
+
+
+class _Found(Exception):
+    pass
+
+
+def _nonfinite_activation_error(qmodel: QuantModel, x: torch.Tensor) -> QCalibError:
+    """Name the first layer (in execution order) whose input holds NaN/Inf for batch ``x``.
+
+    Run only after an observer refused a batch, so the normal path pays nothing."""
+    found: list[str] = []
+
+    def check(name: str):  # noqa: ANN202
+        def hook(_m: nn.Module, args: tuple) -> None:
+            t = args[0] if args else None
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.isfinite().all():
+                found.append(name)
+                raise _Found
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(check(n)) for n, m in qmodel.quant_modules()]
+    qmodel.set_observing(False)  # the caller's cleanup ends observing anyway
+    try:
+        qmodel(x)
+    except _Found:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    where = found[0] if found else "a quantized layer"
+    first = found and found[0] == next(iter(qmodel.quant_modules()))[0]
+    cause = "the calibration data itself" if first else f"the layers upstream of {where}"
+    return QCalibError(
+        f"the input activations of layer {where} contain NaN or Inf (from {cause}); check the "
+        "calibration data (--data) and the model's weights for NaN/Inf"
+    )
+
+
 @torch.no_grad()
 def calibrate_weights(qmodel: QuantModel, observer: str, **params) -> None:
     """Weight ranges depend only on the weights: one observer call per layer."""
-    for _, m in qmodel.quant_modules():
+    for name, m in qmodel.quant_modules():
         q = m.weight_quantizer
         q.observer = make_observer(
             observer, per_channel=q.spec.per_channel, ch_axis=q.spec.ch_axis, **params
         )
-        q.observer(q.observer_view(m.weight.detach()))
-        q.compute_qparams()
-        q.observer = None
+        try:
+            q.observer(q.observer_view(m.weight.detach()))
+            q.compute_qparams()
+        except ValueError as e:
+            if not _is_nonfinite(e):
+                raise
+            raise QCalibError(
+                f"the weights of layer {name} contain NaN or Inf; the model or its --weights "
+                "file is damaged: retrain or restore it"
+            ) from None
+        finally:
+            q.observer = None
 
 
 @torch.no_grad()
@@ -125,7 +176,12 @@ def calibrate_activations(
     try:
         chunks = torch.split(shard(calib_data), batch_size)
         for x in tqdm(chunks, desc="observe activations", leave=False, disable=not progress):
-            qmodel(x)
+            try:
+                qmodel(x)
+            except ValueError as e:
+                if not _is_nonfinite(e):
+                    raise
+                raise _nonfinite_activation_error(qmodel, x) from None
         for q in acts:
             q.observer.reduce_across_ranks()
             q.compute_qparams()

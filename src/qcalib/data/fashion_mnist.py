@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +27,36 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped): magic ``00 00 dtype ndim``, big-endian dims."""
+    """Parse an IDX file (optionally gzipped): magic ``00 00 dtype ndim``, big-endian dims.
+
+    A damaged file (bad gzip stream, short header, missing or extra bytes) is a
+    :class:`QCalibError` naming the file and what is wrong."""
+    fix = "reinstall it (`apt-get install --reinstall dataset-fashion-mnist`) or fix --data-root"
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise QCalibError(f"{path} is not a complete gzip file ({e}); {fix}") from None
+    except OSError as e:
+        raise QCalibError(f"cannot read {path} ({e.strerror or e}); {fix}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise QCalibError(f"{path} is not an IDX file (bad magic number)")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=_DTYPES[raw[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise QCalibError(f"{path} is truncated: expected {int(np.prod(dims))} values")
-    return data.reshape(dims)
+        raise QCalibError(f"{path} is not an IDX file (bad magic number); {fix}")
+    ndim, header = raw[3], 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise QCalibError(
+            f"{path} is truncated: its header needs {header} bytes, the file has {len(raw)}; {fix}"
+        )
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    itemsize = np.dtype(_DTYPES[raw[2]]).itemsize
+    expected = int(np.prod(dims)) * itemsize
+    if len(raw) - header != expected:
+        what = "truncated" if len(raw) - header < expected else "longer than its header says"
+        raise QCalibError(
+            f"{path} is {what}: dims {tuple(dims)} need {expected} data bytes, the file has "
+            f"{len(raw) - header}; {fix}"
+        )
+    return np.frombuffer(raw, dtype=_DTYPES[raw[2]], offset=header).reshape(dims)
 
 
 def _find(root: Path, stem: str) -> Path:

@@ -188,17 +188,66 @@ def open_image(path: Path) -> Image:
     except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
         raise QCalibError(
             f"cannot read image {path}: {e}; delete or replace the file (or remove it "
-            "from the list)"
+            "from the list), or pass --unreadable-images skip"
         ) from None
 
 
+UNREADABLE_CHOICES = ("error", "skip")
+
+
+def readable_images(paths: Sequence[Path], where: str) -> list[int]:
+    """Positions in ``paths`` of the files that decode; the others are logged with a count.
+
+    Decodes every file once (the cost of ``unreadable="skip"``), so that what is left
+    never fails mid-run."""
+    from tqdm import tqdm
+
+    keep, bad = [], []
+    for i, path in enumerate(tqdm(paths, desc="checking images", leave=False)):
+        try:
+            open_image(path)
+            keep.append(i)
+        except QCalibError as e:
+            bad.append((path, e))
+    if bad:
+        log.warning("%s: skipped %d unreadable image(s) of %d, e.g. %s", where, len(bad),
+                    len(paths), bad[0][1])  # fmt: skip
+    if not keep:
+        raise QCalibError(
+            f"{where}: none of its {len(paths)} image(s) can be read, e.g. {bad[0][1]}"
+        )
+    return keep
+
+
 class _ImageFiles(Dataset):
-    """Shared on-demand decoding for the folder and list datasets."""
+    """Shared on-demand decoding for the folder and list datasets.
+
+    ``unreadable``: ``"error"`` (default) decodes lazily and stops at the first file that
+    does not decode, naming it; ``"skip"`` decodes every file once up front and leaves the
+    unreadable ones out, logging how many (CLI ``--unreadable-images``).
+    """
 
     def __init__(
-        self, paths: Sequence[Path], labels: torch.Tensor | None, transform: EvalTransform | None
+        self,
+        paths: Sequence[Path],
+        labels: torch.Tensor | None,
+        transform: EvalTransform | None,
+        unreadable: str = "error",
+        where: str = "",
     ) -> None:
-        self.paths = list(paths)
+        if unreadable not in UNREADABLE_CHOICES:
+            raise QCalibError(
+                f"--unreadable-images must be one of {', '.join(UNREADABLE_CHOICES)}, got "
+                f"{unreadable!r}"
+            )
+        paths = list(paths)
+        self.skipped = 0  # unreadable files left out
+        if unreadable == "skip":
+            keep = readable_images(paths, where or "image files")
+            labels = labels[keep] if labels is not None else None
+            self.skipped = len(paths) - len(keep)
+            paths = [paths[i] for i in keep]
+        self.paths = paths
         self.labels = labels
         self.transform = transform if transform is not None else EvalTransform()
 
@@ -252,6 +301,7 @@ class ImageFolder(_ImageFiles):
         root: str | Path,
         transform: EvalTransform | None = None,
         classes: Sequence[str] | None = None,
+        unreadable: str = "error",
     ) -> None:
         root = Path(root)
         if not root.is_dir():
@@ -273,7 +323,7 @@ class ImageFolder(_ImageFiles):
             )
         if not has_class_images:
             self.classes: list[str] | None = None
-            super().__init__(loose, None, transform)
+            super().__init__(loose, None, transform, unreadable, str(root))
             return
         self.classes = list(classes) if classes is not None else subdirs
         index = {name: i for i, name in enumerate(self.classes)}
@@ -292,7 +342,8 @@ class ImageFolder(_ImageFiles):
         for name in subdirs:
             paths += per_class[name]
             labels += [index[name]] * len(per_class[name])
-        super().__init__(paths, torch.tensor(labels, dtype=torch.int64), transform)
+        super().__init__(paths, torch.tensor(labels, dtype=torch.int64), transform, unreadable,
+                         str(root))  # fmt: skip
 
 
 class ImageFileList(_ImageFiles):
@@ -304,7 +355,12 @@ class ImageFileList(_ImageFiles):
     is checked up front, so a typo fails now rather than halfway through calibration.
     """
 
-    def __init__(self, list_file: str | Path, transform: EvalTransform | None = None) -> None:
+    def __init__(
+        self,
+        list_file: str | Path,
+        transform: EvalTransform | None = None,
+        unreadable: str = "error",
+    ) -> None:
         list_file = Path(list_file)
         if not list_file.is_file():
             raise QCalibError(f"image list {list_file} does not exist; give a text file of paths")
@@ -324,4 +380,4 @@ class ImageFileList(_ImageFiles):
                 f"{len(missing)} file(s) named in {list_file} do not exist, e.g. {missing[0]}; "
                 "fix the paths (relative ones are relative to the list file)"
             )
-        super().__init__(paths, None, transform)
+        super().__init__(paths, None, transform, unreadable, str(list_file))

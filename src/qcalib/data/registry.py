@@ -71,6 +71,7 @@ def _load(
     transform: EvalTransform | None,
     tokenizer: object = None,
     text: TextConfig | None = None,
+    unreadable: str = "error",
 ) -> Dataset:
     kind, sep, arg = spec.partition(":")
     if kind == "text":
@@ -95,13 +96,13 @@ def _load(
             raise QCalibError("imagefolder needs a directory: use imagefolder:PATH")
         directory, train_dir = _imagefolder_dir(Path(arg or str(root)).expanduser(), split)
         classes = find_classes(train_dir) if train_dir is not None else None
-        return ImageFolder(directory, transform, classes=classes)
+        return ImageFolder(directory, transform, classes=classes, unreadable=unreadable)
     if kind == "files":
         from qcalib.data.imagefolder import ImageFileList
 
         if not arg:
             raise QCalibError("files needs a list file: use files:LISTFILE")
-        return ImageFileList(Path(arg).expanduser(), transform)
+        return ImageFileList(Path(arg).expanduser(), transform, unreadable=unreadable)
     raise QCalibError(f"unknown dataset {spec!r}; choose one of: {', '.join(SPECS)}")
 
 
@@ -113,6 +114,7 @@ def load_dataset(
     transform: EvalTransform | None = None,
     tokenizer: object = None,
     text: TextConfig | None = None,
+    unreadable: str = "error",
 ) -> Dataset:
     """The ``split`` of the dataset named by ``spec`` (see module docstring).
 
@@ -123,9 +125,11 @@ def load_dataset(
     overrides the ImageNet eval preprocessing of image-file datasets. ``text:`` specs need
     the model's ``tokenizer`` and a ``TextConfig`` (``text``, default ``TextConfig()``);
     their evaluation split is unlabeled text (language-model metrics need no labels).
+    ``unreadable`` (``"error"`` / ``"skip"``): what image-file datasets do with files that
+    do not decode (:class:`~qcalib.data.imagefolder.ImageFolder`).
     """
     split = _check_split(split)
-    dataset = _load(spec, split, root, transform, tokenizer, text)
+    dataset = _load(spec, split, root, transform, tokenizer, text, unreadable)
     if is_text_spec(spec):
         return dataset
     if split in _EVAL and getattr(dataset, "labels", None) is None:
@@ -146,6 +150,7 @@ def load_pool(
     transform: EvalTransform | None = None,
     tokenizer: object = None,
     text: TextConfig | None = None,
+    unreadable: str = "error",
 ) -> Pool:
     """A calibration :class:`Pool` over the ``split`` of ``spec``; labels are optional.
 
@@ -153,5 +158,5 @@ def load_pool(
     baselines use them); calibration itself never reads them. A ``files:`` list is the
     same pool whatever the split. ``text:`` specs need ``tokenizer`` (and ``text``).
     """
-    dataset = _load(spec, _check_split(split), root, transform, tokenizer, text)
+    dataset = _load(spec, _check_split(split), root, transform, tokenizer, text, unreadable)
     return Pool(dataset, name=spec, labels=getattr(dataset, "labels", None))

@@ -20,6 +20,18 @@ from qcalib.errors import QCalibError
 from qcalib.registry import Registry
 
 
+def check_budget(n: int, pool_size: int) -> None:
+    """``n`` calibration samples can be drawn from a pool of ``pool_size``, or a
+    :class:`QCalibError` naming the flag (cheap: the pipeline checks it before any work)."""
+    if n < 1:
+        raise QCalibError(f"--num-calib must be at least 1, got {n}")
+    if n > pool_size:
+        raise QCalibError(
+            f"--num-calib {n} is larger than the pool ({pool_size} samples); "
+            f"lower --num-calib or use a larger --data pool"
+        )
+
+
 def selector_params(cls: type) -> list[str]:
     """Constructor parameter names of a selector class (what ``--selector-param`` takes)."""
     sig = inspect.signature(cls.__init__)
@@ -82,13 +94,7 @@ class Selector(ABC, metaclass=_SelectorMeta):
     def select(self, n: int) -> torch.Tensor:
         if self.pool_size_ is None:
             raise RuntimeError("call fit(pool) before select(n)")
-        if n < 1:
-            raise QCalibError(f"--num-calib must be at least 1, got {n}")
-        if n > self.pool_size_:
-            raise QCalibError(
-                f"--num-calib {n} is larger than the pool ({self.pool_size_} samples); "
-                f"lower --num-calib or use a larger --data pool"
-            )
+        check_budget(n, self.pool_size_)
         idx = self._select(n)
         assert idx.numel() == n and idx.unique().numel() == n, "selector returned duplicates"
         return idx.sort().values

@@ -71,17 +71,10 @@ def build_efficientnet_lite(variant: str = "lite0", num_classes: int | None = No
     )
 
 
-def load_efficientnet_lite(
-    variant: str = "lite0", weights: str | Path | None = None, num_classes: int | None = None
-) -> nn.Module:
-    """EfficientNet-Lite in eval mode: the packaged ImageNet weights, or ``weights``."""
-    from qcalib.zoo.external import load_weights
-
-    if weights is None and num_classes not in (None, IMAGENET_CLASSES):
+def check_packaged_classes(variant: str, num_classes: int | None) -> None:
+    """The packaged weights are ImageNet's: another ``num_classes`` needs the user's file."""
+    if num_classes not in (None, IMAGENET_CLASSES):
         raise QCalibError(
             f"the packaged effnet:{variant} weights have {IMAGENET_CLASSES} classes, not "
             f"{num_classes}; drop num_classes or pass your fine-tuned weights file"
         )
-    model = build_efficientnet_lite(variant, num_classes)
-    load_weights(model, weights if weights is not None else packaged_weights_path(variant))
-    return model.eval()

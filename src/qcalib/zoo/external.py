@@ -292,14 +292,16 @@ def load_model(
     elif prefix == "timm":
         model = _timm(name, num_classes)
     elif prefix == "effnet":
-        from qcalib.zoo.efficientnet import load_efficientnet_lite
+        from qcalib.zoo.efficientnet import build_efficientnet_lite, check_packaged_classes
 
-        # The packaged ImageNet weights unless the user gives a file (loaded below).
+        # The packaged ImageNet weights unless the user gives a file.
         if weights is None:
-            return load_efficientnet_lite(name, None, num_classes)
-        from qcalib.zoo.efficientnet import build_efficientnet_lite
-
+            check_packaged_classes(name, num_classes)
         model = build_efficientnet_lite(name, num_classes)
+        if weights is None:
+            from qcalib.zoo.efficientnet import packaged_weights_path
+
+            weights = packaged_weights_path(name)
     else:
         model = _hf(name, num_classes)
     if weights is not None:

@@ -2,21 +2,22 @@
 
 Checkpoints are safetensors files beside a JSON card holding their SHA-256, the training
 config, the per-epoch log and the command that rebuilds them. Loading verifies the hash,
-so a silently corrupted or swapped file is refused.
+so a silently corrupted or swapped file is refused, and names what differs when a
+checkpoint (with a matching card) holds another architecture's tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from qcalib.errors import QCalibError
+from qcalib.files import check_sha256, describe_mismatch, read_json, read_safetensors, sha256_file
 from qcalib.zoo.mobilenet import MobileNetV2Small
 from qcalib.zoo.resnet import ResNet20
 
@@ -48,14 +49,6 @@ def reference_entry(name: str) -> ReferenceModel:
     return REFERENCE_MODELS[name]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_reference(
     model: nn.Module, name: str, card: dict, directory: Path = CHECKPOINT_DIR
 ) -> Path:
@@ -77,14 +70,15 @@ def load_reference(name: str, directory: Path = CHECKPOINT_DIR) -> nn.Module:
             f"checkpoint for {name} not found in {directory}; rebuild it with "
             f"`qcalib train --model {name}`"
         )
-    expected = json.loads(card_path.read_text())["sha256"]
-    actual = sha256_file(path)
-    if actual != expected:
-        raise QCalibError(
-            f"{path} has SHA-256 {actual[:12]}… but its card says {expected[:12]}…; the file "
-            f"is corrupted or was replaced: restore it from git or rebuild with "
-            f"`qcalib train --model {name}`"
-        )
+    fix = f"restore it from git or rebuild with `qcalib train --model {name}`"
+    card = read_json(card_path, fix)
+    if not isinstance(card, dict) or not isinstance(card.get("sha256"), str):
+        raise QCalibError(f"{card_path} has no sha256 entry; it is not a checkpoint card: {fix}")
+    check_sha256(path, card["sha256"], fix)
+    tensors, _ = read_safetensors(path, fix)
     model = entry.builder()
-    model.load_state_dict(load_file(str(path)))
+    diff = describe_mismatch(model.state_dict(), tensors)
+    if diff is not None:
+        raise QCalibError(f"{path} does not fit {name}: {diff}; {fix}")
+    model.load_state_dict(tensors)
     return model.eval()

@@ -1,5 +1,8 @@
 """``qcalib inspect-calib``: the calibration-set quality report from the command line.
 
+The command-line layer (beside :mod:`qcalib.cli`, which registers the subcommand); the
+report itself is computed in :mod:`qcalib.select.quality`.
+
 The calibration set comes from exactly one of:
 
 * ``--run RUN_DIR``: the ``calib_indices.json`` of a ``qcalib quantize --out`` run (model,
@@ -100,9 +103,13 @@ def read_indices(path: str | Path) -> list[int]:
 
 
 def _run_config(run: Path) -> dict[str, Any]:
+    from qcalib.files import read_json
+
     result = run / "result.json"
     if result.is_file():
-        return json.loads(result.read_text()).get("config", {})
+        data = read_json(result, "pass --model/--data yourself, or rerun the quantize run")
+        config = data.get("config") if isinstance(data, dict) else None
+        return config if isinstance(config, dict) else {}
     return {}
 
 
@@ -131,15 +138,15 @@ def _files_source(list_file: str, pool: Any) -> tuple[list[int] | None, Any]:
 
 
 def cmd_inspect_calib(args: argparse.Namespace) -> int:
-    from qcalib.cli import _selector_params, check_selector_params
     from qcalib.data.preprocess import AUTO, image_transform
     from qcalib.data.registry import load_pool
     from qcalib.pipeline import resolve_device
     from qcalib.select.base import select_indices
+    from qcalib.select.params import check_selector_params, parse_selector_params
     from qcalib.select.quality import DEFAULT_MAX_SAMPLES, calibration_mismatch, format_report
     from qcalib.zoo.external import load_model
 
-    params = dict(_selector_params(args.selector_param))
+    params = dict(parse_selector_params(args.selector_param))
     if params and args.selector is None:
         raise QCalibError("--selector-param only applies with --selector; add it or drop them")
     if args.selector is not None:  # before any loading: a bad parameter fails at once
