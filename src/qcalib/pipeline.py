@@ -26,15 +26,15 @@ from torch.utils.data import Dataset
 
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import Calibrator
-from qcalib.config import QuantConfig, RunConfig, TextConfig
+from qcalib.config import RunConfig, TextConfig
 from qcalib.data.pool import Pool
 from qcalib.data.registry import is_text_spec, load_dataset, load_pool
 from qcalib.data.text import TokenSamples, check_enough_tokens, limit_tokens
 from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy, embedding_cosine, perplexity
 from qcalib.measure import Measure
-from qcalib.model.wrap import QuantModel, quantize_model
-from qcalib.quant.quantizer import QuantSpec
+from qcalib.model.observe import build_quant_model
+from qcalib.model.wrap import QuantModel
 from qcalib.select import SELECTORS
 from qcalib.zoo.external import load_model
 
@@ -206,25 +206,6 @@ class Workbench:
         return self.pool.example().to(self.device)
 
 
-def build_quant_model(model: nn.Module, q: QuantConfig, example_input: torch.Tensor) -> QuantModel:
-    """Wrap ``model`` with quantizers (no parameters yet) as the config says."""
-    a_spec = (
-        QuantSpec(q.abits, q.a_symmetric, per_channel=False, dynamic=q.a_dynamic)
-        if q.quantize_activations
-        else None
-    )
-    return quantize_model(
-        model,
-        QuantSpec(q.wbits, q.w_symmetric, q.w_per_channel, ch_axis=0, group_size=q.group_size),
-        a_spec,
-        first_last_bits=q.first_last_bits,
-        lm_head_bits=q.lm_head_bits,
-        allow_float=q.allow_float_layers,
-        example_input=example_input,
-        fold=q.fold_bn,
-    )
-
-
 @dataclass
 class RunResult:
     config: dict[str, Any]
@@ -262,12 +243,15 @@ class RunResult:
 
 
 def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> torch.Tensor:
+    """The run's calibration set. The selector is told what the run's calibrator reads
+    from it (``Calibrator.reads``), so calibrator-aware strategies pick accordingly."""
     selector = SELECTORS.get(cfg.select.selector)(seed=cfg.seed, **cfg.select.kwargs())
     selector.progress = progress
+    reads = CALIBRATORS.get(cfg.calib.calibrator).reads
     if getattr(selector, "needs_model", False):
-        selector.fit(bench.pool, model=bench.model)
+        selector.fit(bench.pool, model=bench.model, calibrator_reads=reads)
     else:
-        selector.fit(bench.pool)
+        selector.fit(bench.pool, calibrator_reads=reads)
     return selector.select(cfg.calib.num_calib)
 
 
