@@ -259,3 +259,33 @@ def test_score_proxy_and_errors(trained_tiny, digits_sets):
         calibration_score(trained_tiny, pool, [], quant)
     with pytest.raises(QCalibError, match="out of range"):
         calibration_score(trained_tiny, pool, [len(pool)], quant)
+
+
+def test_inspect_calib_prints_the_score(trained_tiny, monkeypatch, tmp_path, capsys):
+    import json
+
+    import qcalib.zoo.external as external
+    from qcalib.cli import main
+    from qcalib.data.registry import load_pool
+
+    monkeypatch.setattr(external, "load_model", lambda *a, **k: trained_tiny)
+    ind = tmp_path / "ind.json"
+    ind.write_text(json.dumps(list(range(0, 64, 2))))
+    argv = ["inspect-calib", "--model", "x:y", "--data", "digits", "--indices", str(ind),
+            "--wbits", "3", "--abits", "4", "--calibrator", "percentile",
+            "--score-samples", "200", "--json", str(tmp_path / "r.json")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("quality score"))
+    assert "percentile observers, W3A4" in line and "200 pool samples" in line
+    want = calibration_score(
+        trained_tiny, load_pool("digits"), list(range(0, 64, 2)), QuantConfig(3, 4),
+        "percentile", eval_samples=200,
+    )  # fmt: skip
+    assert float(line.rsplit(" ", 1)[1]) == pytest.approx(want, rel=1e-5)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["info"]["score"]["value"] == pytest.approx(want, rel=1e-12)
+    assert main([*argv[:-2], "--no-score", "--calibrator", "qdrop"]) == 0
+    assert "quality score" not in capsys.readouterr().out
+    assert main([*argv[:-2], "--calibrator", "brecq"]) == 0
+    assert "brecq observers: MSE proxy" in capsys.readouterr().out
