@@ -289,3 +289,33 @@ def test_inspect_calib_prints_the_score(trained_tiny, monkeypatch, tmp_path, cap
     assert "quality score" not in capsys.readouterr().out
     assert main([*argv[:-2], "--calibrator", "brecq"]) == 0
     assert "brecq observers: MSE proxy" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ bench helpers
+def test_bench_aware_helpers():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import selection
+    from qcalib.data.pool import TensorImageDataset
+
+    assert selection.aware_params("random", "mse") == {}
+    assert selection.aware_params("selectq-old", "mse") == {"within": "nearest"}
+    assert selection.aware_params("selectq", "minmax") == {"within": "nearest"}
+    assert selection.aware_params("selectq", "percentile") == {"within": "nearest"}
+    assert selection.aware_params("selectq", "mse") == {"within": "matched"}
+    assert selection.aware_params("selectq", "qdrop") == {"within": "matched"}
+    # Spearman: a reversed order is -1; with ranks (1, 2, 3, 4) vs (1, 2, 4, 3):
+    # 1 - 6 * (0 + 0 + 1 + 1) / (4 * 15) = 0.8.
+    assert selection.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert selection.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == 0.8
+    assert math.isnan(selection.spearman([1, 1, 1], [1, 2, 3]))
+    images = torch.arange(50, dtype=torch.uint8).reshape(50, 1, 1, 1)
+    ds = TensorImageDataset(images, torch.arange(50) % 3, [0.0], [1.0])
+    pool, val = selection.carve_validation(Pool(ds, name="p"), 10)
+    assert len(pool) == 40 and len(val) == 10
+    kept = set(pool.dataset.images.flatten().tolist())
+    held = set(val.images.flatten().tolist())
+    assert not kept & held and len(kept | held) == 50
+    assert torch.equal(val.labels, val.images.flatten().long() % 3)  # labels follow images
