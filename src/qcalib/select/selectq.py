@@ -80,11 +80,12 @@ final, fixed centroids. Then:
   index). Why: a set that reproduces the cluster's spread calibrates a clip or a fit as
   the pool would (the evidence: ``nearest`` sets are 1.6-1.8x as mismatched as random
   ones and lose 0.9-1.2 points under MSE at W3A3 and 5-6 under QDrop), and a
-  deterministic match varies less from seed to seed than ``stratified``'s evenly spaced
-  ranks of one random KD ordering (only the cluster sample and the k-means seeding are
-  random). Projections rather than the full statistics: a row of ``sum_l (1 + P)``
-  values keeps the per-cluster sample at ``R x D`` floats (ResNet-20, P = 4: ~100
-  values, 26 MB for K = 8 at ``R = 4096``) instead of the full ``sum_l 2 C_l``. Cost:
+  deterministic match should vary less from seed to seed than ``stratified``'s evenly
+  spaced ranks of one random KD ordering (only the cluster sample and the k-means
+  seeding are random; the ``aware`` section of ``bench/selection.py`` measures it).
+  Projections rather than the full statistics: a row of ``sum_l (1 + P)`` values keeps
+  the per-cluster sample at ``R x D`` float64 values (ResNet-20's 22 layers, P = 4:
+  D = 111, 29 MB for K = 8 at ``R = 4096``) instead of the full ``sum_l 2 C_l``. Cost:
   no extra forward (the rows come from the ranking pass) and ``O(q R D)`` per cluster.
 
 Ranking rule per calibrator (``within="auto"``, the default)
