@@ -18,6 +18,20 @@ headline question:
 4. ``ablation``: ResNet-20, min-max W4A4 n = 64, SelectQ x5 seeds, one factor at a time
    varied from the default: Knowledge Distance, K, layer combination, statistics,
    ranking inside a cluster.
+5. ``aware`` (issue 12): the grid's blocks with three rows each: random, SelectQ's new
+   default (``within="auto"``, stored as the rule it resolves to for the row's
+   calibrator: min-max / percentile -> nearest, MSE -> matched) and the old default
+   (``within="nearest"``, label ``selectq-old``); per set the label-free
+   :func:`~qcalib.select.quality.calibration_score`, and per row its Spearman rank
+   correlation with accuracy over the random sets and the issue's targets, into
+   ``results/<grid>-aware.{json,md}``. ``--val-split N`` evaluates on N training images
+   carved out of the pool (seeded; the pool is the rest) instead of the test set, the
+   split defaults are chosen on (issue 12); its cells carry ``eval: valN`` and never mix
+   with test-set cells (random then runs here, not from the baseline store).
+
+The issue-3 sections (main, grid, ablation) measure the old default: their SelectQ sets
+(``params`` ``{}``) are built with ``within="nearest"`` explicitly, so their cached sets
+stay valid under the new ``within="auto"`` default.
 
 Selection depends only on (model, selector, parameters, seed, n) - it reads FP
 activations - not on the calibrator or the bits, so every selected set is computed once
@@ -66,13 +80,20 @@ from common import (
     uncontended_rounds,
     write_tables,
 )
+from qcalib.calibrate import CALIBRATORS as CALIBRATOR_CLASSES
 from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
 from qcalib.data.pool import Pool, TensorImageDataset
 from qcalib.data.registry import load_pool
 from qcalib.measure import Measure
 from qcalib.pipeline import Workbench, quantize
 from qcalib.select import SELECTORS
-from qcalib.select.quality import PoolReference, calibration_mismatch, pool_reference
+from qcalib.select.quality import (
+    PoolReference,
+    calibration_mismatch,
+    calibration_score,
+    pool_reference,
+)
+from qcalib.select.selectq import AUTO_WITHIN
 from qcalib.zoo.external import load_model
 
 MODELS = ("zoo:fmnist-resnet20", "zoo:fmnist-mobilenetv2")
@@ -102,6 +123,9 @@ VARIANTS = (
     ("stats", "mean", {"stats": "mean"}),
 )
 
+# Section "aware" (issue 12): random, the new default, the old default.
+AWARE_LABELS = ("random", "selectq", "selectq-old")
+
 MISMATCH_FMT = {"mismatch": ".4f", "selectq_mismatch": ".4f", "random_mismatch": ".4f"}
 
 log = logging.getLogger("selection")
@@ -128,6 +152,26 @@ def subset_pool(pool: Pool, size: int | None, seed: int = 0) -> Pool:
     return Pool(sub, name=f"{pool.name}[{size}]")
 
 
+def aware_params(label: str, calibrator: str) -> dict:
+    """SelectQ parameters of an ``aware`` row: the rule ``within="auto"`` resolves to for
+    the calibrator (stored explicitly, so sets are shared by calibrators with one rule),
+    or ``nearest`` for the old default; random has none."""
+    if label == "random":
+        return {}
+    if label == "selectq-old":
+        return {"within": "nearest"}
+    return {"within": AUTO_WITHIN[CALIBRATOR_CLASSES.get(calibrator).reads]}
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (scipy; average ranks for ties); NaN when undefined."""
+    from scipy.stats import spearmanr
+
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return float("nan")
+    return round(float(spearmanr(xs, ys).statistic), 3)
+
+
 def params_key(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
@@ -145,6 +189,8 @@ class Runner:
         self.sel_store = CellStore(self.grid, "indices")
         self.abl_store = CellStore(f"{self.grid}-ablation")
         self.cost_store = CellStore(f"{self.grid}-cost")
+        self.aware_store = CellStore(f"{self.grid}-aware")
+        self.score_store = CellStore(f"{self.grid}-aware", "scores")
         self.baseline: CellStore | None = None
         self.refresh_baseline()
         self.benches: dict[str, Workbench] = {}
@@ -173,9 +219,12 @@ class Runner:
     def bench(self, model: str) -> Workbench:
         if model not in self.benches:
             b = Workbench(model, DATA, data_root=self.args.data_root, device=self.args.device)
+            if self.args.val_split:
+                b.pool, b.test_set = carve_validation(b.pool, self.args.val_split)
             if self.args.pool_size:
                 b.pool = subset_pool(b.pool, self.args.pool_size)
             if self.args.test_size and self.args.test_size < len(b.test_set):
+                assert not self.args.val_split, "--test-size and --val-split exclude each other"
                 ts = b.test_set
                 idx = torch.arange(self.args.test_size)
                 b.test_set = TensorImageDataset(
@@ -199,17 +248,29 @@ class Runner:
         return self.refs[model]
 
     # ---------------------------------------------------------------- selection
+    def eval_tag(self) -> dict:
+        """Extra cell key of a validation-split run (none on the test set: old keys hold)."""
+        return {"eval": f"val{self.args.val_split}"} if self.args.val_split else {}
+
     def selection(self, model: str, selector: str, params: dict, seed: int, n: int) -> dict:
         """The selected set (cached): indices, timings, peak RSS, mismatch score."""
-        key = {"model": model, "selector": selector, "params": params, "seed": seed, "n": n}
+        key = {"model": model, "selector": selector, "params": params, "seed": seed, "n": n,
+               **self.eval_tag()}  # fmt: skip
         if self.sel_store.done(key):
             return self.sel_store.rows[json.dumps(key, sort_keys=True)]
+        if selector == "selectq" and params == {"within": "nearest"}:
+            # The issue-3 sets (params {}) were nearest ones: reuse them.
+            old = self.sel_store.rows.get(json.dumps({**key, "params": {}}, sort_keys=True))
+            if old and (old.get("info") or {}).get("within") == "nearest":
+                return old
         self.check_time()
         b = self.bench(model)
         fkey = (model, selector, params_key(params), seed)
         fresh = fkey not in self.fitted
         if fresh:
-            sel = SELECTORS.get(selector)(seed=seed, **params)
+            # Issue-3 sections name no rule: theirs is the old default, nearest.
+            build = {"within": "nearest", **params} if selector == "selectq" else params
+            sel = SELECTORS.get(selector)(seed=seed, **build)
             with Measure() as m:
                 if sel.needs_model:
                     sel.fit(b.pool, model=b.model)
@@ -290,6 +351,67 @@ class Runner:
                     sel = self.selection(model, selector, {}, seed, n)
                     self.run_cell(self.store, cell, {}, sel)
 
+    # ------------------------------------------------------------- aware (issue 12)
+    def aware_cell(self, label: str, model: str, block: tuple, seed: int) -> dict:
+        (w, a), n, calib = block
+        return {"model": model, "calibrator": calib, "label": label,
+                "selector": "random" if label == "random" else "selectq",
+                "params": aware_params(label, calib), "wbits": w, "abits": a, "n": n,
+                "seed": seed, **self.eval_tag()}  # fmt: skip
+
+    def aware_top1(self, cell: dict) -> float | None:
+        """A cell's accuracy: this section's store, else (test set only) the baseline's
+        random cells or the grid's SelectQ cells with the same set."""
+        row = self.aware_store.rows.get(json.dumps(cell, sort_keys=True))
+        if row is None and cell["label"] != "random":
+            # For range calibrators the new default is the old one: one cell serves both.
+            twin = {**cell, "label": "selectq-old" if cell["label"] == "selectq" else "selectq"}
+            row = self.aware_store.rows.get(json.dumps(twin, sort_keys=True))
+        if row:
+            return row["quant_top1"]
+        if (
+            self.args.val_split
+            or cell["label"] == "selectq"
+            and cell["params"] != {"within": "nearest"}
+        ):
+            return None
+        plain = {k: cell[k] for k in ("model", "calibrator", "selector", "wbits", "abits", "n",
+                                      "seed")}  # fmt: skip
+        for store in (self.baseline, self.store):
+            if store is not None and store.done(plain):
+                return store.rows[json.dumps(plain, sort_keys=True)]["quant_top1"]
+        return None
+
+    def run_aware_block(self, block: tuple) -> None:
+        self.refresh_baseline()
+        for model in self.args.models:
+            for label in AWARE_LABELS:
+                for seed in range(self.seeds["selectq" if label != "random" else "random"]):
+                    cell = self.aware_cell(label, model, block, seed)
+                    sel = None
+                    if self.aware_top1(cell) is None and self.claims.take(cell):
+                        sel = self.selection(model, cell["selector"], cell["params"], seed,
+                                             cell["n"])  # fmt: skip
+                        self.run_cell(self.aware_store, cell, cell["params"], sel)
+                    self.aware_score(cell, sel)
+
+    def aware_score(self, cell: dict, sel: dict | None) -> None:
+        """The set's quality score for the cell's bits and calibrator (cached)."""
+        key = {k: v for k, v in cell.items() if k != "label"}
+        if self.score_store.done(key):
+            return
+        self.check_time()
+        sel = sel or self.selection(cell["model"], cell["selector"], cell["params"],
+                                    cell["seed"], cell["n"])  # fmt: skip
+        b = self.bench(cell["model"])
+        t0 = time.perf_counter()
+        value = calibration_score(
+            b.model, b.pool, sel["indices"], QuantConfig(wbits=cell["wbits"], abits=cell["abits"]),
+            cell["calibrator"], eval_samples=self.args.score_samples, batch_size=BATCH,
+            device=self.args.device,
+        )  # fmt: skip
+        self.score_store.add(key, {"score": value, "score_s": round(time.perf_counter() - t0, 3)})
+
     def ablation_blocks(self) -> list[tuple]:
         """Every bit width at the first n and calibrator, plus the lowest bits with MSE:
         a selection is the expensive part, W4A4 alone is flat on these models, and the
@@ -363,6 +485,7 @@ class Runner:
         write_grid(self)
         write_cost(self)
         write_ablation(self)
+        write_aware(self)
 
 
 COST_BASELINES = ("kcenter", "herding", "balanced", "random")
@@ -506,7 +629,8 @@ def grid_rows(r: Runner) -> list[dict]:
 
 
 def selection_row(r: Runner, model: str, selector: str, params: dict, seed: int, n: int):  # noqa: ANN201
-    key = {"model": model, "selector": selector, "params": params, "seed": seed, "n": n}
+    key = {"model": model, "selector": selector, "params": params, "seed": seed, "n": n,
+           **r.eval_tag()}  # fmt: skip
     return r.sel_store.rows.get(json.dumps(key, sort_keys=True))
 
 
@@ -589,6 +713,99 @@ def write_grid(r: Runner) -> None:
                  "selectq_mismatch", "random_mismatch"])],
         formats={"value": ".3f", **MISMATCH_FMT},
     )  # fmt: skip
+
+
+def aware_rows(r: Runner) -> list[dict]:
+    """One row per (model, calibrator, bits, n) of the aware section, with the targets."""
+    out = []
+    for model in r.args.models:
+        for block in r.blocks():
+            (w, a), n, calib = block
+            row: dict = {"model": model, "calibrator": calib, "bits": f"W{w}A{a}", "n": n}
+            per: dict = {}
+            for label in AWARE_LABELS:
+                seeds = range(r.seeds["selectq" if label != "random" else "random"])
+                accs, scores, mism = [], [], []
+                for seed in seeds:
+                    cell = r.aware_cell(label, model, block, seed)
+                    acc = r.aware_top1(cell)
+                    if acc is None:
+                        continue
+                    accs.append(acc)
+                    key = {k: v for k, v in cell.items() if k != "label"}
+                    sc = r.score_store.rows.get(json.dumps(key, sort_keys=True))
+                    scores.append(sc["score"] if sc else None)
+                    srow = selection_row(r, model, cell["selector"], cell["params"], seed, n)
+                    mism.append(srow["mismatch"]["mismatch"] if srow else None)
+                per[label] = (accs, scores, mism)
+            rnd, new, old = (per[k][0] for k in AWARE_LABELS)
+            if not rnd or not new:
+                continue
+            rs, ns = summarize(rnd), summarize(new)
+            row.update(
+                within=aware_params("selectq", calib)["within"], random_seeds=len(rnd),
+                random_mean=rs["mean"], random_std=rs["std"], random_min=rs["min"],
+                new_seeds=len(new), new_mean=ns["mean"], new_std=ns["std"], new_min=ns["min"],
+                old_mean=summarize(old)["mean"] if old else float("nan"),
+                old_min=summarize(old)["min"] if old else float("nan"),
+                random_mismatch=nanmean(per["random"][2]), new_mismatch=nanmean(per["selectq"][2]),
+                old_mismatch=nanmean(per["selectq-old"][2]),
+            )  # fmt: skip
+            pairs = [(-s, acc) for acc, s in zip(*per["random"][:2], strict=True) if s is not None]
+            # Lower score is better: the rank correlation of -score with accuracy.
+            row["score_spearman"] = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+            se = rs["std"] / math.sqrt(len(rnd)) if len(rnd) > 1 else 0.0
+            tol = max(0.3, 2 * se)
+            row["mean_ok"] = "yes" if ns["mean"] >= rs["mean"] - tol else "no"
+            unstable = rs["std"] > 1.0
+            row["worst_ok"] = ("yes" if ns["min"] >= rs["mean"] else "no") if unstable else "-"
+            rho = row["score_spearman"]
+            row["spearman_ok"] = ("yes" if rho >= 0.6 else "no") if unstable else "-"
+            out.append(row)
+    return out
+
+
+def write_aware(r: Runner) -> None:
+    rows = aware_rows(r)
+    if not rows:
+        return
+    where = (f"{r.args.val_split} training images carved out of the pool (seeded), never the "
+             "test set" if r.args.val_split else "the Fashion-MNIST test set")  # fmt: skip
+    notes = (
+        f"Top-1 (%) on {where}. random = uniform sets; new = SelectQ's default "
+        "(within=auto, resolved per calibrator: `within` column); old = within=nearest (the "
+        "default before issue 12). score_spearman = Spearman rank correlation of "
+        "-calibration_score (label-free: output KL of the set-calibrated model from FP on "
+        f"{r.args.score_samples} pool samples) with accuracy over the row's random sets. "
+        "Targets (issue 12): mean_ok = new mean >= random mean - max(0.3, 2 SE of random's "
+        "mean); where random's std > 1: worst_ok = new worst seed >= random mean, "
+        "spearman_ok = Spearman >= 0.6 ('-' where random's std <= 1). mismatch columns: "
+        "mean calibration_mismatch of the sets."
+    )
+    if r.args.smoke:
+        notes = "SMOKE RUN (pool/test subsets, 1 seed): not results. " + notes
+    cols = ["model", "calibrator", "bits", "n", "within", "random_mean", "random_std",
+            "random_min", "new_mean", "new_std", "new_min", "old_mean", "old_min",
+            "score_spearman", "random_mismatch", "new_mismatch", "old_mismatch", "mean_ok",
+            "worst_ok", "spearman_ok"]  # fmt: skip
+    fmts = {"score_spearman": ".3f", "random_mismatch": ".4f", "new_mismatch": ".4f",
+            "old_mismatch": ".4f"}  # fmt: skip
+    write_tables(f"{r.grid}-aware", "Calibrator-aware SelectQ (issue 12): random vs new vs old "
+                 "default, and the quality score's rank correlation", command(r), rows, cols,
+                 notes, formats=fmts)  # fmt: skip
+
+
+def carve_validation(pool: Pool, size: int, seed: int = 0) -> tuple[Pool, TensorImageDataset]:
+    """``size`` labeled training images as the evaluation set, the rest as the pool."""
+    ds = pool.dataset
+    assert isinstance(ds, TensorImageDataset) and ds.labels is not None
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    val, rest = perm[:size].sort().values, perm[size:].sort().values
+    mean, std = ds.mean.flatten().tolist(), ds.std.flatten().tolist()
+    sub = TensorImageDataset(ds.images[rest], ds.labels[rest], mean, std)
+    return Pool(sub, name=f"{pool.name}-minus-val{size}"), TensorImageDataset(
+        ds.images[val], ds.labels[val], mean, std
+    )
 
 
 COST_GOALS = {"selectq_fit": 1.5, "selectq_select": 1.5}  # ratio to one plain FP forward
@@ -799,7 +1016,7 @@ def command(r: Runner) -> str:
 
 
 # ----------------------------------------------------------------------- main
-SECTIONS = ("main", "cost", "grid", "ablation")
+SECTIONS = ("main", "cost", "grid", "ablation", "aware")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -824,6 +1041,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="ablation variants to run, as FACTOR=VALUE (default: all)",
     )
+    p.add_argument("--val-split", type=int, default=0,
+                   help="evaluate on this many training images carved out of the pool "
+                        "(issue 12's validation split; 0: the test set)")  # fmt: skip
+    p.add_argument("--score-samples", type=int, default=512,
+                   help="pool samples of the aware section's calibration_score")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     add_runner_args(p)
@@ -853,6 +1075,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.pool_size, args.test_size, args.mismatch_pool = 2000, 1000, 1000
         args.cost_pools, args.cost_n = (2000, 500), 32
         args.no_baseline = True  # the baseline's cells used the full pool and test set
+    if args.val_split:
+        # Evaluated on carved training images: test-set subsets and the baseline's
+        # test-set random cells do not apply.
+        args.test_size, args.no_baseline = None, True
     args.bits = [tuple(b) for b in args.bits]
     args.models = args.models or list(MODELS)
     return args
@@ -877,6 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
             r.run_block(b) for b in sorted(blocks[1:], key=lambda b: (b[1:] != blocks[0][1:],))
         ],
         "ablation": r.run_ablation,
+        "aware": lambda: [r.run_aware_block(b) for b in blocks],
     }
     try:
         for name in SECTIONS:

@@ -141,7 +141,8 @@ def test_cli_indices_selector_and_run(patched_model, tmp_path, capsys):
          str(tmp_path / "r.json")],
     )  # fmt: skip
     assert code == 0
-    names = [ln.split()[0] for ln in out.splitlines()[2:] if ln and not ln.startswith("saved")]
+    names = [ln.split()[0] for ln in out.splitlines()[2:]
+             if ln and not ln.startswith(("saved", "quality score"))]  # fmt: skip
     assert names == ["conv1", "conv2", "fc", "average"]
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["n_set"] == 4 and len(saved["layers"]) == 3 and "mismatch" in saved["average"]

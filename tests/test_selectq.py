@@ -130,7 +130,7 @@ def test_selects_sorted_unique_and_is_deterministic(trained_tiny, digits_pool):
 
 
 def test_quotas_follow_cluster_masses(trained_tiny, digits_pool):
-    sel = SelectQSelector(num_clusters=5).fit(digits_pool, model=trained_tiny)
+    sel = SelectQSelector(num_clusters=5, within="nearest").fit(digits_pool, model=trained_tiny)
     idx = sel.select(64)
     _, _, clusters = sel.knowledge_distances(idx)
     got = torch.bincount(clusters, minlength=5).tolist()
@@ -159,7 +159,8 @@ def test_stratified_takes_evenly_spaced_kd_ranks(trained_tiny, digits_pool):
         keep = max(q, members.numel() - round(members.numel() * 0.1))
         want += [int(members[int((j + 0.5) * keep / q)]) for j in range(q)]
     assert idx.tolist() == sorted(want)
-    nearest = SelectQSelector(num_clusters=4).fit(digits_pool, model=trained_tiny).select(30)
+    nearest = SelectQSelector(num_clusters=4, within="nearest")
+    nearest = nearest.fit(digits_pool, model=trained_tiny).select(30)
     assert not torch.equal(idx, nearest)
 
 
@@ -228,7 +229,7 @@ def test_memory_bounded_for_a_pool_larger_than_the_budget():
     sizes = {}
     for n_pool in (300, 3000):
         pool = Pool(LazyImages(n_pool), name=f"lazy{n_pool}")
-        sel = SelectQSelector(num_clusters=4, batch_size=100, init_size=64)
+        sel = SelectQSelector(num_clusters=4, batch_size=100, init_size=64, within="nearest")
         sel.fit(pool, model=model)
         sizes[n_pool] = _retained(sel)
         assert sel.init_rows_ <= 64 + 100  # the spread/seed buffer: init_size + one batch
@@ -393,6 +394,7 @@ def _image_layer_pool(kind: str, n_pool: int = 300, n_out: int = 8, seed: int = 
 
 
 def _select(pool, seed=0, **params):
+    params.setdefault("within", "nearest")  # these tests read the KD ranking directly
     sel = SelectQSelector(seed=seed, num_clusters=4, batch_size=100, init_size=100,
                           layers="0", **params)  # fmt: skip
     return sel.fit(pool, model=small_net()).select(30)

@@ -272,6 +272,15 @@ class CalibConfig:
             raise QCalibError(f"--percentile must be in (50, 100], got {self.percentile}")
 
 
+#: What a calibrator reads from its calibration set, the vocabulary the pipeline passes
+#: from ``Calibrator.reads`` to ``Selector.fit(calibrator_reads=...)`` (both layers sit on
+#: this floor, neither imports the other): ``"range"``: the set's extremes (min-max and
+#: percentile observers); ``"distribution"``: the shape of its whole distribution (MSE
+#: clipping search); ``"fit"``: an optimization fitted to the set that must generalize to
+#: the pool (reconstruction, GPTQ's Hessians).
+CALIBRATOR_READS = ("range", "distribution", "fit")
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     selector: str = "random"

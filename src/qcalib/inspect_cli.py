@@ -14,8 +14,14 @@ The calibration set comes from exactly one of:
 * ``--selector NAME`` (with ``--num-calib``, ``--seed``, ``--selector-param NAME=VALUE``):
   run a selection strategy now and inspect its set.
 
-Prints one line per layer plus the average (:func:`~qcalib.select.quality.format_report`);
-``--json OUT`` also writes the report.
+Prints one line per layer plus the average (:func:`~qcalib.select.quality.format_report`),
+then the set's quality score (:func:`~qcalib.select.quality.calibration_score`, lower is
+better) for the bits and calibrator of ``--wbits/--abits/--calibrator`` (default: the
+run's with ``--run``, else W4A4 min-max, ``qcalib quantize``'s defaults); ``--no-score``
+skips it, and a separate set (``--calib-files`` outside the pool) has none. With
+``--selector``, ``--calibrator`` also tells the selector what the calibrator reads (as
+``qcalib quantize`` does); without it a calibrator-aware selector uses its documented
+fallback. ``--json OUT`` also writes the report (the score under ``info.score``).
 """
 
 from __future__ import annotations
@@ -63,6 +69,20 @@ def add_inspect_calib_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--selector-param", type=argtypes.name_value, action="append", default=[],
                    metavar="NAME=VALUE",
                    help="selector parameter for --selector (repeatable)")  # fmt: skip
+    from qcalib.calibrate import CALIBRATORS
+
+    g = p.add_argument_group("quality score")
+    g.add_argument("--no-score", action="store_true", help="skip the quality score")
+    g.add_argument("--calibrator", default=None, choices=CALIBRATORS.names(),
+                   help="calibrator the set is for: the score's observers (reconstruction "
+                        "and gptq: the MSE proxy) and the selector's need (default: the "
+                        "run's, else minmax for the score)")  # fmt: skip
+    g.add_argument("--wbits", type=argtypes.bits, default=None,
+                   help="weight bits of the score (default: the run's, else 4)")  # fmt: skip
+    g.add_argument("--abits", type=argtypes.act_bits, default=None,
+                   help="activation bits of the score (default: the run's, else 4)")  # fmt: skip
+    g.add_argument("--score-samples", type=argtypes.positive_int, default=512,
+                   help="pool samples the score compares FP and quantized outputs on")  # fmt: skip
     g = p.add_argument_group("report")
     g.add_argument("--layers", default=None,
                    help="comma-separated layer names or indices (default: all)")  # fmt: skip
@@ -179,9 +199,15 @@ def cmd_inspect_calib(args: argparse.Namespace) -> int:
         indices, calib = _files_source(args.calib_files, pool)
         source = {"calib_files": str(args.calib_files)}
     else:
+        reads = None
+        if args.calibrator is not None:
+            from qcalib.calibrate import CALIBRATORS
+
+            reads = CALIBRATORS.get(args.calibrator).reads
         idx = select_indices(
-            args.selector, pool, args.num_calib, model=model, seed=args.seed, **params
-        )
+            args.selector, pool, args.num_calib, model=model, seed=args.seed,
+            calibrator_reads=reads, **params,
+        )  # fmt: skip
         indices = idx.tolist()
         source = {"selector": args.selector, "num_calib": args.num_calib, "seed": args.seed,
                   "selector_params": params}  # fmt: skip
@@ -198,9 +224,47 @@ def cmd_inspect_calib(args: argparse.Namespace) -> int:
     )
     report.info.update({"model": model_spec, "data": data, **source})
     print(format_report(report))
+    if not args.no_score and indices is not None:
+        report.info["score"] = _score(args, cfg, model, pool, indices)
+        sc = report.info["score"]
+        print(
+            f"quality score ({sc['calibrator']} observers{sc['proxy']}, W{sc['wbits']}"
+            f"A{sc['abits']}, output divergence from FP on {sc['eval_samples']} pool "
+            f"samples, lower is better): {sc['value']:.6g}"
+        )
     if args.json:
         out = Path(args.json).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report.to_json() + "\n")
         print(f"saved to {out}")
     return 0
+
+
+def _score(args: argparse.Namespace, cfg: dict[str, Any], model: Any, pool: Any, indices: Any):
+    """The set's :func:`~qcalib.select.quality.calibration_score` with the flags' (else the
+    run's, else the defaults') bits and calibrator, as a JSON-ready dict."""
+    from dataclasses import replace
+
+    from qcalib.config import CalibConfig, QuantConfig
+    from qcalib.select.quality import SCORE_OBSERVERS, calibration_score
+
+    run_quant = cfg.get("quant") or {}
+    run_calib = cfg.get("calib") or {}
+    quant = QuantConfig(**run_quant) if run_quant else QuantConfig()
+    changes = {k: v for k, v in (("wbits", args.wbits), ("abits", args.abits)) if v is not None}
+    quant = replace(quant, **changes)
+    calibrator = args.calibrator or run_calib.get("calibrator") or "minmax"
+    calib = CalibConfig(**run_calib) if run_calib else CalibConfig()
+    calib = replace(calib, calibrator=calibrator)
+    value = calibration_score(
+        model, pool, indices, quant, calibrator, calib_config=calib,
+        eval_samples=args.score_samples, batch_size=args.batch_size, seed=args.seed,
+    )  # fmt: skip
+    return {
+        "value": value,
+        "calibrator": calibrator,
+        "proxy": "" if calibrator in SCORE_OBSERVERS else ": MSE proxy",
+        "wbits": quant.wbits,
+        "abits": quant.abits,
+        "eval_samples": min(args.score_samples, len(pool)),
+    }

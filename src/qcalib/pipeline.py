@@ -239,12 +239,15 @@ class Workbench:
 
 
 def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> torch.Tensor:
+    """The run's calibration set. The selector is told what the run's calibrator reads
+    from it (``Calibrator.reads``), so calibrator-aware strategies pick accordingly."""
     selector = SELECTORS.get(cfg.select.selector)(seed=cfg.seed, **cfg.select.kwargs())
     selector.progress = progress
+    reads = CALIBRATORS.get(cfg.calib.calibrator).reads
     if getattr(selector, "needs_model", False):
-        selector.fit(bench.pool, model=bench.model)
+        selector.fit(bench.pool, model=bench.model, calibrator_reads=reads)
     else:
-        selector.fit(bench.pool)
+        selector.fit(bench.pool, calibrator_reads=reads)
     return selector.select(cfg.calib.num_calib)
 
 

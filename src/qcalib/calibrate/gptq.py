@@ -354,6 +354,9 @@ class GPTQCalibrator(ObserverCalibrator):
 
     weight_observer = "minmax"
     act_observer = "minmax"
+    # The weights solve a least-squares fit to the set's Hessians, which must stand for
+    # the pool's.
+    reads = "fit"
 
     def __init__(self, cfg: CalibConfig) -> None:
         super().__init__(cfg)

@@ -67,6 +67,9 @@ class ReconCalibrator(ObserverCalibrator):
 
     method = ""
     accepts_loss_terms = True
+    # The rounding and activation steps are fitted to the set and must generalize to the
+    # pool: the selection should reproduce the pool, not its core.
+    reads = "fit"
     on_block_end = None
     on_iteration = None
     engine: BlockReconstructor | None = None

@@ -3,6 +3,12 @@
 Every strategy is one class registered by name in :data:`SELECTORS`. ``fit`` sees the
 unlabeled pool (and the FP model, for strategies that read activations); ``select``
 returns sorted, unique pool indices and is deterministic for a seed.
+
+``fit(..., calibrator_reads=...)`` tells the selector what the calibrator will read from
+the set (one of :data:`~qcalib.config.CALIBRATOR_READS`: ``"range"``, ``"distribution"``,
+``"fit"``; the pipeline passes ``Calibrator.reads``), a plain string so that ``select/``
+never imports ``calibrate/``. Strategies that do not depend on it ignore it; SelectQ's
+``within="auto"`` resolves its ranking rule from it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from qcalib.config import CALIBRATOR_READS
 from qcalib.data.pool import Pool
 from qcalib.errors import QCalibError
 from qcalib.registry import Registry
@@ -75,8 +82,17 @@ class Selector(ABC, metaclass=_SelectorMeta):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self.pool_size_: int | None = None
+        self.calibrator_reads_: str | None = None
 
-    def fit(self, pool: Pool, model: nn.Module | None = None) -> Selector:
+    def fit(
+        self, pool: Pool, model: nn.Module | None = None, calibrator_reads: str | None = None
+    ) -> Selector:
+        if calibrator_reads is not None and calibrator_reads not in CALIBRATOR_READS:
+            raise QCalibError(
+                f"calibrator_reads must be one of {', '.join(CALIBRATOR_READS)} (or None), "
+                f"got {calibrator_reads!r}; set the calibrator class's `reads` attribute"
+            )
+        self.calibrator_reads_ = calibrator_reads
         if self.needs_model and model is None:
             raise QCalibError(f"selector {type(self).__name__} needs the model passed to fit()")
         if len(pool) == 0:
@@ -134,15 +150,17 @@ def select_indices(
     *,
     model: nn.Module | None = None,
     seed: int = 0,
+    calibrator_reads: str | None = None,
     **params: object,
 ) -> torch.Tensor:
-    """Build the selector ``name`` with ``params``, fit it (with ``model`` if it needs one)
-    and return its ``n`` sorted indices: the one-call API of every strategy."""
+    """Build the selector ``name`` with ``params``, fit it (with ``model`` if it needs one,
+    and the calibrator's needs ``calibrator_reads`` when known) and return its ``n`` sorted
+    indices: the one-call API of every strategy."""
     selector = SELECTORS.get(name)(seed=seed, **params)
     if selector.needs_model:
         if model is None:
             raise QCalibError(f"selector {name!r} reads activations: pass the FP model")
-        selector.fit(pool, model=model)
+        selector.fit(pool, model=model, calibrator_reads=calibrator_reads)
     else:
-        selector.fit(pool)
+        selector.fit(pool, calibrator_reads=calibrator_reads)
     return selector.select(n)

@@ -65,7 +65,8 @@ class ClusterTopK:
     """Per group, the ``k`` entries with the smallest ``(key, index)`` seen in a stream.
 
     Entries are ``(group, key, index)`` plus an optional float64 ``value`` carried along
-    (e.g. the Knowledge Distance of a sample ranked by a random key). Ordering is
+    (e.g. the Knowledge Distance of a sample ranked by a random key), a scalar or a row
+    ``[D]`` per entry (every push the same ``D``). Ordering is
     lexicographic on ``(key, index)`` with float64 keys, so ties are broken by the smaller
     index and the result does not depend on the order in which the stream arrives. Held
     as one sorted buffer per group, merged batch by batch (a batch only brings the
@@ -104,7 +105,10 @@ class ClusterTopK:
                     continue
             all_k = torch.cat([old_k, nk])
             all_i = torch.cat([old_i, ni])
-            all_v = torch.cat([self.values[g], nv])
+            old_v = self.values[g]
+            if old_v.numel() == 0:  # the first push fixes the value shape (scalar or [D])
+                old_v = old_v.reshape(0, *nv.shape[1:])
+            all_v = torch.cat([old_v, nv])
             o = torch.argsort(all_i, stable=True)  # secondary key first, then stable primary
             all_k, all_i, all_v = all_k[o], all_i[o], all_v[o]
             o = torch.argsort(all_k, stable=True)[: self.k]

@@ -31,6 +31,33 @@ quantizer, masked tokens excluded)
 
 The *average* row is the plain mean over layers of every column.
 
+The mismatch describes the set; it does not say which set calibrates better (in the
+committed grids it is not monotone in accuracy). :func:`calibration_score` does.
+
+Calibration score (:func:`calibration_score`, one number per set, lower is better)
+-------------------------------------------------------------------------------
+What matters is the quantized model the set produces, so the score builds it and
+measures it, forward-only and label-free:
+
+1. The model is wrapped as the run's :class:`~qcalib.config.QuantConfig` says and
+   calibrated **on the set** with the run's observers (:data:`SCORE_OBSERVERS`: min-max,
+   percentile, MSE as their calibrators use them). Reconstruction and GPTQ are not run
+   (minutes per set): they get the MSE observers as a proxy (:data:`SCORE_PROXY`), the
+   distribution-reading calibration closest to a fit to the set. For a weight-only
+   config the observer pass reads nothing from the set and the proxy score is the same
+   for every set: it cannot rank sets for GPTQ weight-only runs.
+2. A fixed seeded sample of ``eval_samples`` pool samples (the same for every set of a
+   seed, so scores of different sets compare; it may share samples with a set, which
+   only matters for pools not much larger than the set) runs through the FP and the
+   quantized model.
+3. The score is the mean output divergence of the quantized model from the FP one
+   (:func:`output_divergence`): ``KL(softmax(fp) || softmax(q))`` per sample for
+   classifiers, per real token for causal LMs, ``1 - cos(fp, q)`` per sample for
+   encoders (``task == "embedding"``) and for any output that is not logits (a model
+   whose output has no class axis).
+
+Cost per set: the observer pass over the set plus two forwards over ``eval_samples``.
+
 Memory: the pool streams in batches; per layer and side the state is O(C) moments plus
 at most ``2 * max_samples`` sampled values (12 bytes each). ``max_pool`` compares with a
 seeded uniform subsample of the pool instead of the whole pool (a full pass over
@@ -47,18 +74,40 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qcalib.config import CalibConfig, QuantConfig
 from qcalib.data.pool import Pool
+from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
+from qcalib.model.observe import (
+    build_quant_model,
+    calibrate_activations,
+    calibrate_weights,
+    observer_params,
+)
 from qcalib.quant.observers import PercentileObserver
 from qcalib.select.stats import ActivationTap, check_finite_site
 
 __all__ = [
     "DEFAULT_QUANTILES",
+    "SCORE_OBSERVERS",
+    "SCORE_PROXY",
     "LayerMismatch",
     "MismatchReport",
     "calibration_mismatch",
+    "calibration_score",
     "format_report",
+    "output_divergence",
 ]
+
+#: ``(weight observer, activation observer)`` :func:`calibration_score` calibrates with,
+#: per calibrator name: those the observer calibrators use (``qcalib.calibrate.base``).
+SCORE_OBSERVERS = {
+    "minmax": ("minmax", "minmax"),
+    "percentile": ("minmax", "percentile"),
+    "mse": ("mse", "mse"),
+}
+#: Any other calibrator (reconstruction, GPTQ): the MSE observers as a proxy.
+SCORE_PROXY = ("mse", "mse")
 
 DEFAULT_QUANTILES = (0.001, 0.01, 0.5, 0.99, 0.999)
 #: Values sampled per layer and side for the quantiles: 0.999 of 2**16 values leaves ~65
@@ -451,3 +500,80 @@ def calibration_mismatch(
         pool_name=getattr(pool, "name", "pool"),
         info={"max_samples": max_samples, "max_pool": max_pool, "seed": seed},
     )
+
+
+def output_divergence(fp: Tensor, q: Tensor, x: Tensor | None = None, task: str | None = None):
+    """``(sum, count)`` of the per-item divergence of outputs ``q`` from ``fp``.
+
+    ``task="embedding"`` or outputs without a class axis (1-D): ``1 - cos`` per sample
+    (flattened). Otherwise the last axis holds logits: ``KL(softmax(fp) || softmax(q))``
+    per row, i.e. per sample ``[B, C]`` or per token ``[B, L, V]``, where a token batch
+    ``x`` (``[B, 2, L]``) drops the padded positions. Sums in float64.
+    """
+    fp, q = fp.detach().float(), q.detach().float()
+    if task == "embedding" or fp.dim() < 2:
+        a, b = fp.reshape(fp.shape[0], -1), q.reshape(q.shape[0], -1)
+        d = 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+        return float(d.double().sum()), d.numel()
+    log_p = torch.log_softmax(fp, -1)
+    log_q = torch.log_softmax(q, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # one value per row of logits
+    if fp.dim() == 3 and x is not None and is_token_batch(x):
+        mask = unpack_tokens(x)[1].to(torch.bool).to(kl.device)
+        kl = kl[mask]
+    return float(kl.double().sum()), kl.numel()
+
+
+@torch.no_grad()
+def calibration_score(
+    model: nn.Module,
+    pool: Pool,
+    indices: Sequence[int] | Tensor,
+    quant_config: QuantConfig,
+    calibrator: str = "minmax",
+    *,
+    calib_config: CalibConfig | None = None,
+    eval_samples: int = 512,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> float:
+    """Label-free quality of the calibration set ``indices``: lower is better.
+
+    The mean output divergence from the FP model, on a fixed seeded sample of
+    ``eval_samples`` pool samples, of ``model`` quantized by ``quant_config`` and
+    calibrated on the set with ``calibrator``'s observers (see the module notes; the
+    observers' parameters, e.g. the percentile, come from ``calib_config``). The model
+    is not changed.
+    """
+    if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 1:
+        raise QCalibError(f"eval_samples must be a positive integer, got {eval_samples!r}")
+    _check_common(DEFAULT_QUANTILES, batch_size, pool)
+    set_idx = _check_indices(indices, len(pool))
+    cfg = calib_config or CalibConfig(calibrator=calibrator)
+    w_obs, a_obs = SCORE_OBSERVERS.get(calibrator, SCORE_PROXY)
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        qmodel = build_quant_model(model, quant_config, pool.example().to(device)).eval()
+        calibrate_weights(qmodel, w_obs, **observer_params(w_obs, cfg, seed))
+        calibrate_activations(
+            qmodel, pool.get(set_idx).to(device), a_obs, cfg.batch_size, False,
+            **observer_params(a_obs, cfg, seed),
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(seed)
+        eval_idx = torch.randperm(len(pool), generator=gen)[:eval_samples].sort().values
+        task = getattr(model, "task", None)
+        total, count = 0.0, 0
+        for _, x in pool.batches(batch_size, eval_idx):
+            x = x.to(device)
+            d, c = output_divergence(model(x), qmodel(x), x, task)
+            total, count = total + d, count + c
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise QCalibError("the score's evaluation sample has no real tokens; use a larger pool")
+    return total / count

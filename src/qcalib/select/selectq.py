@@ -53,7 +53,8 @@ final, fixed centroids. Then:
   small, far clusters are exactly the outlier groups that k-means++ seeding likes to
   give a centroid of their own: their members then have a *small* Knowledge Distance,
   so only the mass rule keeps them out (a K = n medoid selection picks every one).
-* **Inside a cluster** (``within="nearest"``, default, the method as specified):
+* **Inside a cluster**, by the ranking rule ``within`` (``"auto"`` by default, below).
+  ``within="nearest"`` (the method as specified, the default before issue 12):
   smallest total KD first (ties: lower index). Outliers are far from the centroids of
   the layers where they are atypical, so they rank last in their cluster and are not
   taken unless the budget reaches them. Per-cluster buffers hold ``n`` entries.
@@ -65,8 +66,47 @@ final, fixed centroids. Then:
   ``R = max(16 n, 4096)``; exact for clusters up to ``R`` members). Measured on the
   digits test model (n = 32, 5 seeds): ``within="nearest"`` sets are *narrower* than the
   pool (quantile gap 0.10 vs 0.06 for random sets in :mod:`qcalib.select.quality`);
-  stratified sets match it better (0.05). Which one calibrates better is an empirical
-  question for the benchmark (design.md §5); the default follows the method's text.
+  stratified sets match it better (0.05).
+* ``within="matched"`` (option; ``auto``'s choice for MSE, reconstruction and GPTQ): the
+  same bounded seeded uniform sample of each cluster as ``stratified``, the same
+  trimming of the ``trim`` share with the largest total KD (the extreme tail: planted
+  outliers inside a big cluster go here), then the quota is chosen by **greedy moment
+  matching** (kernel herding with a linear kernel on ``[z, z^2 - 1]``): every held
+  member carries a feature row ``z`` (per observed layer: its KD and ``match_dims``
+  seeded random projections of its spread-normalised statistics, each column
+  standardised over the kept members), and the set grows one member at a time, always
+  the one that brings the running mean of ``[z, z^2 - 1]`` closest to 0, i.e. the set's
+  per-layer mean *and spread* of the statistics closest to the cluster's (ties: lower
+  index). Why: a set that reproduces the cluster's spread calibrates a clip or a fit as
+  the pool would (the evidence: ``nearest`` sets are 1.6-1.8x as mismatched as random
+  ones and lose 0.9-1.2 points under MSE at W3A3 and 5-6 under QDrop), and a
+  deterministic match should vary less from seed to seed than ``stratified``'s evenly
+  spaced ranks of one random KD ordering (only the cluster sample and the k-means
+  seeding are random; the ``aware`` section of ``bench/selection.py`` measures it).
+  Projections rather than the full statistics: a row of ``sum_l (1 + P)`` values keeps
+  the per-cluster sample at ``R x D`` float64 values (ResNet-20's 22 layers, P = 4:
+  D = 111, 29 MB for K = 8 at ``R = 4096``) instead of the full ``sum_l 2 C_l``. Cost:
+  no extra forward (the rows come from the ranking pass) and ``O(q R D)`` per cluster.
+
+Ranking rule per calibrator (``within="auto"``, the default)
+------------------------------------------------------------
+The pipeline passes what the run's calibrator reads from the set
+(``Calibrator.reads``, a plain string: ``select/`` does not import ``calibrate/``) to
+``fit(..., calibrator_reads=...)``; ``auto`` resolves it with :data:`AUTO_WITHIN`:
+
+* ``"range"`` (min-max, percentile) -> ``nearest``: a range observer reads the set's
+  extremes, and the narrow nearest-KD sets are what won the 3-bit range rows of the
+  committed grid (ResNet-20 percentile W3A3 +4.4 to +7.3, MobileNetV2 min-max W3A3 +3.0
+  to +3.2, the worst seed far above random's worst);
+* ``"distribution"`` (MSE) and ``"fit"`` (AdaRound, BRECQ, QDrop, GPTQ) -> ``matched``:
+  the clip search and the fitted rounding / Hessians should see the pool's spread;
+* no need given (an API call without ``calibrator_reads``, ``qcalib inspect-calib``
+  without ``--calibrator``) -> :data:`AUTO_FALLBACK` = ``matched``: a set that matches
+  the pool cannot be far from what random sets give on average, while ``nearest`` lost
+  up to 6 points under reconstruction; the safe side when the use is unknown.
+
+Selection depends on the calibrator's need only through this rule (pass 1 does not).
+``selection_["within"]`` records the rule used.
 
 Defaults and why
 ----------------
@@ -147,7 +187,13 @@ from qcalib.select.stats import (
     resolve_layers,
 )
 
-__all__ = ["SelectQSelector"]
+__all__ = ["AUTO_FALLBACK", "AUTO_WITHIN", "WITHIN_RULES", "SelectQSelector"]
+
+WITHIN_RULES = ("auto", "nearest", "stratified", "matched")
+#: ``within="auto"``: the ranking rule for each calibrator need (see the module notes).
+AUTO_WITHIN = {"range": "nearest", "distribution": "matched", "fit": "matched"}
+#: ``within="auto"`` when the calibrator's need is not known.
+AUTO_FALLBACK = "matched"
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +213,39 @@ def _float_param(name: str, value: Any) -> float:
 def derived_seed(seed: int, i: int) -> int:
     """A per-layer seed from the selector's seed (deterministic, distinct per layer)."""
     return (int(seed) * 1_000_003 + 7919 * (i + 1)) % (2**63)
+
+
+def cluster_sample_size(n: int) -> int:
+    """``R``: members kept per cluster by the sampled rules (stratified, matched)."""
+    return max(16 * n, 4096)
+
+
+def herd(features: Tensor, q: int) -> Tensor:
+    """Positions of ``q`` rows of ``features`` ``[L, D]`` whose mean and spread match all rows'.
+
+    Each column is standardised to ``z`` (mean 0, std 1 over the rows; a constant column
+    becomes 0), and the rows are taken greedily so that the running mean of
+    ``phi = [z, z^2 - 1]`` stays closest to 0, its value over all rows: at each step the
+    row minimizing ``|S + phi_i|^2`` (``S`` the sum over the rows taken), i.e. kernel
+    herding with a linear kernel on ``phi``. Ties go to the lowest position.
+    """
+    f = features.to(torch.float64)
+    if q > f.shape[0]:
+        raise ValueError(f"cannot take {q} of {f.shape[0]} rows")
+    sd = f.std(0, correction=0)
+    z = torch.where(sd > 0, (f - f.mean(0)) / sd.clamp_min(1e-300), torch.zeros_like(f))
+    phi = torch.cat([z, z.square() - 1.0], 1)
+    norms = phi.square().sum(1)
+    total = torch.zeros(phi.shape[1], dtype=torch.float64)
+    taken = torch.zeros(phi.shape[0], dtype=torch.bool)
+    out = []
+    for _ in range(q):
+        cost = (2.0 * phi @ total + norms).masked_fill(taken, float("inf"))
+        j = int(torch.argmin(cost))
+        out.append(j)
+        taken[j] = True
+        total += phi[j]
+    return torch.tensor(out, dtype=torch.int64)
 
 
 @SELECTORS.register("selectq")
@@ -206,11 +285,15 @@ class SelectQSelector(Selector):
     n_init:
         k-means++ seedings tried on the init buffer (default 3).
     within:
-        ``"nearest"`` (default: smallest KD first) or ``"stratified"`` (evenly spaced KD
-        ranks after trimming), see the notes.
+        Ranking inside a cluster: ``"auto"`` (default: by the calibrator's need, see the
+        notes), ``"nearest"`` (smallest KD first), ``"stratified"`` (evenly spaced KD
+        ranks after trimming) or ``"matched"`` (greedy moment matching after trimming).
     trim:
-        ``within="stratified"`` only: fraction of each cluster's highest-KD members left
-        out (default 0.05).
+        ``within="stratified"`` / ``"matched"``: fraction of each cluster's highest-KD
+        members left out (default 0.05).
+    match_dims:
+        ``within="matched"``: random projections of each layer's statistics matched
+        besides its KD (default 4; 0 matches the per-layer KDs only).
     device:
         Where the forwards run (default: the model's device).
     """
@@ -232,8 +315,9 @@ class SelectQSelector(Selector):
         shuffle: bool = True,
         decay: float = 1.0,
         n_init: int = 3,
-        within: str = "nearest",
+        within: str = "auto",
         trim: float = 0.05,
+        match_dims: int = 4,
         device: str | None = None,
     ) -> None:
         super().__init__(seed=seed)
@@ -275,9 +359,12 @@ class SelectQSelector(Selector):
         if not 0.0 < _float_param("decay", decay) <= 1.0:
             raise QCalibError(f"selectq: decay must be in (0, 1], got {decay!r}")
         self.decay = float(decay)
-        if within not in ("nearest", "stratified"):
-            raise QCalibError(f"selectq: within must be 'nearest' or 'stratified', got {within!r}")
+        if within not in WITHIN_RULES:
+            raise QCalibError(
+                f"selectq: within must be one of {', '.join(WITHIN_RULES)}, got {within!r}"
+            )
         self.within = within
+        self.match_dims = _int_param("match_dims", match_dims, 0)
         if not 0.0 <= _float_param("trim", trim) < 1.0:
             raise QCalibError(f"selectq: trim must be in [0, 1), got {trim!r}")
         self.trim = float(trim)
@@ -294,6 +381,14 @@ class SelectQSelector(Selector):
         self.selection_: dict[str, Any] | None = None
         self._pool: Pool | None = None
         self._collector: ActivationStatsCollector | None = None
+        self._projections: dict[str, Tensor] = {}
+
+    def resolved_within(self) -> str:
+        """The ranking rule ``select`` uses: ``within``, or ``auto``'s choice for the
+        calibrator need given to ``fit`` (:data:`AUTO_WITHIN`, :data:`AUTO_FALLBACK`)."""
+        if self.within != "auto":
+            return self.within
+        return AUTO_WITHIN.get(self.calibrator_reads_ or "", AUTO_FALLBACK)
 
     # ------------------------------------------------------------------ streams
     def _stat_batches(
@@ -351,7 +446,7 @@ class SelectQSelector(Selector):
                 f"{n_pool}; use a larger --data pool"
             )
         self.kmeans_, self.kd_, self.skipped_layers_ = {}, {}, []
-        self.selection_ = None
+        self.selection_, self._projections = None, {}
         collector = ActivationStatsCollector(model, self.layers, self.stats, self.device)
         order = None
         if self.shuffle:
@@ -450,8 +545,9 @@ class SelectQSelector(Selector):
         assert self._pool is not None and self._collector is not None
         active = self.active_sites_ or []
         part = self.partition_site_
-        stratified = self.within == "stratified"
-        top = ClusterTopK(self.num_clusters, max(16 * n, 4096) if stratified else n)
+        within = self.resolved_within()
+        sampled = within in ("stratified", "matched")
+        top = ClusterTopK(self.num_clusters, cluster_sample_size(n) if sampled else n)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, -1))
         for idx, rows in self._stat_batches(self._pool, self._collector, desc="ranking pass"):
             per_layer, labels = [], None
@@ -462,9 +558,12 @@ class SelectQSelector(Selector):
                     labels = lab
             total = combine_layers(torch.stack(per_layer, 1), self._combine_idx)
             assert labels is not None
-            if stratified:  # a uniform sample of each cluster, carrying the KD along
+            if sampled:  # a uniform sample of each cluster, carrying the KD along
                 keys = torch.rand(idx.numel(), generator=gen, dtype=torch.float64)
-                top.push(labels, keys, idx, values=total)
+                values = total
+                if within == "matched":
+                    values = torch.cat([total[:, None], self._match_features(rows, per_layer)], 1)
+                top.push(labels, keys, idx, values=values)
             else:
                 top.push(labels, total, idx)
         masses = top.counts.clone()
@@ -473,8 +572,10 @@ class SelectQSelector(Selector):
         for c, q in enumerate(quotas):
             if not q:
                 continue
-            if stratified:
+            if within == "stratified":
                 kk, ii = self._stratified(top, c, q)
+            elif within == "matched":
+                kk, ii = self._matched(top, c, q)
             else:
                 kk, ii = top.smallest(c, q)
             keys.append(kk)
@@ -485,7 +586,8 @@ class SelectQSelector(Selector):
             "quotas": quotas,
             "heap_capacity": top.num_groups * top.k,
             "peak_heap_entries": top.peak_held,
-            "within": self.within,
+            "within": within,
+            "calibrator_reads": self.calibrator_reads_,
             "max_selected_kd": float(torch.cat(keys).max()),
         }
         return idx
@@ -501,6 +603,36 @@ class SelectQSelector(Selector):
         keep = max(q, n_held - int(round(n_held * self.trim)))
         pos = ((torch.arange(q, dtype=torch.float64) + 0.5) * (keep / q)).floor().long()
         return kd[pos], ii[pos]
+
+    def _match_features(self, rows: dict[str, Tensor], per_layer: list[Tensor]) -> Tensor:
+        """``within="matched"``'s feature row per sample: per layer its KD, then
+        ``match_dims`` fixed seeded projections of its spread-normalised statistics."""
+        cols = []
+        for i, (s, d) in enumerate(zip(self.active_sites_ or [], per_layer, strict=True)):
+            cols.append(d.to(torch.float64)[:, None])
+            if not self.match_dims:
+                continue
+            r = rows[s].to("cpu", torch.float64)
+            if s not in self._projections:
+                g = torch.Generator().manual_seed(derived_seed(self.seed, 10_000 + i))
+                p = torch.randn(r.shape[1], self.match_dims, generator=g, dtype=torch.float64)
+                w = self.kd_[s].feature_weights().to(torch.float64).cpu().sqrt()
+                self._projections[s] = w[:, None] * p / r.shape[1] ** 0.5
+            cols.append(r @ self._projections[s])
+        return torch.cat(cols, 1)
+
+    def _matched(self, top: ClusterTopK, c: int, q: int) -> tuple[Tensor, Tensor]:
+        """``q`` members of cluster ``c`` by greedy moment matching after trimming."""
+        _, ii, vals = top.held_entries(c)
+        o = torch.argsort(ii, stable=True)
+        ii, vals = ii[o], vals[o]
+        o = torch.argsort(vals[:, 0], stable=True)  # by (KD, index): the tail goes last
+        n_held = ii.numel()
+        keep = max(q, n_held - int(round(n_held * self.trim)))
+        o = o[:keep].sort().values  # back to index order: argmin ties go to the lower index
+        ii, vals = ii[o], vals[o]
+        chosen = herd(vals[:, 1:], q)
+        return vals[chosen, 0], ii[chosen]
 
     def knowledge_distances(self, indices: Any = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(indices, total KD [M], partition cluster [M])`` of pool samples (all by default).

@@ -1,0 +1,321 @@
+"""Calibrator-aware SelectQ (within=auto / matched) and the calibration-set quality score."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from qcalib.calibrate import CALIBRATORS
+from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
+from qcalib.data.pool import Pool
+from qcalib.data.registry import load_dataset
+from qcalib.errors import QCalibError
+from qcalib.evaluate import accuracy
+from qcalib.select import SELECTORS, SelectQSelector, calibration_mismatch, select_indices
+from qcalib.select.quality import calibration_score, output_divergence
+from qcalib.select.selectq import AUTO_FALLBACK, herd
+from test_selectq import small_net
+
+
+def _planted(n_pool: int = 400, n_out: int = 6, seed: int = 0):
+    """Four overlapping modes plus ``n_out`` far outliers (x6 + 4)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_pool, 3, 8, 8, generator=g)
+    x += torch.randint(0, 4, (n_pool, 1, 1, 1), generator=g).float() * 0.8
+    out = torch.randperm(n_pool, generator=g)[:n_out]
+    x[out] = x[out] * 6 + 4
+    return Pool(TensorDataset(x), name="planted"), out
+
+
+def _sq(**params) -> SelectQSelector:
+    return SelectQSelector(batch_size=100, init_size=100, **params)
+
+
+# ------------------------------------------------------------------ calibrator needs
+def test_every_calibrator_declares_what_it_reads():
+    want = {"minmax": "range", "percentile": "range", "mse": "distribution",
+            "adaround": "fit", "brecq": "fit", "qdrop": "fit", "gptq": "fit"}  # fmt: skip
+    assert {name: CALIBRATORS.get(name).reads for name in want} == want
+
+
+def test_auto_resolves_per_calibrator_need():
+    pool, _ = _planted()
+    model = small_net()
+    got = {}
+    for reads in ("range", "distribution", "fit", None):
+        sel = _sq(num_clusters=4).fit(pool, model=model, calibrator_reads=reads)
+        idx = sel.select(24)
+        got[reads] = sel.selection_["within"]
+        assert sel.selection_["calibrator_reads"] == reads
+        explicit = _sq(num_clusters=4, within=got[reads]).fit(pool, model=model)
+        assert torch.equal(idx, explicit.select(24))  # auto is exactly the resolved rule
+    assert got == {"range": "nearest", "distribution": "matched", "fit": "matched",
+                   None: AUTO_FALLBACK}  # fmt: skip
+    assert AUTO_FALLBACK == "matched"
+    # An explicit rule is not overridden by the need.
+    sel = _sq(num_clusters=4, within="stratified").fit(pool, model=model, calibrator_reads="range")
+    sel.select(24)
+    assert sel.selection_["within"] == "stratified"
+    with pytest.raises(QCalibError, match="calibrator_reads must be one of range"):
+        _sq().fit(pool, model=model, calibrator_reads="extremes")
+    with pytest.raises(QCalibError, match="within must be one of auto, nearest"):
+        _sq(within="closest")
+
+
+def test_pipeline_passes_the_calibrators_need(trained_tiny):
+    import qcalib.pipeline as pipeline
+
+    bench = pipeline.Workbench(trained_tiny, "digits", eval_data="none")
+    sets = {
+        rule: select_indices(
+            "selectq", bench.pool, 16, model=trained_tiny, num_clusters=4, within=rule
+        ).tolist()
+        for rule in ("nearest", "matched")
+    }
+    assert sets["nearest"] != sets["matched"]  # so the check below can fail
+    for calibrator, rule in (("minmax", "nearest"), ("mse", "matched")):
+        cfg = RunConfig(
+            model="api", data="digits", quant=QuantConfig(8, 8),
+            calib=CalibConfig(calibrator=calibrator, num_calib=16, mse_candidates=8),
+            select=SelectConfig("selectq", (("num_clusters", 4),)),
+        )  # fmt: skip
+        _, result = pipeline.quantize(cfg, bench, progress=False)
+        assert result.calib_indices == sets[rule], calibrator
+
+
+# ------------------------------------------------------------------ matched ranking
+def test_herd_hand_case():
+    # Values -1, 1, -1, 1, 0, 0: z = +-1.2247 / 0, phi = [z, z^2 - 1] = [+-1.22, 0.5] /
+    # [0, -1], |phi|^2 = 1.75 / 1. Step 1 takes the first 0 (position 4); with S = [0, -1]
+    # the costs 2 phi.S + |phi|^2 are 0.75 for +-1 and 3 for the other 0: position 0 (tie
+    # with 1, lower wins); then S = [-1.22, -0.5] makes +1 cost -1.75: position 1. The set
+    # {0, -1, 1} has the rows' mean 0 and variance 2/3.
+    f = torch.tensor([[-1.0], [1.0], [-1.0], [1.0], [0.0], [0.0]])
+    assert herd(f, 2).tolist() == [4, 0]
+    assert herd(f, 3).tolist() == [4, 0, 1]
+    # A constant column is ignored (z = 0), not divided by zero.
+    f2 = torch.cat([f, torch.ones(6, 1)], 1)
+    assert herd(f2, 3).tolist() == [4, 0, 1]
+
+
+def test_herd_matches_mean_and_spread_better_than_a_random_draw():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2000, 6, generator=g) * torch.tensor([1.0, 2, 3, 1, 5, 0.5]) + 3
+    pick = herd(f, 20)
+    assert pick.unique().numel() == 20
+
+    def gap(rows):
+        return float(((rows.mean(0) - f.mean(0)) / f.std(0)).abs().mean()
+                     + (rows.std(0) / f.std(0) - 1).abs().mean())  # fmt: skip
+
+    rand = [gap(f[torch.randperm(2000, generator=g)[:20]]) for _ in range(20)]
+    assert gap(f[pick]) < min(rand)
+
+
+def test_planted_outliers_not_selected_by_matched_and_auto():
+    pool, out = _planted()
+    model = small_net()
+    for k, seed in ((4, 0), (8, 1)):
+        for params in ({"within": "matched"}, {"calibrator_reads": "fit"},
+                       {"calibrator_reads": "range"}):  # fmt: skip
+            reads = params.pop("calibrator_reads", None)
+            sel = _sq(seed=seed, num_clusters=k, **params)
+            idx = sel.fit(pool, model=model, calibrator_reads=reads).select(40)
+            assert not torch.isin(idx, out).any(), (k, seed, params, reads)
+    hits = [int(torch.isin(SELECTORS.get("random")(seed=s).fit(pool).select(40), out).sum())
+            for s in range(10)]  # fmt: skip
+    assert sum(hits) > 0  # random does pick them: the test can fail
+
+
+@pytest.mark.parametrize("within", ["nearest", "stratified", "matched"])
+def test_two_cluster_pool_splits_the_budget_by_mass(within):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 3, 8, 8, generator=g) * 0.5
+    x[300:] += 4.0  # modes of mass 300 and 100, far apart
+    pool = Pool(TensorDataset(x), name="two-modes")
+    for n in (20, 40):
+        idx = _sq(num_clusters=2, within=within).fit(pool, model=small_net()).select(n)
+        assert int((idx >= 300).sum()) == n // 4, (within, n)
+
+
+def test_matched_sets_match_the_pool_better_than_nearest_and_are_deterministic(trained_tiny):
+    from qcalib.data.registry import load_pool
+
+    pool = load_pool("digits")
+    scores = {}
+    for within in ("nearest", "matched"):
+        per_seed = []
+        for seed in range(3):
+            sel = SelectQSelector(seed=seed, num_clusters=4, within=within)
+            idx = sel.fit(pool, model=trained_tiny).select(32)
+            per_seed.append(calibration_mismatch(trained_tiny, pool, idx).average)
+            if within == "matched" and seed == 0:
+                assert torch.equal(idx, sel.select(32))
+                again = SelectQSelector(seed=0, num_clusters=4, within="matched")
+                assert torch.equal(idx, again.fit(pool, model=trained_tiny).select(32))
+                other = SelectQSelector(seed=1, num_clusters=4, within="matched")
+                assert not torch.equal(idx, other.fit(pool, model=trained_tiny).select(32))
+        scores[within] = {c: sum(r[c] for r in per_seed) / 3 for c in per_seed[0]}
+    assert scores["matched"]["moment_distance"] < scores["nearest"]["moment_distance"]
+    assert scores["matched"]["mismatch"] < scores["nearest"]["mismatch"]
+
+
+def test_match_dims_zero_and_bounded_sample(monkeypatch):
+    import qcalib.select.selectq as selectq
+
+    pool, _ = _planted()
+    model = small_net()
+    monkeypatch.setattr(selectq, "cluster_sample_size", lambda n: 30)
+    sel = _sq(num_clusters=4, within="matched", match_dims=0).fit(pool, model=model)
+    idx = sel.select(20)
+    assert idx.unique().numel() == 20
+    assert sel.selection_["peak_heap_entries"] <= 4 * 30
+    with pytest.raises(QCalibError, match="match_dims must be an integer >= 0"):
+        _sq(match_dims=-1)
+
+
+# ------------------------------------------------------------------ quality score
+def test_output_divergence_hand_computed():
+    # softmax([log 3, 0]) = [0.75, 0.25] against [0.5, 0.5]:
+    # KL = 0.5 ln(0.5 / 0.75) + 0.5 ln(0.5 / 0.25) = 0.1438410362
+    fp = torch.tensor([[0.0, 0.0]])
+    q = torch.tensor([[math.log(3.0), 0.0]])
+    total, count = output_divergence(fp, q)
+    assert count == 1 and total == pytest.approx(0.1438410362, abs=1e-7)
+    assert output_divergence(fp, fp)[0] == pytest.approx(0.0, abs=1e-12)
+    # Encoders: 1 - cos([1, 0], [1, 1]) = 1 - 1/sqrt(2).
+    total, count = output_divergence(
+        torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]]), task="embedding"
+    )
+    assert count == 1 and total == pytest.approx(1 - 2**-0.5, abs=1e-7)
+    # Causal LM logits [B, L, V]: the padded token (mask 0) is not counted.
+    tokens = torch.tensor([[[5, 6], [1, 0]]])  # [B=1, 2, L=2]: ids, mask
+    fp3 = torch.zeros(1, 2, 2)
+    q3 = torch.tensor([[[math.log(3.0), 0.0], [9.0, 0.0]]])
+    total, count = output_divergence(fp3, q3, tokens)
+    assert count == 1 and total == pytest.approx(0.1438410362, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def digits_sets():
+    """The digits train images with 16 planted outliers, and three sets of 32: random
+    clean samples (good), half outliers, and one class only."""
+    ds = load_dataset("digits", "train")
+    x, y = ds.batch(torch.arange(len(ds)))
+    g = torch.Generator().manual_seed(0)
+    out = torch.randperm(len(x), generator=g)[:16]
+    x = x.clone()
+    x[out] = x[out] * 6 + 4
+    clean = [i for i in torch.randperm(len(x), generator=g).tolist() if i not in set(out.tolist())]
+    sets = {
+        "good": clean[:32],
+        "outliers": out.tolist() + clean[:16],
+        "one_class": [i for i in torch.nonzero(y == 3).flatten().tolist() if i in set(clean)][:32],
+    }
+    return Pool(TensorDataset(x), name="digits-planted"), sets
+
+
+def _quant_top1(model, pool, idx, quant, calibrator):
+    from qcalib.calibrate import CALIBRATORS
+    from qcalib.model.observe import build_quant_model
+
+    qmodel = build_quant_model(model, quant, pool.example())
+    CALIBRATORS.get(calibrator)(CalibConfig(calibrator)).calibrate(
+        qmodel, pool.get(torch.tensor(idx)), progress=False
+    )
+    return accuracy(qmodel, load_dataset("digits", "test"), 256, False)
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "mse"])
+def test_score_ranks_bad_sets_below_a_good_one_like_accuracy(trained_tiny, digits_sets, calibrator):
+    pool, sets = digits_sets
+    quant = QuantConfig(4, 4)
+    before = {k: v.clone() for k, v in trained_tiny.state_dict().items()}
+    score = {k: calibration_score(trained_tiny, pool, idx, quant, calibrator, seed=0)
+             for k, idx in sets.items()}  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in trained_tiny.state_dict().items())
+    assert score["good"] < score["one_class"] < score["outliers"]
+    # The same order as the quantized model's accuracy on the held-out digits.
+    top1 = {k: _quant_top1(trained_tiny, pool, idx, quant, calibrator) for k, idx in sets.items()}
+    assert top1["good"] > top1["one_class"] > top1["outliers"], top1
+    # Deterministic for a seed.
+    again = calibration_score(trained_tiny, pool, sets["good"], quant, calibrator, seed=0)
+    assert again == score["good"]
+
+
+def test_score_proxy_and_errors(trained_tiny, digits_sets):
+    pool, sets = digits_sets
+    quant = QuantConfig(4, 4)
+    # Reconstruction calibrators are scored with the MSE observers (documented proxy).
+    assert calibration_score(trained_tiny, pool, sets["good"], quant, "qdrop") == (
+        calibration_score(trained_tiny, pool, sets["good"], quant, "mse")
+    )
+    with pytest.raises(QCalibError, match="eval_samples must be a positive integer"):
+        calibration_score(trained_tiny, pool, sets["good"], quant, eval_samples=0)
+    with pytest.raises(QCalibError, match="calibration set is empty"):
+        calibration_score(trained_tiny, pool, [], quant)
+    with pytest.raises(QCalibError, match="out of range"):
+        calibration_score(trained_tiny, pool, [len(pool)], quant)
+
+
+def test_inspect_calib_prints_the_score(trained_tiny, monkeypatch, tmp_path, capsys):
+    import json
+
+    import qcalib.zoo.external as external
+    from qcalib.cli import main
+    from qcalib.data.registry import load_pool
+
+    monkeypatch.setattr(external, "load_model", lambda *a, **k: trained_tiny)
+    ind = tmp_path / "ind.json"
+    ind.write_text(json.dumps(list(range(0, 64, 2))))
+    argv = ["inspect-calib", "--model", "x:y", "--data", "digits", "--indices", str(ind),
+            "--wbits", "3", "--abits", "4", "--calibrator", "percentile",
+            "--score-samples", "200", "--json", str(tmp_path / "r.json")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("quality score"))
+    assert "percentile observers, W3A4" in line and "200 pool samples" in line
+    want = calibration_score(
+        trained_tiny, load_pool("digits"), list(range(0, 64, 2)), QuantConfig(3, 4),
+        "percentile", eval_samples=200,
+    )  # fmt: skip
+    assert float(line.rsplit(" ", 1)[1]) == pytest.approx(want, rel=1e-5)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["info"]["score"]["value"] == pytest.approx(want, rel=1e-12)
+    assert main([*argv[:-2], "--no-score", "--calibrator", "qdrop"]) == 0
+    assert "quality score" not in capsys.readouterr().out
+    assert main([*argv[:-2], "--calibrator", "brecq"]) == 0
+    assert "brecq observers: MSE proxy" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ bench helpers
+def test_bench_aware_helpers():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import selection
+    from qcalib.data.pool import TensorImageDataset
+
+    assert selection.aware_params("random", "mse") == {}
+    assert selection.aware_params("selectq-old", "mse") == {"within": "nearest"}
+    assert selection.aware_params("selectq", "minmax") == {"within": "nearest"}
+    assert selection.aware_params("selectq", "percentile") == {"within": "nearest"}
+    assert selection.aware_params("selectq", "mse") == {"within": "matched"}
+    assert selection.aware_params("selectq", "qdrop") == {"within": "matched"}
+    # Spearman: a reversed order is -1; with ranks (1, 2, 3, 4) vs (1, 2, 4, 3):
+    # 1 - 6 * (0 + 0 + 1 + 1) / (4 * 15) = 0.8.
+    assert selection.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert selection.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == 0.8
+    assert math.isnan(selection.spearman([1, 1, 1], [1, 2, 3]))
+    images = torch.arange(50, dtype=torch.uint8).reshape(50, 1, 1, 1)
+    ds = TensorImageDataset(images, torch.arange(50) % 3, [0.0], [1.0])
+    pool, val = selection.carve_validation(Pool(ds, name="p"), 10)
+    assert len(pool) == 40 and len(val) == 10
+    kept = set(pool.dataset.images.flatten().tolist())
+    held = set(val.images.flatten().tolist())
+    assert not kept & held and len(kept | held) == 50
+    assert torch.equal(val.labels, val.images.flatten().long() % 3)  # labels follow images
