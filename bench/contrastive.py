@@ -119,10 +119,19 @@ TEXT_MODELS = {SMOLLM2: WIKI}
 GRID = "contrastive"
 
 
+# Options added after cells were committed: left out of a cell's key while at their
+# default, so the committed cells keep their keys (and ReconConfig fills the default in).
+LATER_DEFAULTS = {"schedule": "constant"}
+
+
 def with_cl(cell: dict, overrides: dict | None) -> dict:
     if overrides is None:
         return cell
-    return {**cell, "contrastive": {**DEFAULT, **overrides}}
+    cl = {**DEFAULT, **overrides}
+    for key, default in LATER_DEFAULTS.items():
+        if cl.get(key) == default:
+            del cl[key]
+    return {**cell, "contrastive": cl}
 
 
 def paired_cells(models, seeds_cap: int | None = None, iters=None) -> list[tuple[dict, dict]]:
