@@ -308,26 +308,32 @@ def _in(name: str, target: str) -> bool:
     return name == target or name.startswith(target + ".")
 
 
-def floor_ms(fp_model, name: str, x: torch.Tensor, warmup: int, iters: int) -> tuple[list, list]:
-    """Forward + backward of the FP block ``name`` (BN folded, quantization off) on ``x``'s
-    block inputs: gradients w.r.t. its weights and biases only. Returns per-iteration ms
-    and the block input shape."""
-    block = fp_model.model.get_submodule(name)
+def block_call_args(model, name: str, x: torch.Tensor) -> tuple:  # noqa: ANN001
+    """``(block, args, kwargs)``: the submodule ``name`` of ``model.model`` and the
+    arguments it is called with when ``model`` runs on ``x`` (the run stops there)."""
+    block = model.model.get_submodule(name)
     got: dict = {}
 
-    def hook(_m, args, kwargs) -> None:
+    def hook(_m, args, kwargs) -> None:  # noqa: ANN001
         got["args"], got["kwargs"] = args, kwargs
         raise _Stop
 
     h = block.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
         try:
-            fp_model(x)
+            model(x)
         except _Stop:
             pass
         finally:
             h.remove()
-    args, kwargs = got["args"], got["kwargs"]
+    return block, got["args"], got["kwargs"]
+
+
+def floor_ms(fp_model, name: str, x: torch.Tensor, warmup: int, iters: int) -> tuple[list, list]:
+    """Forward + backward of the FP block ``name`` (BN folded, quantization off) on ``x``'s
+    block inputs: gradients w.r.t. its weights and biases only. Returns per-iteration ms
+    and the block input shape."""
+    block, args, kwargs = block_call_args(fp_model, name, x)
     params = [p for n, p in block.named_parameters() if "quantizer" not in n]
     flags = [p.requires_grad for p in params]
     for p in params:

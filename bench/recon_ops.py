@@ -41,6 +41,7 @@ from qcalib.model.qmodules import first_tensor
 from qcalib.model.wrap import QuantModel
 from qcalib.pipeline import build_quant_model
 from qcalib.zoo import load_model
+from recon import block_call_args
 
 CASES = (
     ("adaround", None),
@@ -63,10 +64,6 @@ def _in(name: str, target: str) -> bool:
     return name == target or name.startswith(target + ".")
 
 
-class _Stop(Exception):
-    pass
-
-
 def setup(args: argparse.Namespace):
     torch.manual_seed(0)
     model = load_model("zoo:fmnist-resnet20")
@@ -85,22 +82,7 @@ def setup(args: argparse.Namespace):
 
 def make_floor(fp: QuantModel, target: str, x: torch.Tensor, warmup: int, iters: int):
     """FP forward + MSE (the engine's form) + backward of the block, on its real inputs."""
-    block = fp.model.get_submodule(target)
-    got: dict = {}
-
-    def hook(_m, a, kw) -> None:
-        got["args"], got["kwargs"] = a, kw
-        raise _Stop
-
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        try:
-            fp(x)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-    a, kw = got["args"], got["kwargs"]
+    block, a, kw = block_call_args(fp, target, x)
     params = [p for n, p in block.named_parameters() if "quantizer" not in n]
     with torch.no_grad():
         target_out = first_tensor(block(*a, **kw))
