@@ -79,7 +79,7 @@ FLAG_EXAMPLES = {
     "--cl-critic": (["--contrastive"], "full", "full"),
     "--cl-tail-blocks": (["--contrastive"], "2", 2),
 }
-NOT_CONFIG = {"--no-progress", "-h"}  # properties of the invocation
+NOT_CONFIG = {"--no-progress", "--overwrite", "-h"}  # properties of the invocation
 
 
 def _nested(dotted: str, value):  # noqa: ANN001, ANN202

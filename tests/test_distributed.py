@@ -100,6 +100,8 @@ def _worker(rank: int, tmp: str) -> None:
         res["sum"] = qdist.all_reduce_sum(torch.tensor([rank + 1.0]))
         res["bcast"] = qdist.broadcast_object({"from": rank})
         writes = []
+        import qcalib.pipeline as pipeline_mod
+
         for fn in ("save_run", "save_indices"):
             real = getattr(artifact, fn)
 
@@ -107,7 +109,8 @@ def _worker(rank: int, tmp: str) -> None:
                 writes.append(_fn)
                 return _real(*a, **k)
 
-            setattr(artifact, fn, spy)
+            # the pipeline calls the names it imported from qcalib.artifact
+            setattr(pipeline_mod, fn, spy)
         cfg = RunConfig(
             model="tiny",
             data="digits",

@@ -31,6 +31,7 @@ flag                        YAML key
 ``--data``                  ``data``
 ``--data-root``             ``data_root``
 ``--eval-data``             ``eval_data``
+``--unreadable-images``     ``unreadable_images``
 ``--preprocess``            ``preprocess``
 ``--seed``                  ``seed`` (or ``seeds``)
 ``--device``                ``device``
@@ -76,13 +77,13 @@ flag                        YAML key
 ``--cl-loss``               ``calib.recon.contrastive.loss``
 ``--cl-critic``             ``calib.recon.contrastive.critic``
 ``--cl-tail-blocks``        ``calib.recon.contrastive.tail_blocks``
+``--cl-schedule``           ``calib.recon.contrastive.schedule``
 ``--out``                   ``out``
 ==========================  =====================================================
 
-``--no-progress`` is a property of the invocation, not of the experiment. Fields with no
-flag (``text.eval_fraction``, ``calib.mse_candidates``, ``calib.recon.w_observer`` ...)
-are settable from the file only.
-"""
+``--no-progress`` and ``--overwrite`` are properties of the invocation, not of the
+experiment. Fields with no flag (``text.eval_fraction``, ``calib.mse_candidates``,
+``calib.recon.w_observer`` ...) are settable from the file only."""
 
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ FLAG_KEYS: dict[str, str] = {
     "--data": "data",
     "--data-root": "data_root",
     "--eval-data": "eval_data",
+    "--unreadable-images": "unreadable_images",
     "--preprocess": "preprocess",
     "--seed": "seed",
     "--device": "device",
@@ -162,6 +164,7 @@ FLAG_KEYS: dict[str, str] = {
     "--cl-loss": "calib.recon.contrastive.loss",
     "--cl-critic": "calib.recon.contrastive.critic",
     "--cl-tail-blocks": "calib.recon.contrastive.tail_blocks",
+    "--cl-schedule": "calib.recon.contrastive.schedule",
     "--out": "out",
 }
 

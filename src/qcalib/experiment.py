@@ -31,6 +31,7 @@ from qcalib.config import RunConfig
 from qcalib.config_file import CONFIG_FILE, Experiment, dump_run_config
 from qcalib.diagnostics import LAYER_STATS_FILE, PROJECTION_FILE, write_diagnostics
 from qcalib.errors import QCalibError
+from qcalib.files import writable_dir
 from qcalib.pipeline import RunResult, Workbench, quantize
 
 __all__ = ["LOG_FILE", "log_to_file", "run_experiment"]
@@ -44,7 +45,7 @@ LOG_FILE = "qcalib.log"
 def log_to_file(path: str | Path) -> Iterator[None]:
     """Copy the ``qcalib`` loggers' records (INFO and up) into ``path`` while in the block."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(path.parent)  # an unwritable --out is a one-line error, not an OSError
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
