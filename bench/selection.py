@@ -939,7 +939,9 @@ def write_cost(r: Runner) -> None:
         ))  # fmt: skip
     write_tables(
         f"{r.grid}-cost", "Selection cost: time vs a plain FP forward pass, and peak RSS",
-        command(r), rows,
+        f"cd bench && ../.venv/bin/python selection.py --sections cost --threads "
+        f"{r.args.threads} --cost-rounds {r.args.cost_rounds}",
+        rows,
         ["model", "what", "wall_s", "spread", "ratio_median", "ratio_min", "ratio_max",
          "uncontended", "goal", "met", "claim_median", "note"], notes, extra=extra,
     )  # fmt: skip
