@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from qcalib.data.pool import Pool
 from qcalib.errors import QCalibError
-from qcalib.evaluate.language import count_samples, token_batches
+from qcalib.evaluate.language import token_batches
 
 
 @torch.no_grad()
@@ -34,10 +33,7 @@ def embedding_cosine(
     model_q.eval()
     total = torch.zeros((), dtype=torch.float64)
     n = 0
-    batches = token_batches(data, batch_size)
-    if progress:
-        count = -(-count_samples(data) // batch_size)
-        batches = tqdm(batches, total=count, desc="embedding cosine", leave=False)
+    batches = token_batches(data, batch_size, "embedding cosine" if progress else None)
     for x in batches:
         x = x.to(device)
         ref, out = model_fp(x), model_q(x)

@@ -40,8 +40,7 @@ def _nll_sum(logits: Tensor, target: Tensor) -> Tensor:
     return total
 
 
-def token_batches(data: Pool | Dataset | Tensor, batch_size: int) -> Iterator[Tensor]:
-    """``[B, 2, L]`` batches of a text pool, a dataset of ``[2, L]`` samples or one tensor."""
+def _batches(data: Pool | Dataset | Tensor, batch_size: int) -> Iterator[Tensor]:
     if isinstance(data, Tensor):
         yield from torch.split(data, batch_size)
     elif isinstance(data, Pool):
@@ -51,8 +50,15 @@ def token_batches(data: Pool | Dataset | Tensor, batch_size: int) -> Iterator[Te
         yield from DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def count_samples(data: Pool | Dataset | Tensor) -> int:
-    return data.shape[0] if isinstance(data, Tensor) else len(data)  # type: ignore[arg-type]
+def token_batches(
+    data: Pool | Dataset | Tensor, batch_size: int, desc: str | None = None
+) -> Iterator[Tensor]:
+    """``[B, 2, L]`` batches of a text pool, a dataset of ``[2, L]`` samples or one tensor;
+    behind a progress bar named ``desc`` when one is given."""
+    if desc is None:
+        return _batches(data, batch_size)
+    n = data.shape[0] if isinstance(data, Tensor) else len(data)  # type: ignore[arg-type]
+    return tqdm(_batches(data, batch_size), total=-(-n // batch_size), desc=desc, leave=False)
 
 
 @torch.no_grad()
@@ -68,10 +74,7 @@ def perplexity(
     model.eval()
     nll = torch.zeros((), dtype=torch.float64)
     count = 0
-    batches = token_batches(data, batch_size)
-    if progress:
-        total = -(-count_samples(data) // batch_size)
-        batches = tqdm(batches, total=total, desc="perplexity", leave=False)
+    batches = token_batches(data, batch_size, "perplexity" if progress else None)
     for x in batches:
         x = x.to(device)
         ids, mask = unpack_tokens(x)
