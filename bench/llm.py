@@ -5,6 +5,7 @@ selector x n, perplexity on held-out Wikipedia text (issue 11's benchmark).
     cd bench && ../.venv/bin/python llm.py           # resumable; finished cells are skipped
     ../.venv/bin/python llm.py --max-minutes 60 --threads 2
     ../.venv/bin/python llm.py --report-only
+    ../.venv/bin/python llm.py --section validate    # GPTQ first-token weight on validation
 
 Protocol (fixed for every row, recorded in the JSON):
 
@@ -24,6 +25,9 @@ Protocol (fixed for every row, recorded in the JSON):
 * Calibration sets: n windows of 512 tokens chosen by the row's selector; one selection
   per (selector, seed, n) is cached in ``llm.indices.jsonl`` and reused by every
   calibrator (selection does not depend on the calibrator).
+* Validation (``--section validate``, choosing GPTQ's first-token weight): perplexity on
+  ``VAL_WINDOWS`` windows of the *calibration* split that are not in the pool (seeded),
+  never the held-out split; results in ``llm-validate.{json,md}``.
 * Quantization: weights per output channel (``g128``: groups of 128 input channels),
   asymmetric; activations static per tensor (min-max over the calibration set) on the
   input of every linear of attention and MLP; embeddings and lm_head float.
@@ -52,7 +56,14 @@ from common import (
     summarize,
     write_tables,
 )
-from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig, TextConfig
+from qcalib.config import (
+    CalibConfig,
+    GPTQConfig,
+    QuantConfig,
+    RunConfig,
+    SelectConfig,
+    TextConfig,
+)
 from qcalib.data.pool import Pool
 from qcalib.data.registry import load_pool
 from qcalib.data.text import TokenSamples
@@ -63,6 +74,14 @@ GRID = "llm"
 SEQ_LEN = 512
 EVAL_WINDOWS = 100  # 51,100 scored tokens
 POOL_WINDOWS = 1024
+VAL_WINDOWS = 32
+# First-token weights tried by --section validate, on these methods, random sets n = 32.
+VALIDATE_WEIGHTS = (1.0, 16.0, 64.0, 256.0)
+VALIDATE_METHODS = ("gptq-w4a16-g128", "gptq-w3a16-g128")
+VALIDATE_SEEDS = (0, 1)
+# The grid's GPTQ first-token weight: the best of VALIDATE_WEIGHTS on validation
+# (llm-validate.md); 1 is the paper's GPTQ.
+GPTQ_FIRST_TOKEN_WEIGHT = 1.0
 NS = (32, 128)
 # name -> (calibrator, QuantConfig kwargs); rows without data use no calibration set.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -106,8 +125,25 @@ def cells(methods, selectors, ns):  # noqa: ANN001, ANN201
     for sel, n in itertools.product(order, ns):
         for seed, m in itertools.product(SELECTORS[sel], methods):
             if m not in DATA_FREE:
-                yield {"method": m, "selector": sel, "n": n, "seed": seed,
-                       "selector_params": SELECTOR_PARAMS.get(sel, {})}  # fmt: skip
+                c = {"method": m, "selector": sel, "n": n, "seed": seed,
+                     "selector_params": SELECTOR_PARAMS.get(sel, {})}  # fmt: skip
+                if METHODS[m][0] == "gptq":
+                    c["first_token_weight"] = GPTQ_FIRST_TOKEN_WEIGHT
+                yield c
+
+
+def validate_cells():  # noqa: ANN201
+    for seed, m, w in itertools.product(VALIDATE_SEEDS, VALIDATE_METHODS, VALIDATE_WEIGHTS):
+        yield {"method": m, "selector": "random", "n": 32, "seed": seed,
+               "selector_params": {}, "first_token_weight": w}  # fmt: skip
+
+
+def method_label(c: dict) -> str:
+    """The row's method; GPTQ cells at a first-token weight other than the grid's say it."""
+    w = c.get("first_token_weight")
+    if w is None or w == GPTQ_FIRST_TOKEN_WEIGHT:  # None: not a GPTQ cell
+        return c["method"]
+    return f"{c['method']} ftw={w:g}"
 
 
 class IndexCache:
@@ -154,31 +190,44 @@ class IndexCache:
         return self.rows[k]
 
 
-def build_bench(device: str) -> Workbench:
+def build_bench(device: str, validation: bool = False) -> Workbench:
+    """The pool (``POOL_WINDOWS`` seeded windows of the calibration split) and, as the
+    evaluation set, the held-out split; with ``validation``, ``VAL_WINDOWS`` other windows
+    of the calibration split instead (never in the pool, never held out)."""
     text = text_config()
     model = load_model(f"hf:{package_file(*MODEL_FILE)}")
     spec = f"text:{package_file(*TEXT_FILE)}"
     full = load_pool(spec, None, tokenizer=model.tokenizer, text=text).dataset
     assert isinstance(full, TokenSamples) and full.mode == "chunk"
     gen = torch.Generator().manual_seed(0)
-    keep = torch.randperm(len(full), generator=gen)[:POOL_WINDOWS].sort().values.numpy()
-    windows = full.tokens[: len(full) * SEQ_LEN].reshape(len(full), SEQ_LEN)[keep]
-    samples = TokenSamples(
-        np.ascontiguousarray(windows.reshape(-1)), full.offsets, SEQ_LEN, "chunk", full.pad_id
-    )
-    pool = Pool(samples, name=f"wiki-train-{POOL_WINDOWS}x{SEQ_LEN}")
-    return Workbench(model, pool, eval_data=spec, device=device, eval_batch_size=8, text=text)
+    order = torch.randperm(len(full), generator=gen)
+    all_windows = full.tokens[: len(full) * SEQ_LEN].reshape(len(full), SEQ_LEN)
+
+    def samples(idx: torch.Tensor) -> TokenSamples:
+        w = all_windows[idx.sort().values.numpy()]
+        return TokenSamples(
+            np.ascontiguousarray(w.reshape(-1)), full.offsets, SEQ_LEN, "chunk", full.pad_id
+        )
+
+    pool = Pool(samples(order[:POOL_WINDOWS]), name=f"wiki-train-{POOL_WINDOWS}x{SEQ_LEN}")
+    bench = Workbench(model, pool, eval_data=spec, device=device, eval_batch_size=8, text=text)
+    if validation:
+        val_gen = torch.Generator().manual_seed(1)
+        rest = order[POOL_WINDOWS:]
+        bench.test_set = samples(rest[torch.randperm(len(rest), generator=val_gen)[:VAL_WINDOWS]])
+    return bench
 
 
 def run_config(c: dict) -> RunConfig:
     calibrator, q = METHODS[c["method"]]
+    gptq = GPTQConfig(first_token_weight=c.get("first_token_weight", 1.0))
     return RunConfig(
         model=f"hf:{MODEL_FILE[1]}",
         data=f"text:{TEXT_FILE[1]}",
         quant=QuantConfig(**q),
         # Data-free rows (no activation quantizer) still pass one sample through the
         # pipeline's observer pass, which then observes nothing.
-        calib=CalibConfig(calibrator=calibrator, num_calib=max(c["n"], 1), batch_size=8),
+        calib=CalibConfig(calibrator=calibrator, num_calib=max(c["n"], 1), batch_size=8, gptq=gptq),
         select=SelectConfig("random" if c["selector"] == "none" else c["selector"]),
         seed=c["seed"],
         text=text_config(),
@@ -193,10 +242,75 @@ def gptq_layer_times(stats: dict) -> dict:
     return {k: round(sum(v) / len(v), 4) for k, v in sorted(by_type.items())}
 
 
+def run_cell(bench: Workbench, cache: IndexCache, c: dict, device: str) -> dict:
+    """One cell: its (cached) selection, calibration and evaluation; the cell's metrics."""
+    cfg = run_config(c)
+    indices, select_s = None, 0.0
+    if c["selector"] != "none":
+        sel = {k: c[k] for k in ("selector", "n", "seed")}
+        sel["params"] = c["selector_params"]
+        row = cache.get(bench, sel, device)
+        indices, select_s = row["indices"], row["seconds"]
+    stamp = CellStamp(device)
+    t0 = time.perf_counter()
+    _, res = quantize(cfg, bench=bench, progress=True, indices=indices)
+    metrics = {
+        "fp_ppl": res.fp_metric,
+        "quant_ppl": res.quant_metric,
+        "eval_tokens": res.eval_tokens,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "select_s": select_s,
+        "peak_rss_mb": max(res.peak_rss_mb.values()),
+        "seconds": res.seconds,
+    }
+    if METHODS[c["method"]][0] == "gptq":
+        metrics["gptq_layer_s"] = gptq_layer_times(res.calib_stats)
+        metrics["gptq_s"] = res.calib_stats.get("seconds")
+    return {**metrics, **stamp.finish()}
+
+
+def write_validation(store: CellStore) -> None:
+    rows = []
+    by = group_rows(store.rows.values(), ("method", "first_token_weight"))
+    for (method, w), cells_ in sorted(by.items()):
+        cells_.sort(key=lambda r: r["cell"]["seed"])
+        ppl = [r["quant_ppl"] for r in cells_]
+        rows.append({"method": method, "first_token_weight": w,
+                     "seeds": [r["cell"]["seed"] for r in cells_], "ppls": ppl,
+                     **summarize(ppl), "fp_ppl": round(cells_[0]["fp_ppl"], 2),
+                     "eval_tokens": cells_[0]["eval_tokens"]})  # fmt: skip
+    write_tables(
+        f"{GRID}-validate",
+        "SmolLM2-135M: GPTQ's first-token weight chosen on validation windows",
+        "cd bench && ../.venv/bin/python llm.py --section validate --threads 2",
+        rows,
+        [
+            "method",
+            "first_token_weight",
+            "seeds",
+            "ppls",
+            "mean",
+            "std",
+            "fp_ppl",
+            "eval_tokens",
+        ],  # fmt: skip
+        notes=(
+            f"Perplexity on {VAL_WINDOWS} windows of 512 tokens of the calibration split "
+            "that are not in the pool (never the held-out split the grid reports); random "
+            "calibration sets of 32 windows. first_token_weight: how many times each "
+            "sequence's first token counts in GPTQ's Hessians (1 = the paper)."
+        ),
+    )
+
+
 def aggregate(store: CellStore) -> list[dict]:
     keys = ("method", "selector", "n")
     out = []
-    for key, rows in sorted(group_rows(store.rows.values(), keys).items()):
+    grouped: dict[tuple, list[dict]] = {}
+    for r in store.rows.values():
+        c = r["cell"]
+        grouped.setdefault((method_label(c), c["selector"], c["n"]), []).append(r)
+    for key, rows in sorted(grouped.items()):
         rows.sort(key=lambda r: r["cell"]["seed"])
         ppl = [r["quant_ppl"] for r in rows]
         out.append({
@@ -220,51 +334,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns", nargs="+", type=int, default=list(NS))
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
+    p.add_argument("--section", choices=["grid", "validate"], default="grid",
+                   help="validate: GPTQ's first-token weight on validation windows")  # fmt: skip
     add_runner_args(p)
     args = p.parse_args(argv)
     device = apply_runner_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    store = CellStore(GRID)
-    todo = [c for c in cells(args.methods, args.selectors, args.ns) if not store.done(c)]
-    todo = [] if args.report_only else todo
+    validate = args.section == "validate"
+    store = CellStore(f"{GRID}-validate" if validate else GRID)
+    todo_all = validate_cells() if validate else cells(args.methods, args.selectors, args.ns)
+    todo = [] if args.report_only else [c for c in todo_all if not store.done(c)]
     logging.info("%d cells to run (%d already done)", len(todo), len(store.rows))
     start = time.time()
-    bench = build_bench(device) if todo else None
+    bench = build_bench(device, validation=validate) if todo else None
     cache = IndexCache()
     for i, c in enumerate(todo):
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
             logging.info("time budget reached; rerun to continue")
             break
         assert bench is not None
-        cfg = run_config(c)
-        indices, select_s = None, 0.0
-        if c["selector"] != "none":
-            sel = {k: c[k] for k in ("selector", "n", "seed")}
-            sel["params"] = c["selector_params"]
-            row = cache.get(bench, sel, device)
-            indices, select_s = row["indices"], row["seconds"]
-        stamp = CellStamp(device)
-        t0 = time.perf_counter()
-        _, res = quantize(cfg, bench=bench, progress=True, indices=indices)
-        metrics = {
-            "fp_ppl": res.fp_metric,
-            "quant_ppl": res.quant_metric,
-            "eval_tokens": res.eval_tokens,
-            "wall_s": round(time.perf_counter() - t0, 2),
-            "select_s": select_s,
-            "peak_rss_mb": max(res.peak_rss_mb.values()),
-            "seconds": res.seconds,
-        }
-        if METHODS[c["method"]][0] == "gptq":
-            metrics["gptq_layer_s"] = gptq_layer_times(res.calib_stats)
-            metrics["gptq_s"] = res.calib_stats.get("seconds")
-        store.add(c, {**metrics, **stamp.finish()})
-        logging.info("[%d/%d] %s -> ppl %.3f", i + 1, len(todo), c, res.quant_metric)
+        metrics = run_cell(bench, cache, c, device)
+        store.add(c, metrics)
+        logging.info("[%d/%d] %s -> ppl %.3f", i + 1, len(todo), c, metrics["quant_ppl"])
+    if validate:
+        write_validation(store)
+        return 0
     rows = aggregate(store)
     gptq_rows = []
     for r in store.rows.values():
         if "gptq_layer_s" in r:
-            gptq_rows.append({"method": r["cell"]["method"], "n": r["cell"]["n"],
+            gptq_rows.append({"method": method_label(r["cell"]), "n": r["cell"]["n"],
                               "seed": r["cell"]["seed"], "selector": r["cell"]["selector"],
                               "gptq_s": r["gptq_s"], **r["gptq_layer_s"]})  # fmt: skip
     gptq_cols = ["method", "selector", "n", "seed", "gptq_s"]

@@ -176,6 +176,38 @@ def test_hessian_skips_padding_tokens():
     torch.testing.assert_close(acc["proj"].hessian(), 2 * rows.T @ rows / rows.shape[0])
 
 
+@pytest.mark.filterwarnings("ignore:qcalib. these modules")
+def test_first_token_weight_counts_each_sequences_first_kept_token_w_times():
+    model = _EmbedLinear()
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: row 1's first kept token is at position 2
+    mask[2, 4:] = 0
+    x = pack_tokens(ids, mask)
+    qm = build_quant_model(model, QuantConfig(wbits=4, abits=16), x[:1])
+    layer = qm.model.proj
+    block = Block("proj", layer, "layer")
+    acc = collect_hessians(qm, block, {"proj": layer}, x, batch_size=2, first_token_weight=9.0)
+    emb = model.embed.weight.detach()
+    expect = torch.zeros(8, 8)
+    n = 0
+    for b, first in ((0, 0), (1, 2), (2, 0)):
+        for t in range(5):
+            if mask[b, t]:
+                e = emb[ids[b, t]]
+                expect += (9.0 if t == first else 1.0) * torch.outer(e, e)
+                n += 1
+    assert acc["proj"].rows == n == int(mask.sum())
+    torch.testing.assert_close(acc["proj"].hessian(), 2 * expect / n)
+    plain = collect_hessians(qm, block, {"proj": layer}, x, batch_size=2)
+    assert not torch.allclose(plain["proj"].hessian(), acc["proj"].hessian())
+
+
+def test_first_token_weight_must_be_positive():
+    with pytest.raises(QCalibError, match="--gptq-first-token-weight"):
+        GPTQConfig(first_token_weight=0.0)
+
+
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
     from qcalib.zoo.hf import HFCausalLM
@@ -223,6 +255,24 @@ def test_gptq_end_to_end_tiny_llama_w4a16():
             with torch.no_grad():
                 assert torch.equal(fresh(x), qm(x))
     assert errors["gptq"] < errors["minmax"]
+
+
+@pytest.mark.filterwarnings("ignore:qcalib. these modules")
+def test_first_token_weight_reaches_the_calibrator_and_changes_the_rounding():
+    model = _tiny_llama()
+    x = _tokens()
+    cfg = QuantConfig(wbits=4, abits=16, group_size=16)
+    weights = {}
+    for w in (1.0, 64.0):
+        qm = build_quant_model(model, cfg, x[:1])
+        calib = CALIBRATORS.get("gptq")(
+            CalibConfig(calibrator="gptq", batch_size=8, gptq=GPTQConfig(first_token_weight=w))
+        )
+        calib.calibrate(qm, x, progress=False)
+        assert calib.report()["first_token_weight"] == w
+        weights[w] = {n: m.weight.detach().clone() for n, m in qm.quant_modules()}
+    changed = [n for n in weights[1.0] if not torch.equal(weights[1.0][n], weights[64.0][n])]
+    assert len(changed) == len(weights[1.0])
 
 
 @pytest.mark.filterwarnings("ignore:qcalib. these modules")
@@ -288,9 +338,9 @@ def test_gptq_walks_decoder_layer_blocks(monkeypatch):
     passes = []
     real_collect = gptq_mod.collect_hessians
 
-    def counting_collect(qm, block, layers, *args):
+    def counting_collect(qm, block, layers, *args, **kwargs):
         passes.append(sorted(layers))
-        return real_collect(qm, block, layers, *args)
+        return real_collect(qm, block, layers, *args, **kwargs)
 
     monkeypatch.setattr(gptq_mod, "collect_hessians", counting_collect)
     with torch.no_grad():

@@ -152,6 +152,11 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
             gptq=GPTQConfig(
                 act_order=args.act_order,
                 **({} if args.percdamp is None else {"percdamp": args.percdamp}),
+                **(
+                    {}
+                    if args.gptq_first_token_weight is None
+                    else {"first_token_weight": args.gptq_first_token_weight}
+                ),
             ),
         ),
         select=select,
@@ -356,6 +361,9 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
                    help="quantize columns by descending Hessian diagonal")  # fmt: skip
     g.add_argument("--percdamp", type=argtypes.positive_float, default=None,
                    help="Hessian dampening, share of its mean diagonal (default 0.01)")  # fmt: skip
+    g.add_argument("--gptq-first-token-weight", type=argtypes.positive_float, default=None,
+                   metavar="W", help="weight of each sequence's first token (the attention "
+                   "sink) in the Hessians; 1 = the paper's plain token mean")  # fmt: skip
     g = q.add_argument_group("reconstruction (--calibrator adaround, brecq, qdrop)")
     g.add_argument("--profile", choices=["fast", "paper"], default=None,
                    help="fast: 500 iterations per block (CPU); paper: 20k, as published "

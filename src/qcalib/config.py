@@ -234,8 +234,15 @@ class GPTQConfig:
     act_order: bool = False
     percdamp: float = 0.01
     block_size: int = 128
+    # Weight of each token sequence's first token in H (1 = the paper's plain mean over
+    # tokens). See qcalib.calibrate.gptq, "First-token weight".
+    first_token_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.first_token_weight > 0:
+            raise QCalibError(
+                f"--gptq-first-token-weight must be positive, got {self.first_token_weight}"
+            )
         if not self.percdamp > 0:
             raise QCalibError(f"--percdamp must be positive, got {self.percdamp}")
         if self.block_size < 1:

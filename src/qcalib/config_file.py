@@ -59,6 +59,7 @@ flag                        YAML key
 ``--selector-param N=V``    ``select.params: {N: V}``
 ``--act-order``             ``calib.gptq.act_order: true``
 ``--percdamp``              ``calib.gptq.percdamp``
+``--gptq-first-token-weight`` ``calib.gptq.first_token_weight``
 ``--profile``               ``calib.recon.profile``
 ``--iters``                 ``calib.recon.iters``
 ``--act-iters``             ``calib.recon.act_iters``
@@ -146,6 +147,7 @@ FLAG_KEYS: dict[str, str] = {
     "--selector-param": "select.params",
     "--act-order": "calib.gptq.act_order",
     "--percdamp": "calib.gptq.percdamp",
+    "--gptq-first-token-weight": "calib.gptq.first_token_weight",
     "--profile": "calib.recon.profile",
     "--iters": "calib.recon.iters",
     "--act-iters": "calib.recon.act_iters",
