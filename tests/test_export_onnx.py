@@ -330,3 +330,40 @@ def test_cli_encodings_only_and_errors(run_dir, tmp_path, capsys):
     assert "--format onnx only" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing")]) == 2
     assert "qcalib quantize" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
+def test_bert_encoder_embeddings_in_onnx_runtime_match_fake_quant(bits, tmp_path):
+    """Issue 13: a transformer encoder's exported embeddings keep the fake-quant model's
+    cosine to FP within 1e-3 (ONNX Runtime as written and with its defaults)."""
+    transformers = pytest.importorskip("transformers")
+    from qcalib.data.tokens import pack_tokens
+    from qcalib.zoo.hf import HFEncoder
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=100, max_position_embeddings=64,
+    )  # fmt: skip
+    model = HFEncoder(transformers.BertModel(cfg)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (24, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:6, 8:] = 0  # padded sequences: the mask travels through the exported graph
+    x = pack_tokens(ids, mask)
+    q = quantize_model(
+        model, QuantSpec(bits[0], per_channel=True), QuantSpec(bits[1]), example_input=x[:2]
+    )
+    CALIBRATORS.get("minmax")(CalibConfig(num_calib=16)).calibrate(q, x[:16], progress=False)
+    report = export_onnx(q, x[:4], tmp_path / "bert.onnx", check_inputs=x)
+    # 2 layers x (query, key, value, attention output, intermediate, output) + the pooler
+    assert report.quantized_layers == len(q.quant_modules()) == 13
+    with torch.no_grad():
+        fp, fq = model(x), q(x)
+    fq_cos = torch.nn.functional.cosine_similarity(fq, fp, dim=1)
+    assert (fq - fp).abs().max() > 1e-4 * fp.abs().max()  # the quantization is visible
+    for optimized in (False, True):
+        got = onnx_export.run_onnx(tmp_path / "bert.onnx", x, optimized=optimized)
+        cos = torch.nn.functional.cosine_similarity(got, fp, dim=1)
+        assert abs(float(cos.mean()) - float(fq_cos.mean())) <= 1e-3
+        assert float(torch.nn.functional.cosine_similarity(got, fq, dim=1).min()) >= 1 - 1e-3

@@ -46,6 +46,7 @@ from qcalib.model.wrap import QuantModel
 from qcalib.result import RunResult
 from qcalib.select import SELECTORS
 from qcalib.select.base import check_budget
+from qcalib.select.stats import StatRowCache
 from qcalib.zoo.external import load_model
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,9 @@ class Workbench:
             self.test_set = load_eval_set(data, data_root, eval_data, self.transform,
                                           unreadable_images)  # fmt: skip
         self._fp_metric: float | None = None
+        # Opt-in (memory): a StatRowCache here lets every selection on this workbench
+        # forward each pool sample once (qcalib.select.stats, "Reuse across selectors").
+        self.stat_rows: StatRowCache | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Workbench:
@@ -243,6 +247,7 @@ def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> t
     from it (``Calibrator.reads``), so calibrator-aware strategies pick accordingly."""
     selector = SELECTORS.get(cfg.select.selector)(seed=cfg.seed, **cfg.select.kwargs())
     selector.progress = progress
+    selector.row_cache = bench.stat_rows
     reads = CALIBRATORS.get(cfg.calib.calibrator).reads
     if getattr(selector, "needs_model", False):
         selector.fit(bench.pool, model=bench.model, calibrator_reads=reads)

@@ -222,8 +222,9 @@ def layer_input_rows(
 
     Linear: one row per token; ``[B, L, K]`` inputs drop the rows where ``mask [B, L]``
     is 0, and with ``first_token_weight`` ``w != 1`` each sequence's first kept token is
-    scaled by ``sqrt(w)`` (its row then counts ``w`` times in ``X^T X``). Conv: one row
-    per output position (``F.unfold`` with the layer's geometry).
+    scaled by ``sqrt(w)`` (its row then counts ``w`` times in ``X^T X``); only token
+    batches (a ``mask``) are weighted. Conv: one row per output position (``F.unfold``
+    with the layer's geometry).
     """
     if isinstance(m, QuantConv2d):
         if m.padding_mode != "zeros":
@@ -237,10 +238,9 @@ def layer_input_rows(
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     k = x.shape[-1]
     masked = mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape)
-    if first_token_weight != 1.0 and x.dim() == 3:
+    if first_token_weight != 1.0 and masked:
         shape = x.shape[:2]
-        keep = mask.to(torch.bool) if masked else torch.ones(shape, dtype=torch.bool)
-        first = keep.to(torch.int8).argmax(dim=1).to(x.device)  # 0 when none is kept
+        first = mask.to(torch.int8).argmax(dim=1).to(x.device)  # 0 when none is kept
         x = x.clone()
         x[torch.arange(shape[0], device=x.device), first] *= first_token_weight**0.5
     if masked:

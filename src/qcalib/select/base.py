@@ -25,6 +25,7 @@ from qcalib.config import CALIBRATOR_READS
 from qcalib.data.pool import Pool
 from qcalib.errors import QCalibError
 from qcalib.registry import Registry
+from qcalib.select.stats import StatRowCache
 
 
 def check_budget(n: int, pool_size: int) -> None:
@@ -78,6 +79,9 @@ class Selector(ABC, metaclass=_SelectorMeta):
     #: Show a bar over passes through the pool. Set by the caller, not a parameter: it
     #: does not change the selection.
     progress = False
+    #: A :class:`~qcalib.select.stats.StatRowCache` shared by selectors on one model and
+    #: pool (set by the caller, like ``progress``; it does not change the selection).
+    row_cache: StatRowCache | None = None
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

@@ -50,7 +50,13 @@ from qcalib.errors import QCalibError
 from qcalib.select.base import SELECTORS, Selector
 from qcalib.select.budget import allocate_quotas
 from qcalib.select.kmeans import pairwise_sq_dists
-from qcalib.select.stats import STATS_KINDS, ActivationStatsCollector, parse_layer_list
+from qcalib.select.stats import (
+    STATS_KINDS,
+    ActivationStatsCollector,
+    StatRowCache,
+    cached_stat_batches,
+    parse_layer_list,
+)
 
 __all__ = ["BalancedSelector", "HerdingSelector", "KCenterSelector", "pool_embedding"]
 
@@ -81,8 +87,10 @@ def pool_embedding(
     max_pool: int | None = 5000,
     seed: int = 0,
     device: str | None = None,
+    row_cache: StatRowCache | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(indices [M], embedding [M, D] float64)`` of the candidates (see module notes)."""
+    """``(indices [M], embedding [M, D] float64)`` of the candidates (see module notes);
+    ``row_cache`` keeps the statistic rows for later selectors on the same model and pool."""
     if features not in FEATURES:
         raise QCalibError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
     cand = _candidates(len(pool), max_pool, seed)
@@ -90,11 +98,18 @@ def pool_embedding(
     if features == "deepest":
         items = parse_layer_list(layers)
         spec = [-1] if items is None else None  # None: observe the given list, keep its last
-    collector = ActivationStatsCollector(model, layers if spec is None else spec, stats, device)
+    observed = layers if spec is None else spec
+    collector = ActivationStatsCollector(model, observed, stats, device)
     per_site: dict[str, list[Tensor]] = {}
     seen: list[Tensor] = []
-    for idx, x in pool.batches(batch_size, cand):
-        for s, r in collector(x).items():
+    if row_cache is None:
+        batches = ((idx, collector(x)) for idx, x in pool.batches(batch_size, cand))
+    else:
+        order = torch.arange(len(pool)) if cand is None else cand
+        store = row_cache.store(len(pool), observed, stats)
+        batches = cached_stat_batches(store, collector, pool.get, order, batch_size)
+    for idx, rows in batches:
+        for s, r in rows.items():
             per_site.setdefault(s, []).append(r)
         seen.append(idx)
     sites = collector.sites or []
@@ -235,7 +250,7 @@ class _EmbeddingSelector(Selector):
         self.index_, self.embedding_ = pool_embedding(
             model, pool, features=self.features, layers=self.layers, stats=self.stats,
             batch_size=self.batch_size, max_pool=self.max_pool, seed=self.seed,
-            device=self.device,
+            device=self.device, row_cache=self.row_cache,
         )  # fmt: skip
 
     def _check_n(self, n: int) -> int:

@@ -42,13 +42,21 @@ Packed text batches: when the inputs are a token batch ``[B, 2, L]``
 row, so padding tokens never enter the statistics of any selector (SelectQ, k-center,
 herding, the quality report). A selected sample is still a whole sequence.
 
+Reuse across selectors (:class:`StatRowCache`, opt-in): the rows of a sample depend only
+on the model, the sample, ``layers`` and ``stats``, not on the seed or the budget, so a
+caller that runs many selections on one model and pool (a benchmark: seeds x budgets x
+selectors) can keep them in memory and forward each sample once. The rows it returns are
+those of the forward that first computed them (batch composition can move float32 sums
+in the last bit; selections are then equal up to such ties).
+
 Assumptions: the batch dimension is first in every activation (``batch_first`` models);
 a site whose activation does not start with the batch size raises a clear error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,6 +73,7 @@ __all__ = [
     "ActivationStatsCollector",
     "ActivationTap",
     "NonFiniteActivationError",
+    "StatRowCache",
     "activation_stats_masked",
     "resolve_layers",
 ]
@@ -431,3 +440,59 @@ class ActivationStatsCollector:
 
         self.tap.run(inputs, fn, mask)
         return {s: out[s] for s in self.tap.sites or () if s in out}
+
+
+@dataclass
+class _RowStore:
+    """Rows of every sample seen so far, ``{site: [N, D]}``, and which samples they are."""
+
+    size: int
+    sites: list[str] | None = None
+    rows: dict[str, Tensor] = field(default_factory=dict)
+    have: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.have = torch.zeros(self.size, dtype=torch.bool)
+
+
+class StatRowCache:
+    """Per-sample statistic rows of one model on one pool, kept across selectors (module
+    notes, "Reuse across selectors"). Memory: ``N x sum_sites 2C`` float32 values for the
+    samples read (SmolLM2-135M, 1024 windows: about 1.2 GB). Never share one cache
+    between models or pools: the key is only ``(pool size, layers, stats)``."""
+
+    def __init__(self) -> None:
+        self._stores: dict[tuple, _RowStore] = {}
+
+    def store(self, pool_size: int, layers: Any, stats: str) -> _RowStore:
+        key = (pool_size, repr(layers), stats)
+        if key not in self._stores:
+            self._stores[key] = _RowStore(pool_size)
+        return self._stores[key]
+
+
+def cached_stat_batches(
+    store: _RowStore,
+    collector: ActivationStatsCollector,
+    load: Callable[[Tensor], Any],
+    order: Tensor,
+    batch_size: int,
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    """``(indices, {site: rows})`` per batch of ``order``, forwarding only the samples not
+    yet in ``store`` (``load(indices)`` gives their inputs). Sites are the collector's
+    (``collector.tap.sites`` once set, e.g. pruned by SelectQ's pass 2), else the store's;
+    a collector that never ran a forward gets the store's sites."""
+    for idx in torch.split(order, batch_size):
+        missing = idx[~store.have[idx]]
+        if missing.numel():
+            rows = collector(load(missing))
+            for site, r in rows.items():
+                if site not in store.rows:
+                    store.rows[site] = torch.zeros(store.size, r.shape[1], dtype=r.dtype)
+                store.rows[site][missing] = r
+            if store.sites is None:
+                store.sites = list(collector.sites or rows)
+            store.have[missing] = True
+        if collector.tap.sites is None:
+            collector.tap.sites = list(store.sites or ())
+        yield idx, {s: store.rows[s][idx] for s in collector.tap.sites if s in store.rows}
