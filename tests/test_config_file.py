@@ -60,7 +60,7 @@ FLAG_EXAMPLES = {
     "--selector": ([], "selectq", "selectq"),
     "--act-order": ([], None, True),
     "--percdamp": ([], "0.05", 0.05),
-    "--gptq-first-token-weight": ([], "16", 16.0),
+    "--gptq-first-token-weight": ([], "4", 4.0),
     "--profile": ([], "paper", "paper"),
     "--iters": ([], "10", 10),
     "--act-iters": ([], "5", 5),

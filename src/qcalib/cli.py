@@ -363,7 +363,7 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
                    help="Hessian dampening, share of its mean diagonal (default 0.01)")  # fmt: skip
     g.add_argument("--gptq-first-token-weight", type=argtypes.positive_float, default=None,
                    metavar="W", help="weight of each sequence's first token (the attention "
-                   "sink) in the Hessians; 1 = the paper's plain token mean")  # fmt: skip
+                   "sink) in the Hessians (default 16; 1 = the paper's token mean)")  # fmt: skip
     g = q.add_argument_group("reconstruction (--calibrator adaround, brecq, qdrop)")
     g.add_argument("--profile", choices=["fast", "paper"], default=None,
                    help="fast: 500 iterations per block (CPU); paper: 20k, as published "

@@ -55,7 +55,11 @@ Choices (ours where the paper leaves them open):
   layer-15 q/k/v output error of GPTQ was 0.2x round-to-nearest's on the other tokens and
   7.4x on the first token, and perplexity ended *above* round-to-nearest's. Counting each
   sequence's first token ``w`` times in ``H`` (its row scaled by ``sqrt(w)``) fixes this;
-  ``w`` was chosen on a validation split (``bench/llm.py --section validate``).
+  ``w = 16`` (the default) was the best of 1 / 4 / 16 / 64 / 256 at W4A16 and W3A16 on
+  validation windows of the calibration split (``bench/results/llm-validate.md``:
+  W4A16 g128 21.86 -> 19.33, W3A16 g128 61.55 -> 41.95, 2 seeds); ``w = 1`` is the
+  paper's GPTQ. Only token batches are weighted (CNN and plain-tensor inputs have no
+  first token).
 * **Data-parallel** (``torchrun``): each rank runs the Hessian passes on its contiguous
   shard of the calibration set; ``X^T X`` and the row counts are all-reduced (summed), so
   every rank holds the whole set's ``H`` (equal to one process's up to the order of the
