@@ -280,13 +280,15 @@ def main_device(rows: Iterable[dict]) -> str:
     return collections.Counter(row_device(r) for r in rows).most_common(1)[0][0]
 
 
-def summarize(values: Sequence[float]) -> dict:
+def summarize(values: Sequence[float], digits: int = 2) -> dict:
+    """Mean, sample std, min and max rounded to ``digits`` (2 suits points of top-1 and
+    perplexities; cosines near 1 need more)."""
     vals = list(values)
     return {
-        "mean": round(statistics.fmean(vals), 2),
-        "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0,
-        "min": round(min(vals), 2),
-        "max": round(max(vals), 2),
+        "mean": round(statistics.fmean(vals), digits),
+        "std": round(statistics.stdev(vals), digits) if len(vals) > 1 else 0.0,
+        "min": round(min(vals), digits),
+        "max": round(max(vals), digits),
     }
 
 

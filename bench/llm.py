@@ -201,7 +201,7 @@ def write_encoder_check(store: CellStore) -> None:
         rows.append({"method": m, "first_token_weight": w,
                      "seeds": [r["cell"]["seed"] for r in cs],
                      "cosines": [round(c, 5) for c in cos],
-                     **summarize(cos), "eval_docs": cs[0]["eval_docs"]})  # fmt: skip
+                     **summarize(cos, digits=5), "eval_docs": cs[0]["eval_docs"]})  # fmt: skip
     write_tables(
         f"{GRID}-check-encoder",
         "GPTQ's first-token weight checked on a model it was not chosen on (MiniLM)",
