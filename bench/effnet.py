@@ -146,9 +146,9 @@ def run_cell(cell: dict, bench: Workbench, photos: Photos, device: str) -> dict:
     }
 
 
-def plan(recon_iters: int | None) -> list[dict]:
+def plan(recon_iters: int | None, calibrators: tuple[str, ...] = CALIBRATORS) -> list[dict]:
     cells = []
-    for seed, bits, calibrator, selector in itertools.product(SEEDS, BITS, CALIBRATORS, SELECTORS):
+    for seed, bits, calibrator, selector in itertools.product(SEEDS, BITS, calibrators, SELECTORS):
         cell = {"model": MODEL, "bits": bits, "calibrator": calibrator, "selector": selector,
                 "seed": seed, "num_calib": NUM_CALIB}  # fmt: skip
         if calibrator == "qdrop":
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="one cell (W8A8 minmax random seed 0)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--calibrators", nargs="+", choices=CALIBRATORS, default=list(CALIBRATORS),
+                   help="run only these (qdrop: ~10 min a cell on a 2-core CPU)")  # fmt: skip
     p.add_argument("--recon-iters", type=int, default=None,
                    help="qdrop iterations per block (default: the fast profile's 500)")  # fmt: skip
     args = p.parse_args(argv)
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                             **stamp.finish()})  # fmt: skip
     fp = next((r for r in store.rows.values() if r["cell"] == fp_cell), None)
 
-    cells = plan(args.recon_iters)
+    cells = plan(args.recon_iters, tuple(args.calibrators))
     if args.smoke:
         cells = cells[:1]
     start = time.monotonic()

@@ -367,3 +367,30 @@ def test_bert_encoder_embeddings_in_onnx_runtime_match_fake_quant(bits, tmp_path
         cos = torch.nn.functional.cosine_similarity(got, fp, dim=1)
         assert abs(float(cos.mean()) - float(fq_cos.mean())) <= 1e-3
         assert float(torch.nn.functional.cosine_similarity(got, fq, dim=1).min()) >= 1 - 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_cli_exports_a_text_model_run(kind, tmp_path, capsys):
+    """A run of an ``hf:`` text model exports from the CLI: the check inputs are the run's
+    own token samples (the model's tokenizer, the run's --seq-len)."""
+    pytest.importorskip("transformers")
+    from test_text import write_lines
+    from text_models import sentences, tiny_bert, tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer(bos=True)
+    wrapped = (tiny_llama if kind == "llama" else tiny_bert)(tok)
+    model_dir = tmp_path / "model"
+    wrapped.model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = write_lines(tmp_path / "docs.txt", sentences(60, seed=3))
+    run = tmp_path / "run"
+    argv = ["quantize", "--model", f"hf:{model_dir}", "--data", f"text:{data}",
+            "--seq-len", "8", "--text-mode", "doc", "--wbits", "8", "--abits", "8",
+            "--num-calib", "8", "--out", str(run), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "model.onnx" in out and "quantized layers" in out
+    report_line = next(line for line in out.splitlines() if "max |output diff|" in line)
+    diff = float(report_line.split("max |output diff| ")[1].split(",")[0].split(";")[0])
+    assert diff < 1e-3

@@ -62,7 +62,10 @@ def export_run(
     cfg, qmodel, _ = load_run(run_dir, model=model)
     # The run's own preprocessing, so the check sees inputs like those calibrated on.
     transform = image_transform(cfg.preprocess, qmodel.model)
-    pool = load_pool(cfg.data, cfg.data_root, split="train", transform=transform)
+    # Text runs need the model's tokenizer and the run's text settings (the same samples
+    # as calibrated on: packed token batches).
+    pool = load_pool(cfg.data, cfg.data_root, split="train", transform=transform,
+                     tokenizer=getattr(qmodel.model, "tokenizer", None), text=cfg.text)  # fmt: skip
     inputs = pool.get(list(range(min(CHECK_SAMPLES, len(pool)))))
     path = Path(out) if out is not None else run_dir / DEFAULT_FILES[format]
     if format == "onnx":
