@@ -46,6 +46,7 @@ from common import (
     add_runner_args,
     apply_runner_args,
     group_rows,
+    stated_command,
     summarize,
     write_tables,
 )
@@ -164,12 +165,14 @@ def report(name: str, store: CellStore, fp: dict | None, command: str, photos_no
         group_rows(rows, ("bits", "calibrator", "selector")).items()
     ):
         agree = summarize([r["agreement"] for r in group])
-        kl = summarize([r["kl"] for r in group])
+        kl = summarize([r["kl"] for r in group], digits=4)
         top1 = summarize([r["heldout_top1"] for r in group])
         table.append({
             "bits": bits, "calibrator": calibrator, "selector": selector,
             "seeds": len(group),
             "agreement %": f"{agree['mean']:.1f} ± {agree['std']:.1f}",
+            "per seed": [r["agreement"] for r in group],
+            "KL per seed": [round(r["kl"], 4) for r in group],
             "KL(FP‖Q)": f"{sum(r['kl'] for r in group) / len(group):.4f} ± {kl['std']:.4f}",
             "held-out top-1 %": f"{top1['mean']:.1f}",
             "weights quantized": f"{min(r['weight_share'] for r in group):.1%}",
@@ -186,6 +189,7 @@ def report(name: str, store: CellStore, fp: dict | None, command: str, photos_no
             "selector",
             "seeds",
             "agreement %",
+            "per seed",
             "KL(FP‖Q)",
             "held-out top-1 %",
             "weights quantized",
@@ -216,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     device = apply_runner_args(args)
     name = "effnet-smoke" if args.smoke else "effnet"
     store = CellStore(name)
-    command = "python effnet.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     model = load_model(MODEL)
     photos = Photos(image_transform("auto", model))
@@ -256,7 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_cell(cell, bench, photos, device)
         store.add(cell, {**metrics, **stamp.finish()})
         log.info("%s: agreement %.1f%%, KL %.4f", cell, metrics["agreement"], metrics["kl"])
-    report(name, store, fp, command, note)
+    base = "cd bench && ../.venv/bin/python effnet.py" + (" --smoke" if args.smoke else "")
+    cells_run = [r for r in store.rows.values() if r["cell"].get("kind") != "fp"]
+    iters = sorted({r["cell"]["recon_iters"] for r in cells_run if "recon_iters" in r["cell"]})
+    if iters:
+        base += f" --recon-iters {iters[0]}"
+    calibs = sorted({r["cell"]["calibrator"] for r in cells_run})
+    if calibs and set(calibs) != set(CALIBRATORS):
+        base += " --calibrators " + " ".join(calibs)
+    report(name, store, fp, stated_command(base, cells_run), note)
     return 0
 
 
