@@ -120,7 +120,9 @@ def writable_dir(path: str | Path, flag: str = "--out") -> Path:
     """Create ``path`` if needed and prove a file can be written there, or raise naming
     ``flag``. Checked before the work starts, so a read-only or full disk fails at once."""
     path = Path(path)
-    probe = path / ".qcalib-write-test"
+    # One probe name per process: ranks of a torchrun job check the same directory at
+    # once, and a shared name let one rank delete the other's probe mid-check.
+    probe = path / f".qcalib-write-test-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"0")
