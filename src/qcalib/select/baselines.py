@@ -54,8 +54,8 @@ from qcalib.select.stats import (
     STATS_KINDS,
     ActivationStatsCollector,
     StatRowCache,
-    cached_stat_batches,
     parse_layer_list,
+    stat_batches,
 )
 
 __all__ = ["BalancedSelector", "HerdingSelector", "KCenterSelector", "pool_embedding"]
@@ -98,17 +98,10 @@ def pool_embedding(
     if features == "deepest":
         items = parse_layer_list(layers)
         spec = [-1] if items is None else None  # None: observe the given list, keep its last
-    observed = layers if spec is None else spec
-    collector = ActivationStatsCollector(model, observed, stats, device)
+    collector = ActivationStatsCollector(model, layers if spec is None else spec, stats, device)
     per_site: dict[str, list[Tensor]] = {}
     seen: list[Tensor] = []
-    if row_cache is None:
-        batches = ((idx, collector(x)) for idx, x in pool.batches(batch_size, cand))
-    else:
-        order = torch.arange(len(pool)) if cand is None else cand
-        store = row_cache.store(len(pool), observed, stats)
-        batches = cached_stat_batches(store, collector, pool.get, order, batch_size)
-    for idx, rows in batches:
+    for idx, rows in stat_batches(pool, collector, batch_size, cand, row_cache):
         for s, r in rows.items():
             per_site.setdefault(s, []).append(r)
         seen.append(idx)

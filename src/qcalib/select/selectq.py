@@ -183,9 +183,9 @@ from qcalib.select.kmeans import StreamingKMeans
 from qcalib.select.stats import (
     STATS_KINDS,
     ActivationStatsCollector,
-    cached_stat_batches,
     parse_layer_list,
     resolve_layers,
+    stat_batches,
 )
 
 __all__ = ["AUTO_FALLBACK", "AUTO_WITHIN", "WITHIN_RULES", "SelectQSelector"]
@@ -407,16 +407,11 @@ class SelectQSelector(Selector):
         module notes, "Data-parallel").
         """
         if not is_distributed():
-            if self.row_cache is not None:
-                store = self.row_cache.store(len(pool), self.layers, self.stats)
-                stream = torch.arange(len(pool)) if order is None else order
-                batches = cached_stat_batches(store, collector, pool.get, stream, self.batch_size)
-                yield from tqdm(batches, total=-(-len(stream) // self.batch_size), leave=False,
-                                desc=f"{type(self).__name__}: {desc}",
-                                disable=not self.progress)  # fmt: skip
-                return
-            for idx, x in self._pass(pool, self.batch_size, order, desc=desc):
-                yield idx, collector(x)
+            batches = stat_batches(pool, collector, self.batch_size, order, self.row_cache)
+            total = len(pool) if order is None else len(order)
+            yield from tqdm(batches, total=-(-total // self.batch_size), leave=False,
+                            desc=f"{type(self).__name__}: {desc}",
+                            disable=not self.progress)  # fmt: skip
             return
         require_shards(
             min(self.batch_size, len(pool)), "selectq batch", "--selector-param batch_size=N"

@@ -76,6 +76,7 @@ __all__ = [
     "StatRowCache",
     "activation_stats_masked",
     "resolve_layers",
+    "stat_batches",
 ]
 
 STATS_KINDS = ("mean_std", "mean")
@@ -459,33 +460,39 @@ class StatRowCache:
     """Per-sample statistic rows of one model on one pool, kept across selectors (module
     notes, "Reuse across selectors"). Memory: ``N x sum_sites 2C`` float32 values for the
     samples read (SmolLM2-135M, 1024 windows: about 1.2 GB). Never share one cache
-    between models or pools: the key is only ``(pool size, layers, stats)``."""
+    between models or pools: a store is keyed only by the pool size and the collector's
+    layers and statistics."""
 
     def __init__(self) -> None:
         self._stores: dict[tuple, _RowStore] = {}
 
-    def store(self, pool_size: int, layers: Any, stats: str) -> _RowStore:
-        key = (pool_size, repr(layers), stats)
+    def store(self, pool_size: int, collector: ActivationStatsCollector) -> _RowStore:
+        key = (pool_size, repr(collector.tap.layer_spec), collector.stats)
         if key not in self._stores:
             self._stores[key] = _RowStore(pool_size)
         return self._stores[key]
 
 
-def cached_stat_batches(
-    store: _RowStore,
+def stat_batches(
+    pool: Any,
     collector: ActivationStatsCollector,
-    load: Callable[[Tensor], Any],
-    order: Tensor,
     batch_size: int,
+    order: Tensor | None = None,
+    cache: StatRowCache | None = None,
 ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-    """``(indices, {site: rows})`` per batch of ``order``, forwarding only the samples not
-    yet in ``store`` (``load(indices)`` gives their inputs). Sites are the collector's
-    (``collector.tap.sites`` once set, e.g. pruned by SelectQ's pass 2), else the store's;
-    a collector that never ran a forward gets the store's sites."""
-    for idx in torch.split(order, batch_size):
+    """``(indices, {site: rows})`` per batch of ``batch_size`` pool samples, in ``order``
+    (default: index order). With ``cache``, only the samples not yet in it are forwarded.
+    Sites are the collector's (``collector.tap.sites`` once set, e.g. pruned by SelectQ's
+    pass 2); a collector that never ran a forward gets the cached sites."""
+    if cache is None:
+        for idx, x in pool.batches(batch_size, order):
+            yield idx, collector(x)
+        return
+    store = cache.store(len(pool), collector)
+    for idx in torch.split(torch.arange(len(pool)) if order is None else order, batch_size):
         missing = idx[~store.have[idx]]
         if missing.numel():
-            rows = collector(load(missing))
+            rows = collector(pool.get(missing))
             for site, r in rows.items():
                 if site not in store.rows:
                     store.rows[site] = torch.zeros(store.size, r.shape[1], dtype=r.dtype)
