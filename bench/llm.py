@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ from common import (
     apply_runner_args,
     group_rows,
     package_file,
+    stated_command,
     summarize,
     write_tables,
 )
@@ -192,20 +194,32 @@ def run_encoder_cell(bench: Workbench, c: dict, device: str) -> dict:
             "wall_s": round(time.perf_counter() - t0, 2), **stamp.finish()}  # fmt: skip
 
 
-def write_encoder_check(store: CellStore) -> None:
+def rows_by_weight(
+    store: CellStore, metric: str, column: str, digits: int, extra: Callable[[dict], dict]
+) -> list[dict]:
+    """One row per (method, first-token weight): the per-seed values of ``metric`` (as
+    ``column``), their summary, and ``extra(first cell)`` (the validation and the
+    encoder-check tables)."""
     rows = []
-    for (m, w), cs in sorted(group_rows(store.rows.values(),
-                                        ("method", "first_token_weight")).items()):  # fmt: skip
-        cs.sort(key=lambda r: r["cell"]["seed"])
-        cos = [r["cosine"] for r in cs]
-        rows.append({"method": m, "first_token_weight": w,
-                     "seeds": [r["cell"]["seed"] for r in cs],
-                     "cosines": [round(c, 5) for c in cos],
-                     **summarize(cos, digits=5), "eval_docs": cs[0]["eval_docs"]})  # fmt: skip
+    by = group_rows(store.rows.values(), ("method", "first_token_weight"))
+    for (method, w), cells_ in sorted(by.items()):
+        cells_.sort(key=lambda r: r["cell"]["seed"])
+        values = [r[metric] for r in cells_]
+        rows.append({"method": method, "first_token_weight": w,
+                     "seeds": [r["cell"]["seed"] for r in cells_],
+                     column: [round(v, digits) for v in values],
+                     **summarize(values, digits), **extra(cells_[0])})  # fmt: skip
+    return rows
+
+
+def write_encoder_check(store: CellStore) -> None:
+    rows = rows_by_weight(store, "cosine", "cosines", 5, lambda c: {"eval_docs": c["eval_docs"]})
     write_tables(
         f"{GRID}-check-encoder",
         "GPTQ's first-token weight checked on a model it was not chosen on (MiniLM)",
-        "cd bench && ../.venv/bin/python llm.py --section check-encoder --threads 2",
+        stated_command(
+            "cd bench && ../.venv/bin/python llm.py --section check-encoder", store.rows.values()
+        ),  # fmt: skip
         rows,
         ["method", "first_token_weight", "seeds", "cosines", "mean", "std", "eval_docs"],
         notes=(
@@ -358,20 +372,15 @@ def run_cell(bench: Workbench, cache: IndexCache, c: dict, device: str) -> dict:
 
 
 def write_validation(store: CellStore) -> None:
-    rows = []
-    by = group_rows(store.rows.values(), ("method", "first_token_weight"))
-    for (method, w), cells_ in sorted(by.items()):
-        cells_.sort(key=lambda r: r["cell"]["seed"])
-        ppl = [r["quant_ppl"] for r in cells_]
-        rows.append({"method": method, "first_token_weight": w,
-                     "seeds": [r["cell"]["seed"] for r in cells_],
-                     "ppls": [round(p, 2) for p in ppl],
-                     **summarize(ppl), "fp_ppl": round(cells_[0]["fp_ppl"], 2),
-                     "eval_tokens": cells_[0]["eval_tokens"]})  # fmt: skip
+    rows = rows_by_weight(store, "quant_ppl", "ppls", 2,
+                          lambda c: {"fp_ppl": round(c["fp_ppl"], 2),
+                                     "eval_tokens": c["eval_tokens"]})  # fmt: skip
     write_tables(
         f"{GRID}-validate",
         "SmolLM2-135M: GPTQ's first-token weight chosen on validation windows",
-        "cd bench && ../.venv/bin/python llm.py --section validate --threads 2",
+        stated_command(
+            "cd bench && ../.venv/bin/python llm.py --section validate", store.rows.values()
+        ),  # fmt: skip
         rows,
         [
             "method",
@@ -470,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     write_tables(
         GRID,
         "SmolLM2-135M: perplexity of RTN, GPTQ, min-max and SmoothQuant by calibration set",
-        "cd bench && ../.venv/bin/python llm.py --threads 2",
+        stated_command("cd bench && ../.venv/bin/python llm.py", store.rows.values()),
         rows,
         [
             "method",
