@@ -336,18 +336,14 @@ def test_cli_encodings_only_and_errors(run_dir, tmp_path, capsys):
 def test_bert_encoder_embeddings_in_onnx_runtime_match_fake_quant(bits, tmp_path):
     """Issue 13: a transformer encoder's exported embeddings keep the fake-quant model's
     cosine to FP within 1e-3 (ONNX Runtime as written and with its defaults)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from qcalib.data.tokens import pack_tokens
-    from qcalib.zoo.hf import HFEncoder
+    from text_models import tiny_bert, tiny_tokenizer
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        vocab_size=100, max_position_embeddings=64,
-    )  # fmt: skip
-    model = HFEncoder(transformers.BertModel(cfg)).eval()
+    tok = tiny_tokenizer()
+    model = tiny_bert(tok)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 100, (24, 12), generator=g)
+    ids = torch.randint(0, len(tok), (24, 12), generator=g)
     mask = torch.ones_like(ids)
     mask[:6, 8:] = 0  # padded sequences: the mask travels through the exported graph
     x = pack_tokens(ids, mask)

@@ -13,14 +13,7 @@ from qcalib.data.registry import load_pool
 from qcalib.pipeline import Workbench, select_indices
 from qcalib.select import SELECTORS
 from qcalib.select.stats import StatRowCache
-
-
-def small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    ).eval()  # fmt: skip
+from test_selectq import small_net
 
 
 class CountingNet(nn.Module):
@@ -28,7 +21,7 @@ class CountingNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = small_net()
+        self.net = small_net(in_ch=1)  # digits: one channel
         self.samples = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
