@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from qcalib.errors import QCalibError
+from qcalib.evaluate.fidelity import paired_outputs
 
 
 @dataclass(frozen=True)
@@ -64,21 +65,15 @@ def agreement_and_kl(
 ) -> Agreement:
     """Top-1 agreement and mean KL(FP || quantized) of two classifiers on ``dataset``
     (inputs, or ``(input, label)`` pairs whose labels are ignored, or one input tensor)."""
-    fp_model.eval()
-    q_model.eval()
     agree, kl_sum, n = 0, 0.0, 0
     batches = _inputs(dataset, batch_size)
     if progress:
         batches = tqdm(batches, total=-(-len(dataset) // batch_size), desc="agreement",
                        leave=False)  # fmt: skip
-    for x in batches:
-        x = x.to(device)
-        ref, out = fp_model(x), q_model(x)
-        if ref.dim() != 2 or ref.shape != out.shape:
-            raise QCalibError(
-                f"agreement needs [B, classes] logits from both models, got "
-                f"{tuple(ref.shape)} and {tuple(out.shape)}; compare two classifiers"
-            )
+    for ref, out in paired_outputs(
+        fp_model, q_model, batches, device,
+        "agreement needs [B, classes] logits", "compare two classifiers",
+    ):  # fmt: skip
         agree += int((ref.argmax(1) == out.argmax(1)).sum())
         kl_sum += float(kl_divergence(ref, out).sum())
         n += ref.shape[0]

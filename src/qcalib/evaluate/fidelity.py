@@ -9,6 +9,8 @@ direction; the FP model against itself is 1.0 by definition.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +19,29 @@ from torch.utils.data import Dataset
 from qcalib.data.pool import Pool
 from qcalib.errors import QCalibError
 from qcalib.evaluate.language import token_batches
+
+
+def paired_outputs(
+    model_fp: nn.Module,
+    model_q: nn.Module,
+    batches: Iterable[Tensor],
+    device: torch.device | str,
+    need: str,
+    fix: str,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(FP output, quantized output)`` per batch, both models in eval mode; outputs that
+    are not one ``[B, D]`` row per input, alike in shape, raise ``"{need} from both
+    models, got ...; {fix}"``."""
+    model_fp.eval()
+    model_q.eval()
+    for x in batches:
+        x = x.to(device)
+        ref, out = model_fp(x), model_q(x)
+        if ref.dim() != 2 or ref.shape != out.shape:
+            raise QCalibError(
+                f"{need} from both models, got {tuple(ref.shape)} and {tuple(out.shape)}; {fix}"
+            )
+        yield ref, out
 
 
 @torch.no_grad()
@@ -29,19 +54,13 @@ def embedding_cosine(
     device: torch.device | str = "cpu",
 ) -> float:
     """Mean cosine similarity of ``model_q``'s and ``model_fp``'s embeddings on ``data``."""
-    model_fp.eval()
-    model_q.eval()
     total = torch.zeros((), dtype=torch.float64)
     n = 0
     batches = token_batches(data, batch_size, "embedding cosine" if progress else None)
-    for x in batches:
-        x = x.to(device)
-        ref, out = model_fp(x), model_q(x)
-        if ref.dim() != 2 or ref.shape != out.shape:
-            raise QCalibError(
-                f"embedding_cosine needs [B, H] embeddings from both models, got "
-                f"{tuple(ref.shape)} and {tuple(out.shape)}; use an encoder (HFEncoder)"
-            )
+    for ref, out in paired_outputs(
+        model_fp, model_q, batches, device,
+        "embedding_cosine needs [B, H] embeddings", "use an encoder (HFEncoder)",
+    ):  # fmt: skip
         total += F.cosine_similarity(out.double(), ref.double(), dim=1).sum().cpu()
         n += ref.shape[0]
     if n == 0:
