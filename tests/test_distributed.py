@@ -102,7 +102,7 @@ def _worker(rank: int, tmp: str) -> None:
         writes = []
         import qcalib.pipeline as pipeline_mod
 
-        for fn in ("save_run", "save_indices"):
+        for fn in ("prepare_run_dir", "save_run", "save_indices"):
             real = getattr(artifact, fn)
 
             def spy(*a, _real=real, _fn=fn, **k):  # noqa: ANN002, ANN003, ANN202
@@ -120,7 +120,14 @@ def _worker(rank: int, tmp: str) -> None:
         )
         bench = Workbench(_model(), load_pool("digits"), eval_data="digits")
         _, result = quantize(cfg, bench, out=f"{tmp}/run", progress=False)
-        res["run"] = (writes, result.calib_indices, result.quant_top1)
+        res["run"] = (list(writes), result.calib_indices, result.quant_top1)
+        # Rank 0 alone checks the run directory; its refusal must reach every rank (a
+        # rank raising alone would leave the others blocked in the next collective).
+        try:
+            quantize(cfg, bench, out=f"{tmp}/run", progress=False)
+            res["rerun_error"] = None
+        except QCalibError as e:
+            res["rerun_error"] = str(e)
         torch.save(res, f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -238,7 +245,14 @@ def test_gptq_hessians_sum_over_ranks(ranks, single):
 def test_only_rank_zero_writes_and_evaluates(ranks):
     res, tmp = ranks
     (w0, idx0, top0), (w1, idx1, top1) = (r["run"] for r in res)
-    assert sorted(w0) == ["save_indices", "save_run"] and w1 == []
+    assert sorted(w0) == ["prepare_run_dir", "save_indices", "save_run"] and w1 == []
     assert idx0 == idx1
     assert top0 is not None and top1 is None
     assert os.path.exists(f"{tmp}/run/result.json")
+
+
+def test_a_refused_run_directory_fails_every_rank_with_rank_zeros_error(ranks):
+    res, _ = ranks
+    errors = [r["rerun_error"] for r in res]
+    assert errors[0] is not None and "holds a finished run" in errors[0]
+    assert errors[1] == errors[0]

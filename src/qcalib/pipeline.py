@@ -37,7 +37,7 @@ from qcalib.data.pool import Pool
 from qcalib.data.preprocess import AUTO, image_transform
 from qcalib.data.registry import is_text_spec, load_dataset, load_pool
 from qcalib.data.text import TokenSamples, check_enough_tokens, limit_tokens
-from qcalib.distributed import barrier, is_main
+from qcalib.distributed import barrier, broadcast_object, is_main
 from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy, embedding_cosine, perplexity
 from qcalib.measure import Measure
@@ -276,6 +276,22 @@ def check_indices(
     return idx.sort().values
 
 
+def _prepare_run_dir_on_main(out: str | Path, cfg: RunConfig, overwrite: bool) -> list[int] | None:
+    """:func:`prepare_run_dir` on rank 0 alone, its outcome (saved indices or the error)
+    shared with every rank: two ranks writing ``run_config.json`` at once raced on its
+    temporary file, and a rank that failed alone would leave the others waiting."""
+    outcome: tuple[list[int] | None, str | None] = (None, None)
+    if is_main():
+        try:
+            outcome = (prepare_run_dir(out, cfg, overwrite), None)
+        except QCalibError as e:
+            outcome = (None, str(e))
+    indices, error = broadcast_object(outcome)
+    if error is not None:
+        raise QCalibError(error)
+    return indices
+
+
 def quantize(
     cfg: RunConfig,
     bench: Workbench | None = None,
@@ -301,7 +317,7 @@ def quantize(
     the calibrator or the bits); selection is skipped and ``cfg.select`` only labels the
     run. The indices are sorted like a selector's.
     """
-    saved_indices = prepare_run_dir(out, cfg, overwrite) if out is not None else None
+    saved_indices = _prepare_run_dir_on_main(out, cfg, overwrite) if out is not None else None
     if indices is None:
         indices = saved_indices
     bench = bench or Workbench.from_config(cfg)
