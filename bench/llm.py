@@ -7,6 +7,7 @@ selector x n, perplexity on held-out Wikipedia text (issue 11's benchmark).
     ../.venv/bin/python llm.py --report-only
     ../.venv/bin/python llm.py --section validate    # GPTQ first-token weight on validation
     ../.venv/bin/python llm.py --section check-encoder   # ... checked on MiniLM (not chosen on)
+    ../.venv/bin/python llm.py --section selection-cost  # selection time vs an FP forward
 
 Protocol (fixed for every row, recorded in the JSON):
 
@@ -31,7 +32,9 @@ Protocol (fixed for every row, recorded in the JSON):
   cache: the per-sample statistic rows are computed once per pool window and shared by
   all selections of a run (:class:`qcalib.select.stats.StatRowCache`), so the first
   statistic-based selection of a run carries the forward cost and later ones almost none;
-  the selection pass's cost ratio is measured separately (``selection-cost``).
+  the selection pass's cost ratio is measured separately (``--section selection-cost``:
+  ``COST_WINDOWS`` pool windows, the interleaved timing protocol of ``bench/common.py``,
+  each selector forwarding the windows itself; ``llm-selection-cost.{json,md}``).
 * Validation (``--section validate``, choosing GPTQ's first-token weight): perplexity on
   ``VAL_WINDOWS`` windows of the *calibration* split that are not in the pool (seeded),
   never the held-out split; results in ``llm-validate.{json,md}``.
@@ -65,6 +68,7 @@ from common import (
     add_runner_args,
     apply_runner_args,
     group_rows,
+    interleaved_timing,
     package_file,
     stated_command,
     summarize,
@@ -82,10 +86,13 @@ from qcalib.config import (
 from qcalib.data.pool import Pool
 from qcalib.data.registry import load_pool
 from qcalib.data.text import TokenSamples
+from qcalib.measure import Measure
 from qcalib.pipeline import Workbench, quantize, select_indices
+from qcalib.select import SELECTORS as SELECTOR_REGISTRY
 from qcalib.select.selectq import AUTO_WITHIN
 from qcalib.select.stats import StatRowCache
 from qcalib.zoo.external import load_model
+from selection import interleaved_cost_rows
 
 GRID = "llm"
 SEQ_LEN = 512
@@ -100,6 +107,13 @@ VALIDATE_SEEDS = (0, 1)
 # (llm-validate.md); 1 is the paper's GPTQ.
 GPTQ_FIRST_TOKEN_WEIGHT = 16.0
 NS = (32, 128)
+# --section selection-cost: the first COST_WINDOWS pool windows, COST_ROUNDS interleaved rounds
+# (each round forwards them 5 times; the whole 1024-window pool would take ~5 h on 2 cores).
+COST_WINDOWS = 64
+COST_ROUNDS = 2
+COST_CASES = ("selectq", "herding", "kcenter")
+COST_COLUMNS = ["model", "what", "wall_s", "spread", "ratio_median", "ratio_min", "ratio_max",
+                "uncontended", "goal", "met", "claim_median", "note"]  # fmt: skip
 # name -> (calibrator, QuantConfig kwargs); rows without data use no calibration set.
 METHODS: dict[str, tuple[str, dict]] = {
     "rtn-w4a16-g128": ("minmax", {"wbits": 4, "abits": None, "group_size": 128}),
@@ -289,10 +303,13 @@ class IndexCache:
         return self.rows[k]
 
 
-def build_bench(device: str, validation: bool = False) -> Workbench:
+def build_bench(
+    device: str, validation: bool = False, pool_windows: int = POOL_WINDOWS
+) -> Workbench:
     """The pool (``POOL_WINDOWS`` seeded windows of the calibration split) and, as the
     evaluation set, the held-out split; with ``validation``, ``VAL_WINDOWS`` other windows
-    of the calibration split instead (never in the pool, never held out)."""
+    of the calibration split instead (never in the pool, never held out). ``pool_windows``
+    below ``POOL_WINDOWS`` keeps the first windows of the same pool (the cost section)."""
     text = text_config()
     model = load_model(f"hf:{package_file(*MODEL_FILE)}")
     spec = f"text:{package_file(*TEXT_FILE)}"
@@ -308,7 +325,7 @@ def build_bench(device: str, validation: bool = False) -> Workbench:
             np.ascontiguousarray(w.reshape(-1)), full.offsets, SEQ_LEN, "chunk", full.pad_id
         )
 
-    pool = Pool(samples(order[:POOL_WINDOWS]), name=f"wiki-train-{POOL_WINDOWS}x{SEQ_LEN}")
+    pool = Pool(samples(order[:pool_windows]), name=f"wiki-train-{pool_windows}x{SEQ_LEN}")
     bench = Workbench(model, pool, eval_data=spec, device=device, eval_batch_size=8, text=text)
     # Every SelectQ / herding selection (seeds x n x within rules) reads the same rows:
     # one forward per pool window instead of two per selection (~1.2 GB of rows).
@@ -415,7 +432,7 @@ def aggregate(store: CellStore) -> list[dict]:
             **dict(zip(keys, key, strict=True)),
             "seeds": [r["cell"]["seed"] for r in rows],
             "n_seeds": len(rows),
-            "ppls": ppl,
+            "ppls": [round(v, 2) for v in ppl],
             **summarize(ppl),
             "fp_ppl": round(rows[0]["fp_ppl"], 2),
             "eval_tokens": rows[0]["eval_tokens"],
@@ -425,6 +442,85 @@ def aggregate(store: CellStore) -> list[dict]:
     return out
 
 
+def selection_cost(device: str, rounds: int) -> dict:
+    """SelectQ's two passes and the statistic baselines' fit + select against one plain FP
+    forward over the same ``COST_WINDOWS`` windows, interleaved (ratios within a round).
+    No row cache: each timed selector forwards the windows itself, as a one-off run does."""
+    bench = build_bench(device, pool_windows=COST_WINDOWS)
+    bench.stat_rows = None
+    model, pool = bench.model, bench.pool
+    batch = SELECTOR_PARAMS["selectq"]["batch_size"]
+    n = min(NS[0], len(pool))
+    with torch.no_grad():  # warm-up: first-call allocations are no selector's cost
+        model(pool.get(list(range(batch))))
+    fitted: dict = {}
+    out: dict = {"pool": len(pool), "n": n, "batch_size": batch,
+                 "threads": torch.get_num_threads()}  # fmt: skip
+
+    def make(name: str):  # noqa: ANN202
+        s = SELECTOR_REGISTRY.get(name)(seed=0, batch_size=batch)
+        s.progress = False
+        return s
+
+    def fp_forward() -> None:
+        with torch.no_grad():
+            for _, x in pool.batches(batch):
+                model(x)
+
+    def selectq_fit() -> None:
+        fitted["selectq"] = make("selectq").fit(pool, model=model)
+
+    def baseline(name: str) -> Callable[[], object]:
+        return lambda: make(name).fit(pool, model=model).select(n)
+
+    cases = {"fp_forward": fp_forward, "selectq_fit": selectq_fit,
+             "selectq_select": lambda: fitted["selectq"].select(n)}  # fmt: skip
+    cases.update({name: baseline(name) for name in COST_CASES[1:]})
+    with Measure() as m:
+        out["timing"] = interleaved_timing(cases, rounds=rounds, iters=1, warmup=0,
+                                           reference="fp_forward")  # fmt: skip
+    out["peak_rss_mb"] = m.peak_rss_mb
+    out["protocol"] = "interleaved"
+    return out
+
+
+def write_selection_cost(store: CellStore) -> None:
+    rows, rounds = [], []
+    for r in store.rows.values():
+        model = f"SmolLM2-135M ({r['pool']} x {SEQ_LEN} tokens)"
+        rows += interleaved_cost_rows(model, r)
+        for rnd in r["timing"]["per_round"]:
+            rounds.append({
+                "round": rnd["round"], "loadavg_start": rnd["loadavg_start"][0],
+                "loadavg_end": rnd["loadavg_end"][0],
+                "contended": "yes" if rnd["contended"] else "no",
+                "forward_s": round(rnd["seconds"]["fp_forward"], 2),
+                **{f"{k}_ratio": round(v, 3) for k, v in rnd["ratios"].items()
+                   if k != "fp_forward"},
+            })  # fmt: skip
+    write_tables(
+        f"{GRID}-selection-cost",
+        "SmolLM2-135M: selection cost as a ratio to one plain FP forward over the windows",
+        stated_command(
+            "cd bench && ../.venv/bin/python llm.py --section selection-cost", store.rows.values()
+        ),  # fmt: skip
+        rows,
+        COST_COLUMNS,
+        notes=(
+            f"The first {COST_WINDOWS} windows of the grid's pool (512 tokens each), batch "
+            f"{SELECTOR_PARAMS['selectq']['batch_size']}, CPU, interleaved protocol "
+            "(bench/common.py): each round times one plain FP forward, SelectQ's fit (pass "
+            "1: statistics + streaming clustering), its select (pass 2: Knowledge Distance) "
+            "and the herding / k-center baselines' fit + select, in rotating order; ratios "
+            "are to the forward of the same round. A round is contended when the 1-minute "
+            "load average exceeds threads + 0.5; `met` reads uncontended rounds only. "
+            "In the grid the statistic rows are cached (StatRowCache), so all its "
+            "selections together cost about one such forward over the pool."
+        ),
+        extra=[("Per round", rounds, list(rounds[0]) if rounds else [])],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -432,12 +528,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns", nargs="+", type=int, default=list(NS))
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
-    p.add_argument("--section", choices=["grid", "validate", "check-encoder"], default="grid",
+    p.add_argument("--section", choices=["grid", "validate", "check-encoder", "selection-cost"],
+                   default="grid",
                    help="validate: GPTQ's first-token weight on validation windows")  # fmt: skip
     add_runner_args(p)
     args = p.parse_args(argv)
     device = apply_runner_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.section == "selection-cost":
+        store = CellStore(f"{GRID}-selection-cost")
+        cell = {"model": "smollm2-135m", "pool": COST_WINDOWS, "rounds": COST_ROUNDS,
+                "threads": args.threads, "cases": list(COST_CASES)}  # fmt: skip
+        if not args.report_only and not store.done(cell):
+            stamp = CellStamp(device)
+            store.add(cell, {**selection_cost(device, COST_ROUNDS), **stamp.finish()})
+        write_selection_cost(store)
+        return 0
     if args.section == "check-encoder":
         store = CellStore(f"{GRID}-check-encoder")
         todo = [] if args.report_only else [c for c in encoder_cells() if not store.done(c)]
@@ -486,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             "selector",
             "n",
             "n_seeds",
+            "ppls",
             "mean",
             "std",
             "min",
@@ -497,10 +604,10 @@ def main(argv: list[str] | None = None) -> int:
         ],  # fmt: skip
         notes=(
             "Perplexity on the same held-out Wikipedia tokens for every row (lower is "
-            "better); per-seed values in the JSON (`ppls`). wall_s = calibrate + evaluate "
-            "per cell (selection is cached per selector/seed/n and timed in "
-            "`llm.indices.jsonl`); cells ran on a shared 2-core CPU (load averages in the "
-            "cells). Protocol: see the runner's docstring."
+            "better); `ppls`: the per-seed perplexities in seed order (seeds in the JSON). "
+            "wall_s = calibrate + evaluate per cell (selection is cached per "
+            "selector/seed/n and timed in `llm.indices.jsonl`); cells ran on a shared "
+            "2-core CPU (load averages in the cells). Protocol: see the runner's docstring."
         ),
         extra=[
             ("GPTQ time per layer type (s, mean over layers of that type)", gptq_rows, gptq_cols)

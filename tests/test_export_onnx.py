@@ -352,6 +352,10 @@ def test_bert_encoder_embeddings_in_onnx_runtime_match_fake_quant(bits, tmp_path
     )
     CALIBRATORS.get("minmax")(CalibConfig(num_calib=16)).calibrate(q, x[:16], progress=False)
     report = export_onnx(q, x[:4], tmp_path / "bert.onnx", check_inputs=x)
+    # Embeddings are compared by cosine: an argmax over embedding dims means nothing.
+    assert report.top1_agreement is None and report.deployed_top1_agreement is None
+    assert report.mean_cosine >= 1 - 1e-3 and report.deployed_mean_cosine >= 1 - 1e-3
+    assert "mean cosine" in report.summary() and "top-1" not in report.summary()
     # 2 layers x (query, key, value, attention output, intermediate, output) + the pooler
     assert report.quantized_layers == len(q.quant_modules()) == 13
     with torch.no_grad():
@@ -390,3 +394,19 @@ def test_cli_exports_a_text_model_run(kind, tmp_path, capsys):
     report_line = next(line for line in out.splitlines() if "max |output diff|" in line)
     diff = float(report_line.split("max |output diff| ")[1].split(",")[0].split(";")[0])
     assert diff < 1e-3
+
+
+def test_compare_outputs_matches_by_argmax_per_position_or_by_cosine_for_embeddings():
+    ref = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    got = torch.tensor([[0.9, 0.0, 0.1], [0.0, 0.0, 3.0]])
+    c = onnx_export.compare_outputs(got, ref)
+    assert c.top1_agreement == 50.0 and c.mean_cosine is None
+    assert c.max_abs_diff == pytest.approx(3.0)
+    # next-token logits [N, L, V]: agreement over the 2 x 2 positions
+    ref3 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    got3 = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    assert onnx_export.compare_outputs(got3, ref3).top1_agreement == 75.0
+    # embeddings: rows at 0 and 90 degrees -> mean cosine (1 + 0) / 2, no top-1
+    emb, emb_ref = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    e = onnx_export.compare_outputs(emb, emb_ref, task="embedding")
+    assert e.top1_agreement is None and e.mean_cosine == pytest.approx(0.5)

@@ -34,7 +34,8 @@ How the graph is built:
   (CPUExecutionProvider) on the check inputs against the PyTorch fake-quant model, twice
   (:func:`verify_onnx`): with graph optimizations off, i.e. the QDQ graph's own
   arithmetic, and with ONNX Runtime's defaults, as a user runs it. :class:`ExportReport`
-  carries the max absolute output difference and top-1 agreement of both. Ops torch
+  carries the max absolute output difference of both and their top-1 agreement (mean
+  cosine for an encoder's embeddings; per position for next-token logits). Ops torch
   cannot export, or that ONNX Runtime cannot run, raise
   :class:`~qcalib.errors.QCalibError` naming them.
 
@@ -329,17 +330,26 @@ class Comparison:
     """ONNX Runtime vs PyTorch fake quant on the same inputs."""
 
     max_abs_diff: float
-    top1_agreement: float | None  # percent; None when the output is not [N, classes]
+    # Percent of argmax matches over the last dim: classifier logits [N, C], or next-token
+    # logits [N, L, V] per position; None for embeddings and single outputs.
+    top1_agreement: float | None
+    # Mean cosine of the rows: embeddings [N, D] (an argmax over an embedding means nothing).
+    mean_cosine: float | None = None
 
 
-def compare_outputs(got: torch.Tensor, ref: torch.Tensor) -> Comparison:
+def compare_outputs(got: torch.Tensor, ref: torch.Tensor, task: str | None = None) -> Comparison:
+    """``task`` is the model's output kind (``HFTextModel.task``): ``"embedding"`` compares
+    by cosine, anything else with a last dim > 1 by top-1 agreement."""
     if got.shape != ref.shape:
         raise RuntimeError(f"ONNX output shape {tuple(got.shape)} != torch {tuple(ref.shape)}")
     diff = float((got.double() - ref.double()).abs().max()) if ref.numel() else 0.0
-    agree = None
-    if ref.dim() == 2 and ref.shape[1] > 1:
-        agree = 100.0 * float((got.argmax(1) == ref.argmax(1)).double().mean())
-    return Comparison(diff, agree)
+    agree = cosine = None
+    if task == "embedding":
+        cos = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1)
+        cosine = float(cos.mean())
+    elif ref.dim() >= 2 and ref.shape[-1] > 1:
+        agree = 100.0 * float((got.argmax(-1) == ref.argmax(-1)).double().mean())
+    return Comparison(diff, agree, cosine)
 
 
 def verify_onnx(
@@ -358,8 +368,9 @@ def verify_onnx(
     device = param.device if param is not None else torch.device("cpu")
     with torch.no_grad():
         ref = qmodel(inputs.to(device)).detach().cpu().to(torch.float32)
-    written = compare_outputs(run_onnx(path, inputs, optimized=False), ref)
-    deployed = compare_outputs(run_onnx(path, inputs, optimized=True), ref)
+    task = getattr(getattr(qmodel, "model", None), "task", None)
+    written = compare_outputs(run_onnx(path, inputs, optimized=False), ref, task)
+    deployed = compare_outputs(run_onnx(path, inputs, optimized=True), ref, task)
     return written, deployed
 
 
@@ -382,17 +393,23 @@ class ExportReport:
     # The same with ONNX Runtime's default optimizations (int32 bias, fused kernels).
     deployed_max_abs_diff: float
     deployed_top1_agreement: float | None
+    # Encoders (embedding outputs): mean cosine to fake quant instead of top-1 agreement.
+    mean_cosine: float | None = None
+    deployed_mean_cosine: float | None = None
 
     def summary(self) -> str:
-        def agree(a: float | None) -> str:
-            return "" if a is None else f", top-1 agreement {a:.1f}%"
+        def match(agree: float | None, cosine: float | None) -> str:
+            if cosine is not None:
+                return f", mean cosine {cosine:.6f}"
+            return "" if agree is None else f", top-1 agreement {agree:.1f}%"
 
         return (
             f"{self.path}: opset {self.opset}{' int4' if self.int4 else ''}, "
             f"{self.quantized_layers} quantized layers; ONNX Runtime vs fake quant on "
             f"{self.check_inputs} inputs: max |output diff| {self.max_abs_diff:.3g}"
-            f"{agree(self.top1_agreement)}; with ONNX Runtime's optimizations (int32 bias) "
-            f"{self.deployed_max_abs_diff:.3g}{agree(self.deployed_top1_agreement)}"
+            f"{match(self.top1_agreement, self.mean_cosine)}; with ONNX Runtime's "
+            f"optimizations (int32 bias) {self.deployed_max_abs_diff:.3g}"
+            f"{match(self.deployed_top1_agreement, self.deployed_mean_cosine)}"
         )
 
 
@@ -547,6 +564,7 @@ def export_onnx(
         max_abs_diff=written.max_abs_diff, top1_agreement=written.top1_agreement,
         deployed_max_abs_diff=deployed.max_abs_diff,
         deployed_top1_agreement=deployed.top1_agreement,
+        mean_cosine=written.mean_cosine, deployed_mean_cosine=deployed.mean_cosine,
     )  # fmt: skip
     log.info("%s", report.summary())
     return report
