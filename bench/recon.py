@@ -10,6 +10,8 @@ Parts (``--parts``), in the order they run:
 timing    per-iteration time of each method on one block of each kind (``TIMING_BLOCKS``),
           batch 32, beside the floor: forward + backward of the FP block alone on the same
           batch (gradients w.r.t. its weights, no quantization) -> ``recon-timing``.
+          Models: both reference CNNs and ``tiny-llama`` (a random-init Llama decoder
+          layer, ``TINY_LLAMA_CONFIG``, 64-token windows of random tokens: timing only).
 main      both models x {adaround, brecq, qdrop} x {W2A4, W2A2, W4A4} x random selection,
           n = 256, 3 seeds, fast profile -> ``recon``. Order: ResNet-20 seed 0 (W2A4,
           W2A2, W4A4; all methods each), MobileNetV2 seed 0, then seeds 1 and 2.
@@ -42,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import (
@@ -73,6 +76,8 @@ from qcalib.config import (
     SelectConfig,
     TextConfig,
 )
+from qcalib.data.pool import Pool
+from qcalib.data.text import TokenSamples
 from qcalib.model.partition import partition_blocks
 from qcalib.model.qmodules import first_tensor
 from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
@@ -87,7 +92,19 @@ SELECTORS = ("random", "selectq")
 SELECTOR_METHOD, SELECTOR_BITS = "qdrop", ("W2A4", "W2A2")
 PAPER = {"model": RESNET, "method": "qdrop", "bits": "W2A4", "n": 1024, "seed": 0}
 # One block of each kind: (plain layer, residual / inverted residual).
-TIMING_BLOCKS = {RESNET: ("conv1", "layer1.0"), MOBILENET: ("features.12.0", "features.2")}
+# The timing part's transformer: a random-init Llama of the test models' family (tests/
+# text_models.py), widened so the block's own work is not all fixed per-iteration cost.
+TINY_LLAMA = "tiny-llama"
+TINY_LLAMA_CONFIG = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 4, "intermediate_size": 344, "vocab_size": 512,
+                     "max_position_embeddings": 128}  # fmt: skip
+TINY_LLAMA_SEQ = 64
+TIMING_BLOCKS = {
+    RESNET: ("conv1", "layer1.0"),
+    MOBILENET: ("features.12.0", "features.2"),
+    TINY_LLAMA: ("model.model.layers.0",),
+}
+TIMING_MODELS = (RESNET, MOBILENET, TINY_LLAMA)
 TIMING_BITS, TIMING_N, TIMING_WARMUP, TIMING_ITERS = "W2A4", 256, 10, 50
 CL_TIMING_METHOD = "qdrop"
 PARTS = ("timing", "main", "selector", "paper")
@@ -355,6 +372,22 @@ def floor_ms(fp_model, name: str, x: torch.Tensor, warmup: int, iters: int) -> t
     return times[warmup:], list(args[0].shape[1:])
 
 
+def tiny_llama_bench(device: str) -> Workbench:
+    """``TINY_LLAMA``: random weights (seed 0) and a pool of 512 random-token windows of
+    ``TINY_LLAMA_SEQ`` tokens; timing only (no evaluation set, nothing to learn)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qcalib.zoo.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    model = HFCausalLM(LlamaForCausalLM(LlamaConfig(**TINY_LLAMA_CONFIG)).eval())
+    vocab, n = TINY_LLAMA_CONFIG["vocab_size"], 512
+    tokens = np.random.default_rng(0).integers(0, vocab, size=n * TINY_LLAMA_SEQ)
+    samples = TokenSamples(tokens, np.array([0, tokens.size]), TINY_LLAMA_SEQ, "chunk", 0)
+    return Workbench(model, Pool(samples, name=f"random-tokens-{n}x{TINY_LLAMA_SEQ}"),
+                     device=device)  # fmt: skip
+
+
 def run_timing(c: dict, bench: Workbench) -> dict:
     """Time the engine's iterations on the representative blocks of ``c["model"]`` against
     the FP block's forward + backward floor, under the interleaved protocol
@@ -589,7 +622,9 @@ TIMING_NOTES = (
     "model, seed 0. `ratio` / `ratio_min` / `ratio_max` = median / min / max over rounds of "
     "the round's ms_per_iter over the same round's floor; `uncontended` = rounds whose "
     "1-minute load average stayed within threads + 0.5, `ratio_uncontended` = their median "
-    "ratio (n/a: none), the only figure to claim from. AdaRound "
+    "ratio (n/a: none), the only figure to claim from. `tiny-llama`: a random-init Llama "
+    "(hidden 128, 4 heads, MLP 344, 2 layers) on 64-token windows of random tokens, its "
+    "first decoder layer timed (batch 32 windows). AdaRound "
     "reconstructs layer by layer: its time is the sum over the block's layers. BRECQ has "
     "two stages (round: activations float; act: activations quantized, step sizes learned). "
     "`floor_ms` / `floor_min`: median / minimum of forward + MSE + backward of the FP block "
@@ -711,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         grid, n, iters, seeds = GRID, N, None, range(args.seeds)
         models, parts = args.models or list(MODELS), args.parts
-        tcells = timing_cells(models, args.methods, TIMING_WARMUP, TIMING_ITERS, TIMING_N,
+        tmodels = args.models or list(TIMING_MODELS)
+        tcells = timing_cells(tmodels, args.methods, TIMING_WARMUP, TIMING_ITERS, TIMING_N,
                               args.timing_rounds)  # fmt: skip
         tcells = tcells if "timing" in parts else []
         command = "cd bench && ../.venv/bin/python recon.py"
@@ -729,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     benches: dict[str, Workbench] = {}
 
     def workbench(model: str) -> Workbench:
+        if model == TINY_LLAMA and model not in benches:
+            benches[model] = tiny_llama_bench(args.device)
         if model not in benches:
             benches[model] = Workbench(
                 model, "fashion-mnist", data_root=args.data_root, device=args.device
