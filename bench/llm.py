@@ -87,7 +87,7 @@ from qcalib.data.pool import Pool
 from qcalib.data.registry import load_pool
 from qcalib.data.text import TokenSamples
 from qcalib.measure import Measure
-from qcalib.pipeline import Workbench, quantize, select_indices
+from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
 from qcalib.select import SELECTORS as SELECTOR_REGISTRY
 from qcalib.select.selectq import AUTO_WITHIN
 from qcalib.select.stats import StatRowCache
@@ -112,6 +112,14 @@ NS = (32, 128)
 COST_WINDOWS = 64
 COST_ROUNDS = 2
 COST_CASES = ("selectq", "herding", "kcenter")
+COST_GPTQ_METHOD = "gptq-w4a16-g128"
+GPTQ_COST_HEADING = (
+    "GPTQ vs one FP forward over its own calibration set (solve = the Cholesky and column "
+    "updates, summed over the layers of each type; hessian = the block passes that "
+    "accumulate H; total = the whole calibration)"
+)
+GPTQ_COST_COLUMNS = ["method", "n", "what", "wall_s", "forward_s", "ratio_median",
+                     "ratio_min", "ratio_max"]  # fmt: skip
 COST_COLUMNS = ["model", "what", "wall_s", "spread", "ratio_median", "ratio_min", "ratio_max",
                 "uncontended", "goal", "met", "claim_median", "note"]  # fmt: skip
 # name -> (calibrator, QuantConfig kwargs); rows without data use no calibration set.
@@ -452,7 +460,7 @@ def selection_cost(device: str, rounds: int) -> dict:
     batch = SELECTOR_PARAMS["selectq"]["batch_size"]
     n = min(NS[0], len(pool))
     with torch.no_grad():  # warm-up: first-call allocations are no selector's cost
-        model(pool.get(list(range(batch))))
+        model(pool.get(list(range(min(batch, len(pool))))))
     fitted: dict = {}
     out: dict = {"pool": len(pool), "n": n, "batch_size": batch,
                  "threads": torch.get_num_threads()}  # fmt: skip
@@ -473,30 +481,73 @@ def selection_cost(device: str, rounds: int) -> dict:
     def baseline(name: str) -> Callable[[], object]:
         return lambda: make(name).fit(pool, model=model).select(n)
 
+    # GPTQ (issue 14): its whole calibration, its Hessian passes and its solves by layer
+    # type, against one FP forward over its own calibration set (the first n windows, at
+    # the grid's calibration batch size).
+    gptq_cfg = run_config({"method": COST_GPTQ_METHOD, "n": n, "seed": 0, "selector": "random",
+                           "first_token_weight": GPTQ_FIRST_TOKEN_WEIGHT})  # fmt: skip
+    calib = pool.get(list(range(n)))
+
+    def fp_forward_calib() -> None:
+        with torch.no_grad():
+            for start in range(0, n, gptq_cfg.calib.batch_size):
+                model(calib[start : start + gptq_cfg.calib.batch_size])
+
+    def gptq() -> dict:
+        qmodel = build_quant_model(model, gptq_cfg.quant, bench.example_input())
+        cal = CALIBRATORS.get("gptq")(gptq_cfg.calib)
+        cal.calibrate(qmodel, calib, progress=False)
+        rep = cal.report()
+        solve: dict[str, float] = {}
+        for name, sec in rep["layer_seconds"].items():
+            key = f"solve {name.rsplit('.', 1)[-1]}"
+            solve[key] = solve.get(key, 0.0) + sec
+        return {"total": rep["seconds"], "hessian": sum(rep["hessian_seconds"].values()),
+                "solve": sum(rep["layer_seconds"].values()), **solve}  # fmt: skip
+
     cases = {"fp_forward": fp_forward, "selectq_fit": selectq_fit,
              "selectq_select": lambda: fitted["selectq"].select(n)}  # fmt: skip
     cases.update({name: baseline(name) for name in COST_CASES[1:]})
+    cases.update({"fp_forward_calib": fp_forward_calib, "gptq": gptq})
+    # The GPTQ measurements' names are known after one (untimed, warm-up) calibration.
+    gptq_keys = [f"gptq/{k}" for k in gptq()]
+    reference = {name: "fp_forward" for name in ("fp_forward", "selectq_fit", "selectq_select",
+                                                 *COST_CASES[1:])}  # fmt: skip
+    reference.update({k: "fp_forward_calib" for k in gptq_keys})
     with Measure() as m:
         out["timing"] = interleaved_timing(cases, rounds=rounds, iters=1, warmup=0,
-                                           reference="fp_forward")  # fmt: skip
+                                           reference=reference)  # fmt: skip
+    out["gptq"] = {"method": COST_GPTQ_METHOD, "n": n, "batch_size": gptq_cfg.calib.batch_size}
     out["peak_rss_mb"] = m.peak_rss_mb
     out["protocol"] = "interleaved"
     return out
 
 
 def write_selection_cost(store: CellStore) -> None:
-    rows, rounds = [], []
+    rows, rounds, gptq_rows = [], [], []
     for r in store.rows.values():
         model = f"SmolLM2-135M ({r['pool']} x {SEQ_LEN} tokens)"
         rows += interleaved_cost_rows(model, r)
-        for rnd in r["timing"]["per_round"]:
+        timing = r["timing"]
+        for rnd in timing["per_round"]:
             rounds.append({
                 "round": rnd["round"], "loadavg_start": rnd["loadavg_start"][0],
                 "loadavg_end": rnd["loadavg_end"][0],
                 "contended": "yes" if rnd["contended"] else "no",
                 "forward_s": round(rnd["seconds"]["fp_forward"], 2),
                 **{f"{k}_ratio": round(v, 3) for k, v in rnd["ratios"].items()
-                   if k != "fp_forward"},
+                   if k != "fp_forward" and (not k.startswith("gptq/") or k == "gptq/total")},
+            })  # fmt: skip
+        ref = timing["cases"].get("fp_forward_calib")
+        for key, ratio in timing["ratios"].items():
+            if not key.startswith("gptq/"):
+                continue
+            g = r["gptq"]
+            gptq_rows.append({
+                "method": g["method"], "n": g["n"], "what": key.removeprefix("gptq/"),
+                "wall_s": round(timing["cases"][key]["median"], 3),
+                "forward_s": round(ref["median"], 2), "ratio_median": round(ratio["median"], 3),
+                "ratio_min": round(ratio["min"], 3), "ratio_max": round(ratio["max"], 3),
             })  # fmt: skip
     write_tables(
         f"{GRID}-selection-cost",
@@ -517,7 +568,10 @@ def write_selection_cost(store: CellStore) -> None:
             "In the grid the statistic rows are cached (StatRowCache), so all its "
             "selections together cost about one such forward over the pool."
         ),
-        extra=[("Per round", rounds, list(rounds[0]) if rounds else [])],
+        extra=[
+            (GPTQ_COST_HEADING, gptq_rows, GPTQ_COST_COLUMNS),
+            ("Per round", rounds, list(rounds[0]) if rounds else []),
+        ],  # fmt: skip
     )
 
 
