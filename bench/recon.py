@@ -108,6 +108,13 @@ TIMING_MODELS = (RESNET, MOBILENET, TINY_LLAMA)
 TIMING_BITS, TIMING_N, TIMING_WARMUP, TIMING_ITERS = "W2A4", 256, 10, 50
 CL_TIMING_METHOD = "qdrop"
 PARTS = ("timing", "main", "selector", "paper")
+# Not in the default run: committed main-grid cells rerun with the current code (issue 14:
+# the fused ops must land within seed noise of the cells made before them).
+RERUN = {"model": RESNET, "bits": "W2A4", "seeds": (0, 1, 2)}
+EXTRA_PARTS = ("rerun",)
+RERUN_COLS = ["model", "method", "bits", "seeds", "committed", "rerun", "committed_mean",
+              "committed_std", "rerun_mean", "rerun_std", "diff", "noise_2se", "within_noise",
+              "committed_device", "rerun_device", "rerun_s"]  # fmt: skip
 GRID = "recon"
 CACHE = Path(__file__).parent / "cache"
 
@@ -704,6 +711,55 @@ def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int)
                      extra=extra)  # fmt: skip
 
 
+def write_rerun(grid: str, store: CellStore, rerun: CellStore) -> None:
+    """Per method: the committed cells' per-seed top-1 beside the same cells rerun with the
+    current code, and whether the means differ by more than seed noise."""
+    rows = []
+    for m in METHODS:
+        pairs = []
+        for seed in RERUN["seeds"]:
+            c = make_cell(RERUN["model"], m, RERUN["bits"], N, seed)
+            old, new = store.rows.get(cell_key(c)), rerun.rows.get(cell_key(c))
+            if old and new:
+                pairs.append((seed, old, new))
+        if not pairs:
+            continue
+        a = [o["quant_top1"] for _, o, _ in pairs]
+        b = [r["quant_top1"] for _, _, r in pairs]
+        sa = statistics.stdev(a) if len(a) > 1 else float("nan")
+        sb = statistics.stdev(b) if len(b) > 1 else float("nan")
+        noise = 2 * ((sa**2 + sb**2) / len(a)) ** 0.5
+        diff = statistics.fmean(b) - statistics.fmean(a)
+        rows.append({
+            "model": RERUN["model"], "method": m, "bits": RERUN["bits"],
+            "seeds": [s for s, _, _ in pairs], "committed": a, "rerun": b,
+            "committed_mean": round(statistics.fmean(a), 2), "committed_std": round(sa, 2),
+            "rerun_mean": round(statistics.fmean(b), 2), "rerun_std": round(sb, 2),
+            "diff": round(diff, 2), "noise_2se": round(noise, 2),
+            "within_noise": NA if noise != noise else ("yes" if abs(diff) <= noise else "no"),
+            "committed_device": sorted({o.get("device") or "cpu" for _, o, _ in pairs}),
+            "rerun_device": sorted({r.get("device") or "cpu" for _, _, r in pairs}),
+            "rerun_s": round(statistics.fmean(r["wall_s"] for _, _, r in pairs), 1),
+        })  # fmt: skip
+    write_tables(
+        f"{grid}-rerun",
+        "Reconstruction cells rerun with the fused ops (issue 14) vs the committed cells",
+        stated_command(
+            "cd bench && ../.venv/bin/python recon.py --parts rerun", rerun.rows.values()
+        ),  # fmt: skip
+        rows,
+        RERUN_COLS,
+        notes=(
+            "Top-1 (%) on the Fashion-MNIST test set; the same cells (model, method, bits, "
+            "n = 256, seed, fast profile, random sets) as `recon.md`, rerun with the current "
+            "code. within_noise: |rerun mean - committed mean| <= 2 x the standard error of "
+            "the difference of the means (2 sqrt((s_a^2 + s_b^2) / seeds)). The committed "
+            "cells ran on the devices listed (GPU kernels round differently from the CPU, "
+            "which also enters the difference)."
+        ),
+    )
+
+
 # -- main -------------------------------------------------------------------------------
 
 
@@ -715,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--bits", nargs="+", default=list(BITS), help="e.g. W2A4 W2A2")
     p.add_argument("--seeds", type=int, default=SEEDS, help="number of seeds (0, 1, ...)")
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS + EXTRA_PARTS,
+                   help="rerun (not a default): main-grid cells again with this code")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     add_runner_args(p)
@@ -814,6 +871,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['quant_top1']:.2f}% ({res['wall_s']:.0f}s, recon {res['recon_s']:.0f}s, "
             f"{res['iter_ms']:.1f} ms/iter)"
         )
+    if "rerun" in parts and not stopped and not args.smoke:
+        rerun_store = CellStore(f"{grid}-rerun")
+        rcells = [make_cell(RERUN["model"], m, RERUN["bits"], N, seed)
+                  for seed in RERUN["seeds"] for m in args.methods]  # fmt: skip
+        for i, c in enumerate([] if args.report_only else rcells):
+            if out_of_time():
+                break
+            if rerun_store.done(c) or not claims.take(c):
+                continue
+            res = run_cell(c, workbench(c["model"]))
+            rerun_store.add(c, res)
+            logging.info(f"[rerun {i + 1}/{len(rcells)}] {c['calibrator']} seed {c['seed']} "
+                         f"-> {res['quant_top1']:.2f}%")  # fmt: skip
+        write_rerun(grid, store, rerun_store)
     report(grid, store, tstore, command, n)
     if args.smoke:  # what the real grid would cost, scaled from the smoke cells
         full = plan(list(MODELS), list(METHODS), list(BITS), range(SEEDS), list(PARTS))
