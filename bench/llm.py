@@ -55,6 +55,7 @@ import itertools
 import json
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -89,10 +90,11 @@ from qcalib.data.text import TokenSamples
 from qcalib.measure import Measure
 from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
 from qcalib.select import SELECTORS as SELECTOR_REGISTRY
+from qcalib.select.quality import calibration_score
 from qcalib.select.selectq import AUTO_WITHIN
 from qcalib.select.stats import StatRowCache
 from qcalib.zoo.external import load_model
-from selection import interleaved_cost_rows
+from selection import interleaved_cost_rows, spearman
 
 GRID = "llm"
 SEQ_LEN = 512
@@ -113,6 +115,11 @@ COST_WINDOWS = 64
 COST_ROUNDS = 2
 COST_CASES = ("selectq", "herding", "kcenter")
 COST_GPTQ_METHOD = "gptq-w4a16-g128"
+# --section score (issue 12): the label-free quality score of every n = 32 set of the
+# grid's activation-quantized rows, against the set's perplexity. SmoothQuant rows are
+# left out (the score calibrates the unsmoothed model); GPTQ rows get the MSE proxy.
+SCORE_METHODS = ("minmax-w8a8", "minmax-w4a8", "gptq-w4a8")
+SCORE_EVAL_WINDOWS = 16
 GPTQ_COST_HEADING = (
     "GPTQ vs one FP forward over its own calibration set (solve = the Cholesky and column "
     "updates, summed over the layers of each type; hessian = the block passes that "
@@ -575,6 +582,71 @@ def write_selection_cost(store: CellStore) -> None:
     )
 
 
+def score_cells(store: CellStore):  # noqa: ANN201
+    """One score cell per finished n = 32 grid cell of the score methods (its selection)."""
+    for r in store.rows.values():
+        c = r["cell"]
+        grid_setting = method_label(c) == c["method"]  # GPTQ: the grid's first-token weight
+        if c["method"] in SCORE_METHODS and c["n"] == NS[0] and grid_setting:
+            yield {k: c[k] for k in ("method", "selector", "n", "seed", "selector_params")}
+
+
+def run_score(bench: Workbench, cache: IndexCache, c: dict, device: str) -> dict:
+    calibrator, q = METHODS[c["method"]]
+    sel = {"selector": c["selector"], "n": c["n"], "seed": c["seed"],
+           "params": c["selector_params"]}  # fmt: skip
+    indices = cache.get(bench, sel, device)["indices"]
+    stamp = CellStamp(device)
+    t0 = time.perf_counter()
+    score = calibration_score(
+        bench.model, bench.pool, indices, QuantConfig(**q), calibrator,
+        eval_samples=SCORE_EVAL_WINDOWS, batch_size=8, seed=0, device=device,
+    )  # fmt: skip
+    return {"score": score, "wall_s": round(time.perf_counter() - t0, 2), **stamp.finish()}
+
+
+def write_scores(store: CellStore, scores: CellStore) -> None:
+    rows = []
+    grid = {json.dumps(r["cell"], sort_keys=True): r for r in store.rows.values()}
+    by = group_rows(scores.rows.values(), ("method", "selector"))
+    for (method, selector), cells_ in sorted(by.items()):
+        cells_.sort(key=lambda r: r["cell"]["seed"])
+        pairs = []
+        for r in cells_:
+            c = dict(r["cell"])
+            if METHODS[method][0] == "gptq":
+                c["first_token_weight"] = GPTQ_FIRST_TOKEN_WEIGHT
+            g = grid.get(json.dumps(c, sort_keys=True))
+            if g is not None:
+                pairs.append((r["cell"]["seed"], r["score"], g["quant_ppl"]))
+        rows.append({
+            "method": method, "selector": selector, "seeds": [p[0] for p in pairs],
+            "scores": [round(p[1], 5) for p in pairs], "ppls": [round(p[2], 2) for p in pairs],
+            "spearman": spearman([p[1] for p in pairs], [p[2] for p in pairs]),
+            "ppl_std": round(statistics.stdev([p[2] for p in pairs]), 2)
+            if len(pairs) > 1 else float("nan"),
+        })  # fmt: skip
+    write_tables(
+        f"{GRID}-score",
+        "SmolLM2-135M: the label-free calibration-set score against the set's perplexity",
+        stated_command(
+            "cd bench && ../.venv/bin/python llm.py --section score", scores.rows.values()
+        ),  # fmt: skip
+        rows,
+        ["method", "selector", "seeds", "scores", "ppls", "spearman", "ppl_std"],
+        notes=(
+            "score = qcalib.select.quality.calibration_score of the cell's calibration set "
+            f"(n = {NS[0]} windows; observers as the calibrator's, the MSE proxy for GPTQ): "
+            "mean per-token KL of the set-calibrated model from FP on "
+            f"{SCORE_EVAL_WINDOWS} pool windows, label-free, lower is better. ppls = the "
+            "grid cells' held-out perplexities of the same sets. spearman = rank "
+            "correlation of score with perplexity over the row's sets (positive: the "
+            "score ranks the sets the way perplexity does; the issue-12 target is >= 0.6 "
+            "on rows whose random std exceeds 1 point)."
+        ),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -582,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns", nargs="+", type=int, default=list(NS))
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
-    p.add_argument("--section", choices=["grid", "validate", "check-encoder", "selection-cost"],
+    p.add_argument("--section",
+                   choices=["grid", "validate", "check-encoder", "selection-cost", "score"],
                    default="grid",
                    help="validate: GPTQ's first-token weight on validation windows")  # fmt: skip
     add_runner_args(p)
@@ -597,6 +670,23 @@ def main(argv: list[str] | None = None) -> int:
             stamp = CellStamp(device)
             store.add(cell, {**selection_cost(device, COST_ROUNDS), **stamp.finish()})
         write_selection_cost(store)
+        return 0
+    if args.section == "score":
+        grid_store, scores = CellStore(GRID), CellStore(f"{GRID}-score")
+        todo = [] if args.report_only else [
+            c for c in score_cells(grid_store) if not scores.done(c)
+        ]  # fmt: skip
+        bench = build_bench(device) if todo else None
+        cache = IndexCache()
+        start = time.time()
+        for i, c in enumerate(todo):
+            if args.max_minutes and time.time() - start > 60 * args.max_minutes:
+                logging.info("time budget reached; rerun to continue")
+                break
+            assert bench is not None
+            scores.add(c, run_score(bench, cache, c, device))
+            logging.info("[score %d/%d] %s", i + 1, len(todo), c)
+        write_scores(grid_store, scores)
         return 0
     if args.section == "check-encoder":
         store = CellStore(f"{GRID}-check-encoder")
