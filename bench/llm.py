@@ -266,6 +266,52 @@ def validate_cells():  # noqa: ANN201
                "selector_params": {}, "first_token_weight": w}  # fmt: skip
 
 
+# --section validate-within (issue 12): SelectQ's ranking rule for the range calibrators,
+# on the validation windows. The selections are the grid's cached ones (same pool), so
+# no pool forward is repeated.
+WITHIN_METHODS = ("minmax-w8a8", "minmax-w4a8")
+WITHIN_RULES_TRIED = ("nearest", "matched")
+
+
+def validate_within_cells():  # noqa: ANN201
+    for seed, m in itertools.product(VALIDATE_SEEDS, WITHIN_METHODS):
+        yield {"method": m, "selector": "random", "n": 32, "seed": seed, "selector_params": {}}
+        for rule in WITHIN_RULES_TRIED:
+            yield {"method": m, "selector": "selectq", "n": 32, "seed": seed,
+                   "selector_params": {**SELECTOR_PARAMS["selectq"], "within": rule}}  # fmt: skip
+
+
+def write_validate_within(store: CellStore) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for r in store.rows.values():
+        c = r["cell"]
+        key = (c["method"], c["selector"], c["selector_params"].get("within", ""))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (method, selector, within), group in sorted(groups.items()):
+        group.sort(key=lambda r: r["cell"]["seed"])
+        ppl = [r["quant_ppl"] for r in group]
+        rows.append({"method": method, "selector": selector, "within": within,
+                     "seeds": [r["cell"]["seed"] for r in group],
+                     "ppls": [round(v, 2) for v in ppl], **summarize(ppl),
+                     "fp_ppl": round(group[0]["fp_ppl"], 2)})  # fmt: skip
+    write_tables(
+        f"{GRID}-validate-within",
+        "SmolLM2-135M: SelectQ's ranking rule for min-max, chosen on validation windows",
+        stated_command(
+            "cd bench && ../.venv/bin/python llm.py --section validate-within",
+            store.rows.values(),
+        ),  # fmt: skip
+        rows,
+        ["method", "selector", "within", "seeds", "ppls", "mean", "std", "fp_ppl"],
+        notes=(
+            f"Perplexity on the {VAL_WINDOWS} validation windows of the calibration split "
+            "(not in the pool, never the held-out split); n = 32 windows; the selections are "
+            "the grid's (llm.indices.jsonl)."
+        ),
+    )
+
+
 def method_label(c: dict) -> str:
     """The row's method; GPTQ cells at a first-token weight other than the grid's say it."""
     w = c.get("first_token_weight")
@@ -655,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     p.add_argument("--section",
-                   choices=["grid", "validate", "check-encoder", "selection-cost", "score"],
+                   choices=["grid", "validate", "validate-within", "check-encoder",
+                            "selection-cost", "score"],
                    default="grid",
                    help="validate: GPTQ's first-token weight on validation windows")  # fmt: skip
     add_runner_args(p)
@@ -698,9 +745,12 @@ def main(argv: list[str] | None = None) -> int:
             logging.info("[%d/%d] %s", i + 1, len(todo), c)
         write_encoder_check(store)
         return 0
-    validate = args.section == "validate"
-    store = CellStore(f"{GRID}-validate" if validate else GRID)
-    todo_all = validate_cells() if validate else cells(args.methods, args.selectors, args.ns)
+    validate = args.section in ("validate", "validate-within")
+    name = {"validate": f"{GRID}-validate", "validate-within": f"{GRID}-validate-within"}
+    store = CellStore(name.get(args.section, GRID))
+    todo_all = {"validate": validate_cells, "validate-within": validate_within_cells}.get(
+        args.section, lambda: cells(args.methods, args.selectors, args.ns)
+    )()
     todo = [] if args.report_only else [c for c in todo_all if not store.done(c)]
     logging.info("%d cells to run (%d already done)", len(todo), len(store.rows))
     start = time.time()
@@ -714,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_cell(bench, cache, c, device)
         store.add(c, metrics)
         logging.info("[%d/%d] %s -> ppl %.3f", i + 1, len(todo), c, metrics["quant_ppl"])
+    if args.section == "validate-within":
+        write_validate_within(store)
+        return 0
     if validate:
         write_validation(store)
         return 0
