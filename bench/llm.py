@@ -125,6 +125,14 @@ GPTQ_COST_HEADING = (
     "updates, summed over the layers of each type; hessian = the block passes that "
     "accumulate H; total = the whole calibration)"
 )
+SELECTQ_HEADING = (
+    "SelectQ vs random (issue 12's targets: mean_ok = SelectQ mean <= max(random mean x "
+    "1.01, random mean + 2 SE); worst_ok, where random's std > 1: SelectQ's worst seed <= "
+    "random's mean; lower perplexity is better)"
+)
+SELECTQ_COLUMNS = ["method", "n", "selectq", "random_seeds", "random_ppls", "random_mean",
+                   "random_std", "selectq_seeds", "selectq_ppls", "selectq_mean", "selectq_max",
+                   "vs_random", "bound", "mean_ok", "worst_ok"]  # fmt: skip
 GPTQ_COST_COLUMNS = ["method", "n", "what", "wall_s", "forward_s", "ratio_median",
                      "ratio_min", "ratio_max"]  # fmt: skip
 COST_COLUMNS = ["model", "what", "wall_s", "spread", "ratio_median", "ratio_min", "ratio_max",
@@ -479,13 +487,46 @@ def write_validation(store: CellStore) -> None:
     )
 
 
+def selectq_vs_random(rows: list[dict]) -> list[dict]:
+    """Issue 12's targets per (method, n): each SelectQ row against the random row.
+    Perplexity: SelectQ's mean <= max(random mean x 1.01, random mean + 2 SE of random's
+    mean); where random's std exceeds 1: SelectQ's worst seed <= random's mean."""
+    random = {(r["method"], r["n"]): r for r in rows if r["selector"] == "random"}
+    out = []
+    for r in rows:
+        base = random.get((r["method"], r["n"]))
+        if not r["selector"].startswith("selectq") or base is None:
+            continue
+        se = base["std"] / base["n_seeds"] ** 0.5 if base["n_seeds"] > 1 else float("nan")
+        bound = max(base["mean"] * 1.01, base["mean"] + 2 * se)
+        unstable = base["std"] > 1
+        out.append({
+            "method": r["method"], "n": r["n"], "selectq": r["selector"],
+            "random_seeds": base["n_seeds"], "random_ppls": base["ppls"],
+            "random_mean": base["mean"], "random_std": base["std"],
+            "selectq_seeds": r["n_seeds"], "selectq_ppls": r["ppls"],
+            "selectq_mean": r["mean"], "selectq_max": r["max"],
+            "vs_random": round(r["mean"] - base["mean"], 2), "bound": round(bound, 2),
+            "mean_ok": "yes" if r["mean"] <= bound else "no",
+            "worst_ok": ("yes" if r["max"] <= base["mean"] else "no") if unstable else "-",
+        })  # fmt: skip
+    return out
+
+
+def selector_label(c: dict) -> str:
+    """The row's selector; SelectQ rows name their ranking rule (cells of two rules for
+    one calibrator are two rows)."""
+    within = (c.get("selector_params") or {}).get("within")
+    return f"{c['selector']} {within}" if within else c["selector"]
+
+
 def aggregate(store: CellStore) -> list[dict]:
     keys = ("method", "selector", "n")
     out = []
     grouped: dict[tuple, list[dict]] = {}
     for r in store.rows.values():
         c = r["cell"]
-        grouped.setdefault((method_label(c), c["selector"], c["n"]), []).append(r)
+        grouped.setdefault((method_label(c), selector_label(c), c["n"]), []).append(r)
     for key, rows in sorted(grouped.items()):
         rows.sort(key=lambda r: r["cell"]["seed"])
         ppl = [r["quant_ppl"] for r in rows]
@@ -807,7 +848,8 @@ def main(argv: list[str] | None = None) -> int:
             "2-core CPU (load averages in the cells). Protocol: see the runner's docstring."
         ),
         extra=[
-            ("GPTQ time per layer type (s, mean over layers of that type)", gptq_rows, gptq_cols)
+            (SELECTQ_HEADING, selectq_vs_random(rows), SELECTQ_COLUMNS),
+            ("GPTQ time per layer type (s, mean over layers of that type)", gptq_rows, gptq_cols),
         ],  # fmt: skip
     )
     return 0
