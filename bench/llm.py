@@ -110,10 +110,10 @@ VALIDATE_SEEDS = (0, 1)
 GPTQ_FIRST_TOKEN_WEIGHT = 16.0
 NS = (32, 128)
 # --section selection-cost: the first COST_WINDOWS pool windows, COST_ROUNDS interleaved rounds
-# (each round forwards them 5 times; the whole 1024-window pool would take ~5 h on 2 cores).
-COST_WINDOWS = 64
+# (each round forwards them ~4 times, plus GPTQ on 32 of them: ~9 min a round on 2 cores).
+COST_WINDOWS = 48
 COST_ROUNDS = 2
-COST_CASES = ("selectq", "herding", "kcenter")
+COST_CASES = ("selectq", "herding")
 COST_GPTQ_METHOD = "gptq-w4a16-g128"
 # --section score (issue 12): the label-free quality score of every n = 32 set of the
 # grid's activation-quantized rows, against the set's perplexity. SmoothQuant rows are
@@ -221,7 +221,8 @@ def run_encoder_cell(bench: Workbench, c: dict, device: str) -> dict:
     cfg = RunConfig(
         quant=QuantConfig(**q),
         calib=CalibConfig(calibrator=calibrator, num_calib=c["n"], batch_size=16,
-                          gptq=GPTQConfig(first_token_weight=c["first_token_weight"])),
+                          gptq=GPTQConfig(first_token_weight=c.get("first_token_weight", 1.0))),
+        select=SelectConfig(c["selector"], tuple(sorted(c.get("selector_params", {}).items()))),
         seed=c["seed"], text=bench.text,
     )  # fmt: skip
     stamp = CellStamp(device)
@@ -229,6 +230,53 @@ def run_encoder_cell(bench: Workbench, c: dict, device: str) -> dict:
     _, res = quantize(cfg, bench=bench, progress=True)
     return {"cosine": res.quant_metric, "eval_docs": len(bench.test_set),
             "wall_s": round(time.perf_counter() - t0, 2), **stamp.finish()}  # fmt: skip
+
+
+# --section check-within-encoder: the LLM's ranking-rule choice for min-max checked on
+# MiniLM (never used to choose it): random vs SelectQ nearest vs matched, 3 seeds.
+ENCODER_WITHIN_METHODS = ("minmax-w8a8", "minmax-w4a8")
+
+
+def encoder_within_cells():  # noqa: ANN201
+    for seed, m in itertools.product((0, 1, 2), ENCODER_WITHIN_METHODS):
+        base = {"model": "all-MiniLM-L6-v2", "method": m, "n": 64, "seed": seed}
+        yield {**base, "selector": "random", "selector_params": {}}
+        for rule in WITHIN_RULES_TRIED:
+            yield {**base, "selector": "selectq",
+                   "selector_params": {**SELECTOR_PARAMS["selectq"], "within": rule}}  # fmt: skip
+
+
+def write_encoder_within(store: CellStore) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for r in store.rows.values():
+        c = r["cell"]
+        key = (c["method"], c["selector"], c["selector_params"].get("within", ""))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (method, selector, within), group in sorted(groups.items()):
+        group.sort(key=lambda r: r["cell"]["seed"])
+        cos = [r["cosine"] for r in group]
+        rows.append({"method": method, "selector": selector, "within": within,
+                     "seeds": [r["cell"]["seed"] for r in group],
+                     "cosines": [round(v, 5) for v in cos], **summarize(cos, 5),
+                     "eval_docs": group[0]["eval_docs"]})  # fmt: skip
+    write_tables(
+        f"{GRID}-check-within-encoder",
+        "SelectQ's ranking rule for min-max checked on a model it was not chosen on (MiniLM)",
+        stated_command(
+            "cd bench && ../.venv/bin/python llm.py --section check-within-encoder",
+            store.rows.values(),
+        ),  # fmt: skip
+        rows,
+        ["method", "selector", "within", "seeds", "cosines", "mean", "std", "min", "eval_docs"],
+        notes=(
+            "all-MiniLM-L6-v2 (BERT encoder), static per-tensor min-max activations, "
+            "calibration sets of 64 documents (128 tokens each) from the calibration split; "
+            f"mean cosine of the mean-pooled embeddings to FP's on {ENCODER_DOCS} held-out "
+            "documents (higher is better)."
+        ),
+        formats={"mean": ".5f", "std": ".5f", "min": ".5f"},
+    )
 
 
 def rows_by_weight(
@@ -656,7 +704,7 @@ def write_selection_cost(store: CellStore) -> None:
             f"{SELECTOR_PARAMS['selectq']['batch_size']}, CPU, interleaved protocol "
             "(bench/common.py): each round times one plain FP forward, SelectQ's fit (pass "
             "1: statistics + streaming clustering), its select (pass 2: Knowledge Distance) "
-            "and the herding / k-center baselines' fit + select, in rotating order; ratios "
+            "and the herding baseline' fit + select, in rotating order; ratios "
             "are to the forward of the same round. A round is contended when the 1-minute "
             "load average exceeds threads + 0.5; `met` reads uncontended rounds only. "
             "In the grid the statistic rows are cached (StatRowCache), so all its "
@@ -743,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     p.add_argument("--section",
                    choices=["grid", "validate", "validate-within", "check-encoder",
-                            "selection-cost", "score"],
+                            "check-within-encoder", "selection-cost", "score"],
                    default="grid",
                    help="validate: GPTQ's first-token weight on validation windows")  # fmt: skip
     add_runner_args(p)
@@ -776,15 +824,19 @@ def main(argv: list[str] | None = None) -> int:
             logging.info("[score %d/%d] %s", i + 1, len(todo), c)
         write_scores(grid_store, scores)
         return 0
-    if args.section == "check-encoder":
-        store = CellStore(f"{GRID}-check-encoder")
-        todo = [] if args.report_only else [c for c in encoder_cells() if not store.done(c)]
+    if args.section in ("check-encoder", "check-within-encoder"):
+        within = args.section == "check-within-encoder"
+        store = CellStore(f"{GRID}-{args.section}")
+        planned = encoder_within_cells() if within else encoder_cells()
+        todo = [] if args.report_only else [c for c in planned if not store.done(c)]
         bench = encoder_bench(device) if todo else None
+        if bench is not None:
+            bench.stat_rows = StatRowCache()  # one pool forward for all SelectQ cells
         for i, c in enumerate(todo):
             assert bench is not None
             store.add(c, run_encoder_cell(bench, c, device))
             logging.info("[%d/%d] %s", i + 1, len(todo), c)
-        write_encoder_check(store)
+        (write_encoder_within if within else write_encoder_check)(store)
         return 0
     validate = args.section in ("validate", "validate-within")
     name = {"validate": f"{GRID}-validate", "validate-within": f"{GRID}-validate-within"}
