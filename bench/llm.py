@@ -704,7 +704,7 @@ def write_selection_cost(store: CellStore) -> None:
             f"{SELECTOR_PARAMS['selectq']['batch_size']}, CPU, interleaved protocol "
             "(bench/common.py): each round times one plain FP forward, SelectQ's fit (pass "
             "1: statistics + streaming clustering), its select (pass 2: Knowledge Distance) "
-            "and the herding baseline' fit + select, in rotating order; ratios "
+            "and the herding baseline's fit + select, in rotating order; ratios "
             "are to the forward of the same round. A round is contended when the 1-minute "
             "load average exceeds threads + 0.5; `met` reads uncontended rounds only. "
             "In the grid the statistic rows are cached (StatRowCache), so all its "
