@@ -91,7 +91,7 @@ from qcalib.measure import Measure
 from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
 from qcalib.select import SELECTORS as SELECTOR_REGISTRY
 from qcalib.select.quality import calibration_score
-from qcalib.select.selectq import AUTO_WITHIN
+from qcalib.select.selectq import auto_within
 from qcalib.select.stats import StatRowCache
 from qcalib.zoo.external import load_model
 from selection import interleaved_cost_rows, spearman
@@ -188,11 +188,13 @@ def cells(methods, selectors, ns):  # noqa: ANN001, ANN201
 
 def selector_params(selector: str, method: str) -> dict:
     """The selector's parameters for the method's calibrator. SelectQ's ``within="auto"``
-    depends on what the calibrator reads, so the rule it resolves to is stated in the cell
-    (and the selection is cached per rule, shared by the calibrators that use it)."""
+    depends on what the calibrator reads (and on the pool being tokens), so the rule it
+    resolves to is stated in the cell (and the selection is cached per rule, shared by the
+    calibrators that use it)."""
     params = dict(SELECTOR_PARAMS.get(selector, {}))
     if selector == "selectq":
-        params["within"] = AUTO_WITHIN[CALIBRATORS.get(METHODS[method][0]).reads]
+        reads = CALIBRATORS.get(METHODS[method][0]).reads
+        params["within"] = auto_within(reads, token_pool=True)
     return params
 
 

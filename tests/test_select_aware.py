@@ -16,7 +16,7 @@ from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy
 from qcalib.select import SELECTORS, SelectQSelector, calibration_mismatch, select_indices
 from qcalib.select.quality import calibration_score, output_divergence
-from qcalib.select.selectq import AUTO_FALLBACK, herd
+from qcalib.select.selectq import AUTO_FALLBACK, auto_within, herd
 from test_selectq import small_net
 
 
@@ -50,6 +50,7 @@ def test_auto_resolves_per_calibrator_need():
         idx = sel.select(24)
         got[reads] = sel.selection_["within"]
         assert sel.selection_["calibrator_reads"] == reads
+        assert sel.selection_["token_pool"] is False
         explicit = _sq(num_clusters=4, within=got[reads]).fit(pool, model=model)
         assert torch.equal(idx, explicit.select(24))  # auto is exactly the resolved rule
     assert got == {"range": "nearest", "distribution": "matched", "fit": "matched",
@@ -63,6 +64,30 @@ def test_auto_resolves_per_calibrator_need():
         _sq().fit(pool, model=model, calibrator_reads="extremes")
     with pytest.raises(QCalibError, match="within must be one of auto, nearest"):
         _sq(within="closest")
+
+
+def test_auto_on_a_token_pool_gives_range_readers_matched():
+    """Language models: ``nearest`` lost to random under min-max on SmolLM2 (outlier tokens
+    set the ranges), so ``auto`` picks ``matched`` for every need on token pools."""
+    pytest.importorskip("transformers")
+    import numpy as np
+
+    from qcalib.data.text import TokenSamples
+    from text_models import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    tokens = np.random.default_rng(0).integers(0, len(tok), size=40 * 8)
+    pool = Pool(TokenSamples(tokens, np.array([0, tokens.size]), 8, "chunk", 0), name="tokens")
+    for reads in ("range", "distribution", "fit", None):
+        sel = _sq(num_clusters=2).fit(pool, model=model, calibrator_reads=reads)
+        idx = sel.select(6)
+        assert sel.selection_["within"] == "matched" and sel.selection_["token_pool"] is True
+        explicit = _sq(num_clusters=2, within="matched").fit(pool, model=model)
+        assert torch.equal(idx, explicit.select(6))
+    # the image / feature table is unchanged
+    assert auto_within("range", token_pool=False) == "nearest"
+    assert auto_within("range", token_pool=True) == "matched"
 
 
 def test_pipeline_passes_the_calibrators_need(trained_tiny):

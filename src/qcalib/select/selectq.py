@@ -105,6 +105,15 @@ The pipeline passes what the run's calibrator reads from the set
   the pool cannot be far from what random sets give on average, while ``nearest`` lost
   up to 6 points under reconstruction; the safe side when the use is unknown.
 
+On **token pools** (language models: samples of token ids and masks) ``auto`` reads
+:data:`AUTO_WITHIN_TOKENS`, where ``"range"`` gets ``matched`` too. On SmolLM2-135M the
+range rows' ``nearest`` sets lost to random on every seed (static min-max W8A8 held-out
+perplexity 33.7-33.9 vs random's 32.0; W4A8 80.0-80.5 vs 74.8): an LLM's activation
+ranges come from rare outlier tokens, which the core of each cluster leaves out, and
+clipping them costs more than the finer grid gains. ``matched`` was chosen over
+``nearest`` on validation windows of the calibration split (``bench/llm.py --section
+validate-within``) and checked on MiniLM (``--section check-within-encoder``).
+
 Selection depends on the calibrator's need only through this rule (pass 1 does not).
 ``selection_["within"]`` records the rule used.
 
@@ -168,6 +177,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from qcalib.data.pool import Pool
+from qcalib.data.tokens import is_token_batch
 from qcalib.distributed import (
     all_gather_rows,
     is_distributed,
@@ -188,11 +198,20 @@ from qcalib.select.stats import (
     stat_batches,
 )
 
-__all__ = ["AUTO_FALLBACK", "AUTO_WITHIN", "WITHIN_RULES", "SelectQSelector"]
+__all__ = [
+    "AUTO_FALLBACK",
+    "AUTO_WITHIN",
+    "AUTO_WITHIN_TOKENS",
+    "WITHIN_RULES",
+    "SelectQSelector",
+    "auto_within",
+]
 
 WITHIN_RULES = ("auto", "nearest", "stratified", "matched")
 #: ``within="auto"``: the ranking rule for each calibrator need (see the module notes).
 AUTO_WITHIN = {"range": "nearest", "distribution": "matched", "fit": "matched"}
+#: ``within="auto"`` on token pools (language models; see the module notes).
+AUTO_WITHIN_TOKENS = {"range": "matched", "distribution": "matched", "fit": "matched"}
 #: ``within="auto"`` when the calibrator's need is not known.
 AUTO_FALLBACK = "matched"
 
@@ -247,6 +266,13 @@ def herd(features: Tensor, q: int) -> Tensor:
         taken[j] = True
         total += phi[j]
     return torch.tensor(out, dtype=torch.int64)
+
+
+def auto_within(calibrator_reads: str | None, token_pool: bool) -> str:
+    """``within="auto"``'s rule for a calibrator need (None: unknown) on an image / feature
+    pool (:data:`AUTO_WITHIN`) or a token pool (:data:`AUTO_WITHIN_TOKENS`)."""
+    table = AUTO_WITHIN_TOKENS if token_pool else AUTO_WITHIN
+    return table.get(calibrator_reads or "", AUTO_FALLBACK)
 
 
 @SELECTORS.register("selectq")
@@ -383,13 +409,14 @@ class SelectQSelector(Selector):
         self._pool: Pool | None = None
         self._collector: ActivationStatsCollector | None = None
         self._projections: dict[str, Tensor] = {}
+        self.token_pool_ = False
 
     def resolved_within(self) -> str:
         """The ranking rule ``select`` uses: ``within``, or ``auto``'s choice for the
-        calibrator need given to ``fit`` (:data:`AUTO_WITHIN`, :data:`AUTO_FALLBACK`)."""
+        calibrator need given to ``fit`` and the pool's kind (:func:`auto_within`)."""
         if self.within != "auto":
             return self.within
-        return AUTO_WITHIN.get(self.calibrator_reads_ or "", AUTO_FALLBACK)
+        return auto_within(self.calibrator_reads_, self.token_pool_)
 
     # ------------------------------------------------------------------ streams
     def _stat_batches(
@@ -438,6 +465,7 @@ class SelectQSelector(Selector):
     def _fit(self, pool: Pool, model: nn.Module | None) -> None:
         assert model is not None
         n_pool = len(pool)
+        self.token_pool_ = n_pool > 0 and is_token_batch(pool.example())
         k = self.num_clusters
         if k > n_pool:
             raise QCalibError(
@@ -592,6 +620,7 @@ class SelectQSelector(Selector):
             "peak_heap_entries": top.peak_held,
             "within": within,
             "calibrator_reads": self.calibrator_reads_,
+            "token_pool": self.token_pool_,
             "max_selected_kd": float(torch.cat(keys).max()),
         }
         return idx
