@@ -66,6 +66,16 @@ def test_auto_resolves_per_calibrator_need():
         _sq(within="closest")
 
 
+def test_every_registered_selector_is_a_selector_class():
+    # A helper once sat between @SELECTORS.register("selectq") and the class it decorates.
+    from qcalib.select.base import Selector
+
+    for name in SELECTORS.names():
+        cls = SELECTORS.get(name)
+        assert isinstance(cls, type) and issubclass(cls, Selector), name
+    assert SELECTORS.get("selectq") is SelectQSelector
+
+
 def test_auto_on_a_token_pool_gives_range_readers_matched():
     """Language models: ``nearest`` lost to random under min-max on SmolLM2 (outlier tokens
     set the ranges), so ``auto`` picks ``matched`` for every need on token pools."""
