@@ -68,6 +68,7 @@ from common import (
     CellStore,
     add_runner_args,
     apply_runner_args,
+    cell_key,
     group_rows,
     interleaved_timing,
     package_file,
@@ -241,14 +242,22 @@ ENCODER_WITHIN_METHODS = ("minmax-w8a8", "minmax-w4a8")
 
 def encoder_within_cells():  # noqa: ANN201
     for seed, m in itertools.product((0, 1, 2), ENCODER_WITHIN_METHODS):
-        base = {"model": "all-MiniLM-L6-v2", "method": m, "n": 64, "seed": seed}
-        yield {**base, "selector": "random", "selector_params": {}}
-        for rule in WITHIN_RULES_TRIED:
-            yield {**base, "selector": "selectq",
-                   "selector_params": {**SELECTOR_PARAMS["selectq"], "within": rule}}  # fmt: skip
+        yield from rule_variants({"model": "all-MiniLM-L6-v2", "method": m, "n": 64, "seed": seed})
 
 
-def write_encoder_within(store: CellStore) -> None:
+def rule_variants(base: dict):  # noqa: ANN201
+    """``base`` with a random set, then with SelectQ under each of ``WITHIN_RULES_TRIED``."""
+    yield {**base, "selector": "random", "selector_params": {}}
+    for rule in WITHIN_RULES_TRIED:
+        yield {**base, "selector": "selectq",
+               "selector_params": {**SELECTOR_PARAMS["selectq"], "within": rule}}  # fmt: skip
+
+
+def rows_by_rule(
+    store: CellStore, metric: str, column: str, digits: int, extra: Callable[[dict], dict]
+) -> list[dict]:
+    """One row per (method, selector, SelectQ rule): the per-seed values of ``metric`` (as
+    ``column``), their summary and ``extra(first cell)`` (the ranking-rule tables)."""
     groups: dict[tuple, list[dict]] = {}
     for r in store.rows.values():
         c = r["cell"]
@@ -257,11 +266,16 @@ def write_encoder_within(store: CellStore) -> None:
     rows = []
     for (method, selector, within), group in sorted(groups.items()):
         group.sort(key=lambda r: r["cell"]["seed"])
-        cos = [r["cosine"] for r in group]
+        values = [r[metric] for r in group]
         rows.append({"method": method, "selector": selector, "within": within,
                      "seeds": [r["cell"]["seed"] for r in group],
-                     "cosines": [round(v, 5) for v in cos], **summarize(cos, 5),
-                     "eval_docs": group[0]["eval_docs"]})  # fmt: skip
+                     column: [round(v, digits) for v in values],
+                     **summarize(values, digits), **extra(group[0])})  # fmt: skip
+    return rows
+
+
+def write_encoder_within(store: CellStore) -> None:
+    rows = rows_by_rule(store, "cosine", "cosines", 5, lambda c: {"eval_docs": c["eval_docs"]})
     write_tables(
         f"{GRID}-check-within-encoder",
         "SelectQ's ranking rule for min-max checked on a model it was not chosen on (MiniLM)",
@@ -333,26 +347,12 @@ WITHIN_RULES_TRIED = ("nearest", "matched")
 
 def validate_within_cells():  # noqa: ANN201
     for seed, m in itertools.product(VALIDATE_SEEDS, WITHIN_METHODS):
-        yield {"method": m, "selector": "random", "n": 32, "seed": seed, "selector_params": {}}
-        for rule in WITHIN_RULES_TRIED:
-            yield {"method": m, "selector": "selectq", "n": 32, "seed": seed,
-                   "selector_params": {**SELECTOR_PARAMS["selectq"], "within": rule}}  # fmt: skip
+        yield from rule_variants({"method": m, "n": 32, "seed": seed})
 
 
 def write_validate_within(store: CellStore) -> None:
-    groups: dict[tuple, list[dict]] = {}
-    for r in store.rows.values():
-        c = r["cell"]
-        key = (c["method"], c["selector"], c["selector_params"].get("within", ""))
-        groups.setdefault(key, []).append(r)
-    rows = []
-    for (method, selector, within), group in sorted(groups.items()):
-        group.sort(key=lambda r: r["cell"]["seed"])
-        ppl = [r["quant_ppl"] for r in group]
-        rows.append({"method": method, "selector": selector, "within": within,
-                     "seeds": [r["cell"]["seed"] for r in group],
-                     "ppls": [round(v, 2) for v in ppl], **summarize(ppl),
-                     "fp_ppl": round(group[0]["fp_ppl"], 2)})  # fmt: skip
+    rows = rows_by_rule(store, "quant_ppl", "ppls", 2,
+                        lambda c: {"fp_ppl": round(c["fp_ppl"], 2)})  # fmt: skip
     write_tables(
         f"{GRID}-validate-within",
         "SmolLM2-135M: SelectQ's ranking rule for min-max, chosen on validation windows",
@@ -744,7 +744,6 @@ def run_score(bench: Workbench, cache: IndexCache, c: dict, device: str) -> dict
 
 def write_scores(store: CellStore, scores: CellStore) -> None:
     rows = []
-    grid = {json.dumps(r["cell"], sort_keys=True): r for r in store.rows.values()}
     by = group_rows(scores.rows.values(), ("method", "selector"))
     for (method, selector), cells_ in sorted(by.items()):
         cells_.sort(key=lambda r: r["cell"]["seed"])
@@ -753,7 +752,7 @@ def write_scores(store: CellStore, scores: CellStore) -> None:
             c = dict(r["cell"])
             if METHODS[method][0] == "gptq":
                 c["first_token_weight"] = GPTQ_FIRST_TOKEN_WEIGHT
-            g = grid.get(json.dumps(c, sort_keys=True))
+            g = store.rows.get(cell_key(c))
             if g is not None:
                 pairs.append((r["cell"]["seed"], r["score"], g["quant_ppl"]))
         rows.append({

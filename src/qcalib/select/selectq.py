@@ -465,7 +465,7 @@ class SelectQSelector(Selector):
     def _fit(self, pool: Pool, model: nn.Module | None) -> None:
         assert model is not None
         n_pool = len(pool)
-        self.token_pool_ = n_pool > 0 and is_token_batch(pool.example())
+        self.token_pool_ = is_token_batch(pool.example())  # fit() refused an empty pool
         k = self.num_clusters
         if k > n_pool:
             raise QCalibError(
