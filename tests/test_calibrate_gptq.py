@@ -395,3 +395,48 @@ def test_stacked_after_marks_consecutive_members_of_one_module_list():
     assert stacked_after(blocks, root) == [False, True, True, False]
     swapped = [blocks[0], blocks[2], blocks[1]]
     assert stacked_after(swapped, root) == [False, False, False]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:qcalib. these modules")
+def test_an_interrupted_gptq_walk_resumes_at_its_first_unfinished_block(tmp_path, monkeypatch,
+                                                                        caplog):  # fmt: skip
+    from qcalib.calibrate.gptq import GPTQCalibrator
+
+    model, x = _tiny_llama(), _tokens()
+    cfg = QuantConfig(wbits=4, abits=16, group_size=16)
+    calib_cfg = CalibConfig(calibrator="gptq", batch_size=8)
+
+    def run(work_dir, calib_cfg=calib_cfg):  # noqa: ANN001, ANN202
+        qm = build_quant_model(model, cfg, x[:1])
+        calib = CALIBRATORS.get("gptq")(calib_cfg)
+        calib.calibrate(qm, x, progress=False, work_dir=work_dir)
+        return {n: m.weight.detach().clone() for n, m in qm.quant_modules()}, calib.report()
+
+    reference, _ = run(None)
+    solve, calls = GPTQCalibrator._quantize_layer, []
+
+    def interrupted(m, hessian, g):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) > 7:  # block 0's seven linears are done, block 1's first is not
+            raise _Interrupt
+        return solve(m, hessian, g)
+
+    monkeypatch.setattr(GPTQCalibrator, "_quantize_layer", staticmethod(interrupted))
+    with pytest.raises(_Interrupt):
+        run(tmp_path)
+    monkeypatch.setattr(GPTQCalibrator, "_quantize_layer", staticmethod(solve))
+    resumed, report = run(tmp_path)
+    assert report["resumed_blocks"] == 1 and report["gptq_layers"] == 14
+    assert "model.model.layers.0" in report["hessian_seconds"]  # the finished block's timing
+    assert resumed.keys() == reference.keys()
+    for name, w in reference.items():  # block 1 got block 0's GPTQ outputs as its inputs
+        assert torch.equal(resumed[name], w), name
+    # Another configuration does not continue from this checkpoint.
+    other = CalibConfig(calibrator="gptq", batch_size=8, gptq=GPTQConfig(first_token_weight=4))
+    with caplog.at_level("WARNING"):
+        _, report = run(tmp_path, other)
+    assert report["resumed_blocks"] == 0 and "made with another model" in caplog.text

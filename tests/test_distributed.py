@@ -8,6 +8,8 @@ computation in this process.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -256,3 +258,37 @@ def test_a_refused_run_directory_fails_every_rank_with_rank_zeros_error(ranks):
     errors = [r["rerun_error"] for r in res]
     assert errors[0] is not None and "holds a finished run" in errors[0]
     assert errors[1] == errors[0]
+
+
+def _cli(args: list[str], launcher: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a 2-core machine
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, *launcher, "-m", "qcalib.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_torchrun_cli_run_equals_the_single_process_run(tmp_path):
+    """The user's path of docs/distributed.md: ``torchrun`` starting ``qcalib.cli quantize``,
+    the process group set up from torchrun's environment (``init_from_env``), not by a
+    test harness. Same selected indices and bit-identical min-max state as one process."""
+    from qcalib.artifact import INDICES_FILE, STATE_FILE, read_indices
+    from qcalib.files import read_safetensors
+
+    flags = ["quantize", "--no-progress", "--model", "zoo:fmnist-resnet20", "--data", "digits",
+             "--selector", "selectq", "--calibrator", "minmax", "--num-calib", "24",
+             "--selector-param", "batch_size=128", "--eval-data", "none"]  # fmt: skip
+    one = _cli([*flags, "--out", str(tmp_path / "one")], [])
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two = _cli([*flags, "--out", str(tmp_path / "two")], torchrun)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "data-parallel over 2 ranks" in two.stdout, two.stdout[-2000:]
+    assert "data-parallel" not in one.stdout
+    assert read_indices(tmp_path / "two" / INDICES_FILE) == read_indices(
+        tmp_path / "one" / INDICES_FILE
+    )
+    state_one, _ = read_safetensors(tmp_path / "one" / STATE_FILE, "")
+    state_two, _ = read_safetensors(tmp_path / "two" / STATE_FILE, "")
+    assert state_one.keys() == state_two.keys() and state_one
+    for k, v in state_one.items():
+        assert torch.equal(v, state_two[k]), k

@@ -168,6 +168,39 @@ def test_report_page_has_every_figure(experiment, tmp_path):
     assert "W4A4 minmax random n=8" in page
 
 
+def _record(wbits, abits, selector, seed, top1, calibrator="minmax"):
+    from pathlib import Path
+
+    config = {"quant": {"wbits": wbits, "abits": abits}, "calib": {"calibrator": calibrator},
+              "select": {"selector": selector}, "seed": seed}  # fmt: skip
+    result = {"config": config, "calib_indices": list(range(32)), "quant_top1": top1,
+              "fp_top1": 93.5}  # fmt: skip
+    return runs.RunRecord(Path(f"r{seed}"), result, None, None)
+
+
+def test_report_figures_plot_random_and_selectq_per_bit_width_as_computed_by_hand():
+    from qcalib.report.figures import metric_lines, seed_spread, spread_groups
+
+    recs = [_record(3, 3, "random", s, v) for s, v in enumerate([60.0, 70.0, 80.0])]
+    recs += [_record(3, 3, "selectq", s, v) for s, v in enumerate([72.0, 74.0, 73.0])]
+    recs += [_record(4, 4, "random", s, v) for s, v in enumerate([92.0, 93.0])]
+    recs += [_record(4, None, "selectq", 0, 93.0)]  # weight-only sorts as A16, not a crash
+    recs += [_record(4, 4, "selectq", 0, None)]  # not evaluated: left out
+    lines = metric_lines(recs)
+    assert list(lines) == ["minmax / random", "minmax / selectq"]
+    assert lines["minmax / random"] == {(3, 3): (70.0, math.sqrt(200 / 3)), (4, 4): (92.5, 0.5)}
+    assert lines["minmax / selectq"] == {(3, 3): (73.0, math.sqrt(2 / 3)), (4, 16): (93.0, 0.0)}
+    groups = spread_groups(recs)
+    assert groups == {
+        "W3A3 minmax random n=32": [60.0, 70.0, 80.0],
+        "W3A3 minmax selectq n=32": [72.0, 74.0, 73.0],
+        "W4A4 minmax random n=32": [92.0, 93.0],
+        "W4A16 minmax selectq n=32": [93.0],
+    }
+    assert seed_spread(recs)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert seed_spread([r for r in recs if r.seed == 0]) is None  # no setting has 2 seeds
+
+
 def test_report_notes_missing_diagnostics_and_rejects_bad_input(experiment, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(experiment / "out" / "seed-0", bare)

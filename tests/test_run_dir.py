@@ -13,6 +13,7 @@ from conftest import tiny_resnet
 from qcalib.artifact import (
     CONFIG_FILE,
     INDICES_FILE,
+    LAYERS_FILE,
     RESULT_FILE,
     STATE_FILE,
     load_run,
@@ -195,6 +196,62 @@ def test_a_state_with_other_shapes_names_the_shape_mismatch(finished, trained_ti
         load_run(finished, model=wide)
 
 
+def _forget_recorded(run, name: str) -> None:
+    """As a result.json written before ``name``'s hash was recorded."""
+    result = json.loads((run / RESULT_FILE).read_text())
+    del result["files"][name]
+    (run / RESULT_FILE).write_text(json.dumps(result))
+
+
+def test_a_corrupted_layer_map_is_a_hash_mismatch(finished, trained_tiny, cli_model, capsys):
+    path = finished / LAYERS_FILE
+    path.write_text(path.read_text().replace('"wbits": 4', '"wbits": 3', 1))
+    with pytest.raises(QCalibError, match=rf"{LAYERS_FILE} has SHA-256 .* corrupted"):
+        load_run(finished, model=trained_tiny)
+    assert main(["eval", str(finished), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and LAYERS_FILE in err
+
+
+def test_an_edited_layer_map_names_the_layer_and_field(finished, trained_tiny):
+    _forget_recorded(finished, LAYERS_FILE)
+    path = finished / LAYERS_FILE
+    rows = json.loads(path.read_text())
+    rows[1]["abits"] = 8
+    path.write_text(json.dumps(rows))
+    with pytest.raises(QCalibError, match=rf"{LAYERS_FILE}: layer {rows[1]['name']} differs "
+                                          r"from the run's state \(abits\)"):  # fmt: skip
+        load_run(finished, model=trained_tiny)
+
+
+def test_a_layer_map_of_other_layers_or_missing_is_named(finished, trained_tiny):
+    _forget_recorded(finished, LAYERS_FILE)
+    path = finished / LAYERS_FILE
+    rows = json.loads(path.read_text())
+    path.write_text(json.dumps(rows[1:]))
+    with pytest.raises(QCalibError, match=rf"{LAYERS_FILE} lists other layers .*missing \["):
+        load_run(finished, model=trained_tiny)
+    path.write_text('{"not": "a list"}')
+    with pytest.raises(QCalibError, match="expected a JSON list of layer objects"):
+        load_run(finished, model=trained_tiny)
+    path.unlink()
+    with pytest.raises(QCalibError, match=rf"{LAYERS_FILE} does not exist; rerun"):
+        load_run(finished, model=trained_tiny)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"quant": {"wbits": 4', "is not valid JSON"),
+    ("[4, 4]", "is not a qcalib run config"),
+])  # fmt: skip
+def test_a_corrupt_run_config_of_an_unfinished_run_is_named(bench, tmp_path, content, message):
+    run = tmp_path / "run"
+    quantize(_cfg(), bench, out=run, progress=False)
+    (run / RESULT_FILE).unlink()  # as if killed after selection
+    (run / CONFIG_FILE).write_text(content)
+    with pytest.raises(QCalibError, match=rf"{CONFIG_FILE} {message}.*--overwrite"):
+        quantize(_cfg(), bench, out=run, progress=False)
+
+
 def test_truncated_result_json_names_the_file(finished, trained_tiny):
     path = finished / RESULT_FILE
     path.write_text(path.read_text()[:40])
@@ -233,14 +290,22 @@ def test_out_that_cannot_be_written_is_one_line(tmp_path, cli_model, capsys):
     assert err.count("\n") == 1 and "cannot write to" in err and "--out" in err
 
 
-def test_read_only_out_is_one_line(bench, tmp_path):
+def test_read_only_out_is_one_line(bench, tmp_path, monkeypatch):
     import os
+    from pathlib import Path
 
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only directories")
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into a 0o555 directory: refuse as the kernel would
+        write_bytes = Path.write_bytes
+
+        def refused(self, data):  # noqa: ANN001, ANN202
+            if ro in self.parents:
+                raise PermissionError(13, "Permission denied", str(self))
+            return write_bytes(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", refused)
     try:
         with pytest.raises(QCalibError, match="cannot write to .*--out"):
             quantize(_cfg(), bench, out=ro / "run", progress=False)

@@ -2,11 +2,12 @@
 
 ``OUT/run_config.json`` (the run's config, written before any work so an unfinished run
 can be recognized), ``OUT/calib_indices.json`` (written as soon as selection ends),
-``OUT/calib_state/`` (a reconstruction calibrator's per-block checkpoints),
+``OUT/calib_state/`` (per-block checkpoints of the reconstruction calibrators and GPTQ),
 ``OUT/result.json`` (config, accuracies, timings; written last, so its presence marks a
 finished run), ``OUT/quant_state.safetensors`` (every tensor of the calibrated QuantModel:
-folded weights, scales, zero points; its SHA-256 is recorded in ``result.json``) and
-``OUT/quant_layers.json`` (the grid of each quantized layer, readable without torch).
+folded weights, scales, zero points) and ``OUT/quant_layers.json`` (the grid of each
+quantized layer, readable without torch); the SHA-256 of both is recorded in
+``result.json``.
 
 Reusing a run directory (:func:`prepare_run_dir`), choices made here:
 
@@ -119,7 +120,8 @@ def save_run(out: Path, result: RunResult, qmodel: QuantModel) -> None:
     except OSError as e:
         raise write_failed(out / STATE_FILE, e) from None
     atomic_write_text(out / LAYERS_FILE, json.dumps(layer_table(qmodel), indent=1))
-    record = {**asdict(result), "files": {STATE_FILE: sha256_file(out / STATE_FILE)}}
+    files = {name: sha256_file(out / name) for name in (STATE_FILE, LAYERS_FILE)}
+    record = {**asdict(result), "files": files}
     atomic_write_text(out / RESULT_FILE, json.dumps(record, indent=1))
 
 
@@ -184,6 +186,10 @@ def prepare_run_dir(out: str | Path, cfg: RunConfig, overwrite: bool = False) ->
     elif unfinished:
         fix = "pass --overwrite to replace it, or choose another --out"
         saved = read_json(out / CONFIG_FILE, fix)
+        if not isinstance(saved, dict):
+            raise QCalibError(
+                f"{out / CONFIG_FILE} is not a qcalib run config (a JSON object expected); {fix}"
+            )
         diffs = config_differences(saved, _config_json(cfg))
         if diffs:
             shown = "; ".join(diffs[:3]) + (f"; +{len(diffs) - 3} more" if len(diffs) > 3 else "")
@@ -263,6 +269,35 @@ def load_quant_state(run_dir: str | Path, qmodel: QuantModel, result: dict | Non
     qmodel.load_state_dict(tensors)
 
 
+def check_layer_map(run_dir: str | Path, qmodel: QuantModel, result: dict | None = None) -> None:
+    """``run_dir``'s layer map (what another runtime reads) must be intact and describe
+    ``qmodel`` as loaded: a corrupted, edited or foreign ``quant_layers.json`` is named."""
+    run_dir = Path(run_dir)
+    path, fix = run_dir / LAYERS_FILE, _rerun(run_dir)
+    recorded = ((result or {}).get("files") or {}).get(LAYERS_FILE)
+    if recorded is not None and path.is_file():
+        check_sha256(path, recorded, fix)
+    saved = read_json(path, fix)
+    expected = json.loads(json.dumps(layer_table(qmodel)))
+    if saved == expected:
+        return
+    if not isinstance(saved, list) or not all(isinstance(r, dict) for r in saved):
+        raise QCalibError(f"{path}: expected a JSON list of layer objects; {fix}")
+    names = [r.get("name") for r in saved]
+    if names != [r["name"] for r in expected]:
+        missing = sorted({r["name"] for r in expected} - set(names))
+        extra = sorted(set(names) - {r["name"] for r in expected})
+        raise QCalibError(
+            f"{path} lists other layers than the run's model (missing {missing[:3]}, extra "
+            f"{extra[:3]}); {fix}"
+        )
+    row, ref = next((r, e) for r, e in zip(saved, expected, strict=True) if r != e)
+    keys = sorted(k for k in ref.keys() | row.keys() if row.get(k) != ref.get(k))
+    raise QCalibError(
+        f"{path}: layer {ref['name']} differs from the run's state ({', '.join(keys)}); {fix}"
+    )
+
+
 def load_run(
     run_dir: str | Path, model: nn.Module | None = None
 ) -> tuple[RunConfig, QuantModel, dict]:
@@ -292,4 +327,5 @@ def load_run(
     ).example()  # fmt: skip
     qmodel = build_quant_model(model.eval(), cfg.quant, example)
     load_quant_state(run_dir, qmodel, result)
+    check_layer_map(run_dir, qmodel, result)
     return cfg, qmodel.eval(), result

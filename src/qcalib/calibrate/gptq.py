@@ -64,6 +64,13 @@ Choices (ours where the paper leaves them open):
   shard of the calibration set; ``X^T X`` and the row counts are all-reduced (summed), so
   every rank holds the whole set's ``H`` (equal to one process's up to the order of the
   float32 sums) and runs the same solve.
+* **Resuming** (``work_dir``, the run directory's ``calib_state/gptq``): after each block
+  its layers' GPTQ weights go to a per-block checkpoint
+  (:class:`~qcalib.calibrate.checkpoint.BlockCheckpoint`); a rerun from the same start
+  (model state with its weight grid, calibration set, GPTQ options) loads the finished
+  blocks and only replays their forwards to rebuild the next block's inputs, so the
+  result equals an uninterrupted run's. Under ``torchrun`` rank 0 reads the checkpoint
+  and broadcasts it, so every rank skips the same blocks (their Hessian all-reduces pair).
 * Layers GPTQ cannot handle (grouped / depthwise convs, layers the calibration pass
   never reaches) keep their round-to-nearest weights, with a warning; :meth:`report`
   lists them.
@@ -75,6 +82,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +96,17 @@ from qcalib.calibrate.base import (
     calibrate_activations,
     calibrate_weights,
 )
+from qcalib.calibrate.checkpoint import BlockCheckpoint, state_digest
 from qcalib.config import CalibConfig, GPTQConfig
 from qcalib.data.tokens import is_token_batch, unpack_tokens
-from qcalib.distributed import all_reduce_sum, is_distributed, require_shards, shard
+from qcalib.distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    is_distributed,
+    require_shards,
+    shard,
+    world_size,
+)
 from qcalib.errors import QCalibError
 from qcalib.model.partition import Block, partition_blocks
 from qcalib.model.qmodules import QuantConv2d, QuantLinear, QuantModule, first_tensor
@@ -408,12 +424,18 @@ class GPTQCalibrator(ObserverCalibrator):
         require_shards(len(calib_data), "GPTQ calibration", "--num-calib")
         full_calib, calib_data = calib_data, shard(calib_data)
         prefix = {id(m): n for n, m in qmodel.quant_modules()}
+        checkpoint = self._checkpoint(qmodel, blocks, full_calib, work_dir)
+        resumed, info, saved = checkpoint.load() if checkpoint is not None else (0, {}, {})
+        if is_distributed():  # every rank skips the blocks rank 0 found finished
+            resumed, info, saved = broadcast_object((resumed, info, saved))
+        if resumed:
+            log.info("gptq: resuming at block %d/%d", resumed + 1, len(blocks))
         qmodel.set_quant_state(weight=True, act=False)
-        done, fallback = 0, []
+        done, fallback = int(info.get("gptq_layers", 0)), list(info.get("rtn_layers", []))
         stacked = stacked_after(blocks, qmodel)
         inputs: BlockInputs | None = None
-        hessian_s: dict[str, float] = {}
-        layer_s: dict[str, float] = {}
+        hessian_s: dict[str, float] = dict(info.get("hessian_seconds", {}))
+        layer_s: dict[str, float] = dict(info.get("layer_seconds", {}))
         try:
             for i, block in enumerate(
                 tqdm(blocks, desc="gptq blocks", leave=False, disable=not progress)
@@ -424,6 +446,13 @@ class GPTQCalibrator(ObserverCalibrator):
                     inputs = capture_block_inputs(qmodel, block, calib_data, self.cfg.batch_size)
                 elif not stacked[i]:
                     inputs = None
+                if i < resumed:  # finished before: its weights back, only its forward again
+                    with torch.no_grad():
+                        for name, w in saved[i].items():
+                            qmodel.model.get_submodule(name).weight.copy_(w)
+                    if inputs is not None and i + 1 < len(blocks) and stacked[i + 1]:
+                        inputs = next_block_inputs(block, inputs)
+                    continue
                 layers = {}
                 for _, m in block.layers():
                     name = prefix.get(id(m))
@@ -459,6 +488,13 @@ class GPTQCalibrator(ObserverCalibrator):
                         self._quantize_layer(m, acc[name].hessian(), g)
                         layer_s[name] = round(time.perf_counter() - t, 4)
                         done += 1
+                if checkpoint is not None:
+                    checkpoint.save(
+                        i,
+                        {name: m.weight for name, m in layers.items()},
+                        {"gptq_layers": done, "rtn_layers": fallback,
+                         "hessian_seconds": hessian_s, "layer_seconds": layer_s},
+                    )  # fmt: skip
                 if inputs is not None and i + 1 < len(blocks) and stacked[i + 1]:
                     inputs = next_block_inputs(block, inputs)
         finally:
@@ -482,11 +518,25 @@ class GPTQCalibrator(ObserverCalibrator):
             "block_size": g.block_size,
             "first_token_weight": g.first_token_weight,
             "seconds": round(time.perf_counter() - t0, 3),
+            "resumed_blocks": resumed,
             # Hessian passes per block and the GPTQ solve per layer (the cost split of
             # the benchmark's per-layer timing).
             "hessian_seconds": hessian_s,
             "layer_seconds": layer_s,
         }
+
+    def _checkpoint(
+        self, qmodel: QuantModel, blocks: list[Block], calib: torch.Tensor, work_dir: Path | None
+    ) -> BlockCheckpoint | None:
+        """The walk's checkpoint, keyed on everything the result depends on: the GPTQ
+        options, the blocks, the calibration set and the model state (its weight grid
+        included) before the first block."""
+        if work_dir is None:
+            return None
+        meta = {"walk": "gptq-v1", "gptq": asdict(self.cfg.gptq), "batch": self.cfg.batch_size,
+                "blocks": [b.name for b in blocks], "ranks": world_size()}  # fmt: skip
+        tensors = [("calib", calib), *sorted(qmodel.state_dict().items())]
+        return BlockCheckpoint(Path(work_dir) / "gptq", state_digest(meta, tensors), "gptq")
 
     @staticmethod
     @torch.no_grad()

@@ -106,6 +106,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from qcalib.calibrate.checkpoint import tensor_bytes
 from qcalib.calibrate.lsq import ReconActQuantizer
 from qcalib.calibrate.rounding import (
     AdaRoundQuantizer,
@@ -439,11 +440,6 @@ def derive_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()
-
-
 def _term_id(term: Any) -> str:
     ident = getattr(term, "fingerprint", None)
     text = ident() if callable(ident) else (ident if ident is not None else repr(term))
@@ -562,11 +558,11 @@ class BlockReconstructor:
         }
         h.update(json.dumps(meta, sort_keys=True, default=str).encode())
         h.update(str(tuple(self.calib_data.shape)).encode())
-        h.update(_tensor_bytes(self.calib_data))
+        h.update(tensor_bytes(self.calib_data))
         for key, value in sorted(self.qmodel.state_dict().items()):
             h.update(key.encode())
             h.update(str((tuple(value.shape), value.dtype)).encode())
-            h.update(_tensor_bytes(value))
+            h.update(tensor_bytes(value))
         return h.hexdigest()
 
     def run(self) -> None:

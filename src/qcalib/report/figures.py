@@ -54,6 +54,33 @@ def _metric(records: list[RunRecord]) -> str:
     return records[0].metric if records else "top1"
 
 
+def metric_lines(records: list[RunRecord]) -> dict[str, dict[tuple[int, int], tuple]]:
+    """What :func:`metric_vs_bits` draws: ``{"calibrator / selector": {(wbits, abits):
+    (mean, std)}}`` over the seeds of the evaluated runs, lines and points in sorted order
+    (std: population std, 0 for one seed)."""
+    lines: dict[str, dict[tuple[int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.quant_value is not None:
+            lines[f"{r.calibrator} / {r.selector}"][r.bits_key].append(r.quant_value)
+    return {
+        label: {
+            k: (statistics.fmean(v), statistics.pstdev(v) if len(v) > 1 else 0.0)
+            for k, v in sorted(by_bits.items())
+        }
+        for label, by_bits in sorted(lines.items())
+    }
+
+
+def spread_groups(records: list[RunRecord]) -> dict[str, list[float]]:
+    """What :func:`seed_spread` draws: the evaluated seeds' values per setting, settings in
+    (bits, calibrator, selector) order, so each setting's selectors stand side by side."""
+    groups = {
+        k: [r.quant_value for r in v if r.quant_value is not None]
+        for k, v in _settings(records).items()
+    }
+    return {k: v for k, v in groups.items() if v}
+
+
 def metric_vs_bits(records: list[RunRecord]) -> bytes | None:
     """The quantized metric against the bit widths, one line per calibrator + selector
     (mean over seeds, error bar one standard deviation); the FP figure dashed."""
@@ -63,15 +90,11 @@ def metric_vs_bits(records: list[RunRecord]) -> bytes | None:
     metric = _metric(evaluated)
     bits = sorted({r.bits_key for r in evaluated})
     x_of = {b: i for i, b in enumerate(bits)}
-    lines: dict[str, dict[tuple[int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in evaluated:
-        lines[f"{r.calibrator} / {r.selector}"][r.bits_key].append(r.quant_value)
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
-    for label, by_bits in sorted(lines.items()):
-        keys = sorted(by_bits)
-        means = [statistics.fmean(by_bits[k]) for k in keys]
-        stds = [statistics.pstdev(by_bits[k]) if len(by_bits[k]) > 1 else 0.0 for k in keys]
+    for label, points in metric_lines(evaluated).items():
+        keys = list(points)
+        means, stds = zip(*points.values(), strict=True)
         ax.errorbar([x_of[k] for k in keys], means, yerr=stds, marker="o", capsize=3, label=label)
     fps = [r.fp_value for r in evaluated if r.fp_value is not None]
     if fps and metric != "embedding_cosine":
@@ -88,16 +111,15 @@ def metric_vs_bits(records: list[RunRecord]) -> bytes | None:
 
 def seed_spread(records: list[RunRecord]) -> bytes | None:
     """Box plots of the metric over seeds, per setting, the selectors side by side."""
-    groups = {
-        k: v for k, v in _settings(records).items() if any(r.quant_value is not None for r in v)
-    }
-    if not any(len(v) > 1 for v in groups.values()):
+    values = spread_groups(records)
+    if not any(len(v) > 1 for v in values.values()):
         return None
+    groups = {k: v for k, v in _settings(records).items() if k in values}
     selectors = sorted({v[0].selector for v in groups.values()})
     colors = {s: f"C{i}" for i, s in enumerate(selectors)}
     fig = Figure(figsize=(max(6.4, 0.9 * len(groups) + 2), 4.2))
     ax = fig.add_subplot()
-    data = [[r.quant_value for r in v if r.quant_value is not None] for v in groups.values()]
+    data = list(values.values())
     boxes = ax.boxplot(data, patch_artist=True, showmeans=True)
     for patch, runs in zip(boxes["boxes"], groups.values(), strict=True):
         patch.set_facecolor(colors[runs[0].selector])

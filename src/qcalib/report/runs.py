@@ -31,13 +31,14 @@ class RunRecord:
 
     @property
     def bits(self) -> str:
-        q = self.config["quant"]
-        return f"W{q['wbits']}A{q['abits']}"
+        return "W{}A{}".format(*self.bits_key)
 
     @property
     def bits_key(self) -> tuple[int, int]:
+        """``(wbits, abits)``, float activations (weight-only runs) as 16 bits, so weight-only
+        and activation-quantized runs sort together."""
         q = self.config["quant"]
-        return (q["wbits"], q["abits"])
+        return (q["wbits"], 16 if q["abits"] is None else q["abits"])
 
     @property
     def calibrator(self) -> str:
