@@ -166,6 +166,17 @@ def test_pool_of_the_wrong_channel_count_names_both_shapes(trained_tiny):
         quantize(_cfg(), Workbench(trained_tiny, Pool(rgb)), progress=False)
 
 
+def test_pool_of_the_wrong_image_size_names_the_sample_shape():
+    """A head sized for 8x8 inputs (flatten + Linear) fed 12x12 images."""
+    torch.manual_seed(0)
+    fixed = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    big = TensorImageDataset(torch.zeros(10, 1, 12, 12, dtype=torch.uint8), None, (0.5,),
+                             (0.5,))  # fmt: skip
+    message = r"a sample has shape \(1, 12, 12\), the model expects 1 channel\(s\) at its first"
+    with pytest.raises(QCalibError, match=message):
+        quantize(_cfg(), Workbench(fixed.eval(), Pool(big)), progress=False)
+
+
 BAD_BITS = [("--wbits", "1"), ("--wbits", "9"), ("--abits", "0"), ("--first-last-bits", "12")]
 
 
