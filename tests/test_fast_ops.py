@@ -10,6 +10,8 @@ inputs, at the clipping bounds, for p = 0 / 1, asymmetric zero points, per-chann
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -30,8 +32,19 @@ def reference_drop(q: ReconActQuantizer, x: torch.Tensor, gen: torch.Generator) 
     xq = fake_quantize(x, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax, q.spec.ch_axis)
     if q.drop_prob == 1.0:
         return xq
-    keep_q = torch.rand(x.shape, generator=gen, device=x.device) < q.drop_prob
+    keep_q = reference_keep(q.drop_prob, x.shape, gen)
     return torch.where(keep_q, xq, x)
+
+
+def reference_keep(p: float, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    """Which elements are quantized, drawn as the quantizer draws them: one random byte per
+    element (8 per 64-bit draw, little-endian) when 256 p is an integer, else a float."""
+    if (256 * p) % 1 == 0:
+        n = math.prod(shape)
+        words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None, generator=gen)
+        as_bytes = [(int(w) >> (8 * i)) & 0xFF for w in words.tolist() for i in range(8)][:n]
+        return (torch.tensor(as_bytes) < 256 * p).reshape(shape)
+    return torch.rand(shape, generator=gen) < p
 
 
 def reference_adaround(q: AdaRoundQuantizer, w: torch.Tensor) -> torch.Tensor:
@@ -197,13 +210,35 @@ def test_drop_matches_selecting_reference(p, bits, zero_shift):
         assert (new[differs] == x0[differs]).any() and (new[differs] == xq[differs]).any()
 
 
-def test_drop_mask_rate_and_dtype():
+@pytest.mark.parametrize(("p", "byte_threshold"), [(0.25, 64), (0.5, 128), (0.3, None),
+                                                   (255 / 256, 255), (1e-3, None)])  # fmt: skip
+def test_drop_mask_rate_and_dtype(p, byte_threshold):
     base = _act_quantizer(4, 0.0)
-    q = ReconActQuantizer(base, drop_prob=0.25, generator=torch.Generator().manual_seed(0))
-    m = q.drop_mask(torch.empty(200_000))
-    assert m.dtype == torch.float32
-    assert set(m.unique().tolist()) == {0.0, 1.0}
-    assert abs(m.mean().item() - 0.25) < 0.005
+    q = ReconActQuantizer(base, drop_prob=p, generator=torch.Generator().manual_seed(0))
+    assert q.byte_threshold == byte_threshold
+    m = q.drop_mask(torch.empty(400_001))  # not a multiple of the 8 bytes of a draw
+    assert m.dtype == torch.float32 and m.shape == (400_001,)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    se = math.sqrt(p * (1 - p) / m.numel())
+    assert abs(m.mean().item() - p) < 5 * se
+    # Every byte of a draw is used and uniform: the mask's 8 interleaved sub-streams
+    # (element i mod 8) each keep the rate, so no byte position is biased.
+    if byte_threshold is not None:
+        for lane in range(8):
+            lane_mean = m[lane::8].mean().item()
+            assert abs(lane_mean - p) < 5 * math.sqrt(p * (1 - p) / m[lane::8].numel()), lane
+
+
+def test_drop_mask_is_the_generator_stream_and_float64_keeps_its_dtype():
+    base = _act_quantizer(4, 0.0)
+    masks = []
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        q = ReconActQuantizer(base, drop_prob=0.5, generator=torch.Generator().manual_seed(7))
+        masks.append(q.drop_mask(torch.empty(3, 5, 7, dtype=dtype)))
+    assert masks[1].dtype == torch.float64
+    assert torch.equal(masks[0], masks[2]) and torch.equal(masks[0], masks[1].float())
+    keep = reference_keep(0.5, (3, 5, 7), torch.Generator().manual_seed(7))
+    assert torch.equal(masks[0].bool(), keep)
 
 
 def test_drop_reduced_precision_input_keeps_float32_grid():

@@ -18,11 +18,17 @@ Speed (issue 14), same mathematics: the quantization is the fused autograd node
 drop is arithmetic on a float mask, ``torch.lerp(x, x_q, m)`` with ``m`` in {0, 1}: lerp
 returns ``x`` and ``x_q`` exactly at 0 and 1 and its gradients are ``g (1 - m)`` and
 ``g m``, the gradients of the former ``torch.where(keep, x_q, x)``, at a fraction of a
-select's cost. The mask is drawn as before (``torch.rand(..., generator) < p``, compared
-in place into a float 0/1 mask), so the random stream, and hence every run, is that of
-the selecting version. A fresh mask per call rather than one reused buffer: autograd
-keeps the mask for the backward, and a block that runs its forward twice before one
-backward would find a reused buffer overwritten.
+select's cost. The mask's random numbers come in the cheapest dtype that represents
+``p`` exactly: when ``256 p`` is an integer (QDrop's 0.5 among them) one random byte per
+element, ``byte < 256 p`` (8 bytes per 64-bit draw of the generator, compared straight
+into the float mask: on one CPU thread about a fifth of ``torch.rand``'s cost on a
+400k-element activation); any other ``p`` draws ``torch.rand(...) < p`` as before. Both
+are exact Bernoulli(p) masks from the stage's seeded generator, but the byte stream is
+not the float one, so runs at such ``p`` differ by seed noise from those of qcalib
+before this change (``bench/results/recon-rerun.md`` reruns them). A fresh mask per
+call rather than one reused buffer: autograd keeps the mask for the backward, and a
+block that runs its forward twice before one backward would find a reused buffer
+overwritten.
 
 :meth:`commit` writes the learned scale back into the original quantizer and returns it.
 """
@@ -58,6 +64,9 @@ class ReconActQuantizer(nn.Module):
         self.scale = nn.Parameter(base.scale.detach().clone(), requires_grad=self.learn_scale)
         self.register_buffer("zero_point", base.zero_point.detach().clone())
         self.drop_prob = float(drop_prob)
+        # 256 p when it is an integer: the mask is drawn one random byte per element.
+        byte = self.drop_prob * 256
+        self.byte_threshold = int(byte) if byte == int(byte) and 0 < byte < 256 else None
         # The zero point stays fixed here: its grid bounds as numbers, read back once.
         zp = self.zero_point
         self.bounds = (
@@ -77,8 +86,15 @@ class ReconActQuantizer(nn.Module):
         )
 
     def drop_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """1.0 where an element is quantized (probability ``drop_prob``), else 0.0."""
-        # Drawn in the default dtype, as the selecting version drew it (the same stream).
+        """1.0 where an element is quantized (probability ``drop_prob``), else 0.0, in
+        ``x``'s dtype."""
+        if self.byte_threshold is not None:
+            n = x.numel()
+            # The full 64-bit range: every byte of every draw is uniform.
+            words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device)
+            words.random_(-(2**63), None, generator=self.generator)
+            uniform_bytes = words.view(torch.uint8)[:n].view(x.shape)
+            return torch.lt(uniform_bytes, self.byte_threshold, out=torch.empty_like(x))
         mask = torch.rand(x.shape, generator=self.generator, device=x.device).lt_(self.drop_prob)
         return mask if mask.dtype == x.dtype else mask.to(x.dtype)
 
