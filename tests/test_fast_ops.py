@@ -210,6 +210,38 @@ def test_drop_matches_selecting_reference(p, bits, zero_shift):
         assert (new[differs] == x0[differs]).any() and (new[differs] == xq[differs]).any()
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_drop_node_is_bit_identical_to_lerp_of_the_fused_quantizer(per_channel, dtype):
+    from qcalib.quant.fused import drop_fake_quantize_learnable
+
+    g = torch.Generator().manual_seed(3)
+    x0 = (torch.randn(8, 4, 6, 6, generator=g) * 2).to(dtype)
+    upstream = torch.randn(x0.shape, generator=g).to(dtype)
+    mask = (torch.rand(x0.shape, generator=g) < 0.5).to(dtype)
+    if per_channel:
+        scale0, zp = torch.tensor([0.1, 0.3, 0.2, 0.05]), torch.tensor([3.0, 0.0, 8.0, 15.0])
+    else:
+        scale0, zp = torch.tensor(0.25), torch.tensor(5.0)
+    results = []
+    for fused in (False, True):
+        x = x0.clone().requires_grad_()
+        scale = scale0.clone().requires_grad_()
+        if fused:
+            out = drop_fake_quantize_learnable(x, scale, zp, 0, 15, mask, ch_axis=1)
+        else:
+            out = torch.lerp(x, fake_quantize_learnable(x, scale, zp, 0, 15, ch_axis=1), mask)
+        out.backward(upstream)
+        results.append((out.detach(), x.grad, scale.grad))
+    (ref, ref_gx, ref_gs), (new, new_gx, new_gs) = results
+    assert torch.equal(new, ref) and torch.equal(new_gx, ref_gx)
+    assert torch.equal(new_gs, ref_gs) if not per_channel else torch.allclose(new_gs, ref_gs)
+    assert (mask == 0).any() and (new_gx[mask == 0] == upstream[mask == 0]).all()
+    with torch.no_grad():  # no graph: the plain two-op value
+        plain = drop_fake_quantize_learnable(x0, scale0, zp, 0, 15, mask, ch_axis=1)
+    assert torch.equal(plain, ref)
+
+
 @pytest.mark.parametrize(("p", "byte_threshold"), [(0.25, 64), (0.5, 128), (0.3, None),
                                                    (255 / 256, 255), (1e-3, None)])  # fmt: skip
 def test_drop_mask_rate_and_dtype(p, byte_threshold):

@@ -15,7 +15,8 @@ while a block is reconstructed:
 
 Speed (issue 14), same mathematics: the quantization is the fused autograd node
 :func:`~qcalib.quant.fused.fake_quantize_learnable` (one node, clamps, no selects), and the
-drop is arithmetic on a float mask, ``torch.lerp(x, x_q, m)`` with ``m`` in {0, 1}: lerp
+drop is arithmetic on a float mask, ``torch.lerp(x, x_q, m)`` with ``m`` in {0, 1}, fused
+with the quantization into one node (:func:`~qcalib.quant.fused.drop_fake_quantize_learnable`): lerp
 returns ``x`` and ``x_q`` exactly at 0 and 1 and its gradients are ``g (1 - m)`` and
 ``g m``, the gradients of the former ``torch.where(keep, x_q, x)``, at a fraction of a
 select's cost. The mask's random numbers come in the cheapest dtype that represents
@@ -38,7 +39,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcalib.quant.fused import fake_quantize_learnable, scalar_bounds
+from qcalib.quant.fused import (
+    drop_fake_quantize_learnable,
+    fake_quantize_learnable,
+    scalar_bounds,
+)
 from qcalib.quant.quantizer import UniformQuantizer
 
 __all__ = ["ReconActQuantizer"]
@@ -105,10 +110,13 @@ class ReconActQuantizer(nn.Module):
             # Mixed precision: the grid arithmetic (and the drop mix) stays in the step's
             # precision; only the layers' own FP work runs in the reduced one.
             x = x.to(self.scale.dtype)
-        xq = self.quantize(x)
         if self.drop_prob == 1.0:
-            return xq
-        return torch.lerp(x, xq, self.drop_mask(x))
+            return self.quantize(x)
+        s = self.spec
+        mask = self.drop_mask(x)
+        return drop_fake_quantize_learnable(
+            x, self.scale, self.zero_point, s.qmin, s.qmax, mask, s.ch_axis, bounds=self.bounds
+        )
 
     @torch.no_grad()
     def project(self) -> None:
