@@ -241,14 +241,21 @@ def read_result(run_dir: str | Path) -> tuple[RunConfig, dict]:
     return cfg, result
 
 
+def _check_recorded_hash(path: Path, result: dict | None, fix: str) -> None:
+    """``path`` must match the SHA-256 that ``result.json`` recorded for it (files of
+    runs made before a hash was recorded are not checked; a missing file is its
+    reader's error)."""
+    recorded = ((result or {}).get("files") or {}).get(path.name)
+    if recorded is not None and path.is_file():
+        check_sha256(path, recorded, fix)
+
+
 def load_quant_state(run_dir: str | Path, qmodel: QuantModel, result: dict | None = None) -> None:
     """Load ``run_dir``'s quantization state into ``qmodel``, checking the file's hash (as
     recorded in ``result``), its format and that it was made for this architecture."""
     run_dir = Path(run_dir)
     path, fix = run_dir / STATE_FILE, _rerun(run_dir)
-    recorded = ((result or {}).get("files") or {}).get(STATE_FILE)
-    if recorded is not None and path.is_file():
-        check_sha256(path, recorded, fix)
+    _check_recorded_hash(path, result, fix)
     tensors, metadata = read_safetensors(path, fix)
     if metadata.get("format") != STATE_FORMAT:
         raise QCalibError(
@@ -274,9 +281,7 @@ def check_layer_map(run_dir: str | Path, qmodel: QuantModel, result: dict | None
     ``qmodel`` as loaded: a corrupted, edited or foreign ``quant_layers.json`` is named."""
     run_dir = Path(run_dir)
     path, fix = run_dir / LAYERS_FILE, _rerun(run_dir)
-    recorded = ((result or {}).get("files") or {}).get(LAYERS_FILE)
-    if recorded is not None and path.is_file():
-        check_sha256(path, recorded, fix)
+    _check_recorded_hash(path, result, fix)
     saved = read_json(path, fix)
     expected = json.loads(json.dumps(layer_table(qmodel)))
     if saved == expected:

@@ -431,11 +431,11 @@ class GPTQCalibrator(ObserverCalibrator):
         if resumed:
             log.info("gptq: resuming at block %d/%d", resumed + 1, len(blocks))
         qmodel.set_quant_state(weight=True, act=False)
-        done, fallback = int(info.get("gptq_layers", 0)), list(info.get("rtn_layers", []))
+        fallback: list[str] = list(info.get("rtn_layers", []))
         stacked = stacked_after(blocks, qmodel)
         inputs: BlockInputs | None = None
         hessian_s: dict[str, float] = dict(info.get("hessian_seconds", {}))
-        layer_s: dict[str, float] = dict(info.get("layer_seconds", {}))
+        layer_s: dict[str, float] = dict(info.get("layer_seconds", {}))  # finished layers
         try:
             for i, block in enumerate(
                 tqdm(blocks, desc="gptq blocks", leave=False, disable=not progress)
@@ -450,51 +450,17 @@ class GPTQCalibrator(ObserverCalibrator):
                     with torch.no_grad():
                         for name, w in saved[i].items():
                             qmodel.model.get_submodule(name).weight.copy_(w)
-                    if inputs is not None and i + 1 < len(blocks) and stacked[i + 1]:
-                        inputs = next_block_inputs(block, inputs)
-                    continue
-                layers = {}
-                for _, m in block.layers():
-                    name = prefix.get(id(m))
-                    if name is None:
-                        continue
-                    if supports_gptq(m):
-                        layers[name] = m
-                    else:
-                        fallback.append(name)
-                if layers:
-                    for m in layers.values():  # the block runs float while H is collected
-                        m.use_weight_quant = False
-                    t = time.perf_counter()
-                    try:
-                        acc = collect_hessians(
-                            qmodel,
-                            block,
-                            layers,
-                            calib_data,
-                            self.cfg.batch_size,
-                            inputs,
-                            first_token_weight=g.first_token_weight,
-                        )
-                    finally:
-                        for m in layers.values():
-                            m.use_weight_quant = True
-                    hessian_s[block.name] = round(time.perf_counter() - t, 4)
-                    for name, m in layers.items():
-                        if acc[name].rows == 0:
-                            fallback.append(name)
-                            continue
-                        t = time.perf_counter()
-                        self._quantize_layer(m, acc[name].hessian(), g)
-                        layer_s[name] = round(time.perf_counter() - t, 4)
-                        done += 1
-                if checkpoint is not None:
-                    checkpoint.save(
-                        i,
-                        {name: m.weight for name, m in layers.items()},
-                        {"gptq_layers": done, "rtn_layers": fallback,
-                         "hessian_seconds": hessian_s, "layer_seconds": layer_s},
-                    )  # fmt: skip
+                else:
+                    layers = self._solve_block(
+                        qmodel, block, prefix, calib_data, inputs, fallback, hessian_s, layer_s
+                    )
+                    if checkpoint is not None:
+                        checkpoint.save(
+                            i,
+                            {name: m.weight for name, m in layers.items()},
+                            {"rtn_layers": fallback, "hessian_seconds": hessian_s,
+                             "layer_seconds": layer_s},
+                        )  # fmt: skip
                 if inputs is not None and i + 1 < len(blocks) and stacked[i + 1]:
                     inputs = next_block_inputs(block, inputs)
         finally:
@@ -511,7 +477,7 @@ class GPTQCalibrator(ObserverCalibrator):
         )  # shards it itself
         self._report = {
             "blocks": len(blocks),
-            "gptq_layers": done,
+            "gptq_layers": len(layer_s),  # one solve timing per GPTQ-rounded layer
             "rtn_layers": fallback,
             "act_order": g.act_order,
             "percdamp": g.percdamp,
@@ -524,6 +490,59 @@ class GPTQCalibrator(ObserverCalibrator):
             "hessian_seconds": hessian_s,
             "layer_seconds": layer_s,
         }
+
+    def _solve_block(
+        self,
+        qmodel: QuantModel,
+        block: Block,
+        prefix: dict[int, str],
+        calib_data: torch.Tensor,
+        inputs: BlockInputs | None,
+        fallback: list[str],
+        hessian_s: dict[str, float],
+        layer_s: dict[str, float],
+    ) -> dict[str, QuantModule]:
+        """GPTQ on one block: its layers' Hessians from one pass (the block float), then
+        each layer's solve. Returns the block's GPTQ-capable layers; those it could not
+        solve (and the layers GPTQ cannot handle) are appended to ``fallback``; the
+        timings go into ``hessian_s`` / ``layer_s``."""
+        g = self.cfg.gptq
+        layers = {}
+        for _, m in block.layers():
+            name = prefix.get(id(m))
+            if name is None:
+                continue
+            if supports_gptq(m):
+                layers[name] = m
+            else:
+                fallback.append(name)
+        if not layers:
+            return layers
+        for m in layers.values():  # the block runs float while H is collected
+            m.use_weight_quant = False
+        t = time.perf_counter()
+        try:
+            acc = collect_hessians(
+                qmodel,
+                block,
+                layers,
+                calib_data,
+                self.cfg.batch_size,
+                inputs,
+                first_token_weight=g.first_token_weight,
+            )
+        finally:
+            for m in layers.values():
+                m.use_weight_quant = True
+        hessian_s[block.name] = round(time.perf_counter() - t, 4)
+        for name, m in layers.items():
+            if acc[name].rows == 0:
+                fallback.append(name)
+                continue
+            t = time.perf_counter()
+            self._quantize_layer(m, acc[name].hessian(), g)
+            layer_s[name] = round(time.perf_counter() - t, 4)
+        return layers
 
     def _checkpoint(
         self, qmodel: QuantModel, blocks: list[Block], calib: torch.Tensor, work_dir: Path | None

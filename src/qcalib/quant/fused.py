@@ -85,17 +85,22 @@ class _LearnableFakeQuantize(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         _x, s, lo, hi, bounds = inputs
-        v = output[1]
-        scalar = bounds is not None
-        ctx.scalar = scalar
-        ctx.bounds = bounds
-        ctx.save_for_backward(v, s) if scalar else ctx.save_for_backward(v, s, lo, hi)
-        ctx.mark_non_differentiable(v)
+        _save_grid(ctx, output[1], s, lo, hi, bounds)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, _grad_v: torch.Tensor | None):  # noqa: ANN205
         grad_in, grad_s = _grads(ctx, grad, ctx.needs_input_grad[1])
         return (grad_in if ctx.needs_input_grad[0] else None), grad_s, None, None, None
+
+
+def _save_grid(ctx: Any, v: torch.Tensor, s: torch.Tensor, lo: Any, hi: Any,
+               bounds: tuple | None, *extra: torch.Tensor) -> None:  # fmt: skip
+    """Keep what :func:`_grads` reads: ``v = x / s``, ``s``, the bounds (as numbers in
+    ``ctx.bounds`` for a per-tensor grid, else as saved tensors), then ``extra`` tensors."""
+    ctx.scalar = bounds is not None
+    ctx.bounds = bounds
+    ctx.save_for_backward(*((v, s) if ctx.scalar else (v, s, lo, hi)), *extra)
+    ctx.mark_non_differentiable(v)
 
 
 def _grads(ctx: Any, grad: torch.Tensor, need_s: bool) -> tuple[torch.Tensor, Any]:
@@ -131,19 +136,14 @@ class _DropLearnableFakeQuantize(torch.autograd.Function):
     (same arguments, plus the 0/1 ``mask`` in ``x``'s dtype, saved for the backward)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, s: torch.Tensor, lo, hi, bounds, mask: torch.Tensor):  # noqa: ANN001, ANN205
+    def forward(x, s, lo, hi, bounds, mask):  # noqa: ANN001, ANN205
         v = torch.div(x, s)
         return torch.lerp(x, torch.clamp(v, lo, hi).round_().mul_(s), mask), v
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         _x, s, lo, hi, bounds, mask = inputs
-        v = output[1]
-        ctx.scalar = bounds is not None
-        ctx.bounds = bounds
-        saved = (v, s) if ctx.scalar else (v, s, lo, hi)
-        ctx.save_for_backward(*saved, mask)
-        ctx.mark_non_differentiable(v)
+        _save_grid(ctx, output[1], s, lo, hi, bounds, mask)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, _grad_v: torch.Tensor | None):  # noqa: ANN205
