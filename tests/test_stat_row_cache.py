@@ -95,3 +95,74 @@ def test_token_pool_cached_selection_equals_uncached(tmp_path):
         a = _select(model, text_pool, "selectq", params, seed, 6, None)
         b = _select(model, text_pool, "selectq", params, seed, 6, cache)
         assert torch.equal(a, b)
+
+
+def test_rows_on_disk_serve_a_new_process_and_survive_a_crashed_pass(pool, tmp_path):
+    """A cache on a directory writes each new batch of rows as it goes; a later cache on
+    the same directory (a rerun) reads them back, forwards nothing more and selects the
+    same set; a pass that crashed part-way forwards only the samples it had not done."""
+    params = {"num_clusters": 4, "batch_size": 64, "init_size": 64}
+    torch.manual_seed(0)
+    first = CountingNet()
+    net_state = first.state_dict()
+    reference = CountingNet()
+    reference.load_state_dict(net_state)
+    plain = _select(reference, pool, "selectq", params, 0, 16, None)
+    a = _select(first, pool, "selectq", params, 0, 16, StatRowCache(tmp_path, "digits-net"))
+    assert torch.equal(a, plain)
+    rerun = CountingNet()
+    rerun.load_state_dict(net_state)
+    b = _select(rerun, pool, "selectq", params, 0, 16, StatRowCache(tmp_path, "digits-net"))
+    assert torch.equal(b, plain)
+    assert rerun.samples <= 4  # probe forwards of one sample only
+
+    # A crash after the first two batches of the cluster pass: those chunks stay.
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    chunks = sorted(folder.glob("rows-*.safetensors"))
+    assert sum(int(c.stem.split("-")[2]) for c in chunks) == len(pool)
+    for c in chunks[2:]:
+        c.unlink()
+    resumed = CountingNet()
+    resumed.load_state_dict(net_state)
+    c = _select(resumed, pool, "selectq", params, 0, 16, StatRowCache(tmp_path, "digits-net"))
+    assert torch.equal(c, plain)
+    assert len(pool) - 2 * 64 <= resumed.samples <= len(pool) - 2 * 64 + 4
+
+
+def test_rows_on_disk_are_keyed_by_fingerprint_and_a_damaged_chunk_is_recomputed(pool, tmp_path):
+    params = {"batch_size": 64}
+    torch.manual_seed(0)
+    net = CountingNet()
+    _select(net, pool, "herding", params, 0, 8, StatRowCache(tmp_path, "model-a"))
+    other = CountingNet()
+    other.load_state_dict(net.state_dict())
+    # Another fingerprint (another model or pool) never reads model-a's rows.
+    _select(other, pool, "herding", params, 0, 8, StatRowCache(tmp_path, "model-b"))
+    assert other.samples >= len(pool)
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+    folder = next(
+        p for p in tmp_path.iterdir() if (p / "rows.json").read_text().find("model-a") >= 0
+    )
+    chunk = sorted(folder.glob("rows-*.safetensors"))[0]
+    chunk.write_bytes(b"not a safetensors file")
+    again = CountingNet()
+    again.load_state_dict(net.state_dict())
+    want = _select(net, pool, "herding", params, 1, 8, None)
+    got = _select(again, pool, "herding", params, 1, 8, StatRowCache(tmp_path, "model-a"))
+    assert torch.equal(got, want)
+    assert 64 <= again.samples <= 64 + 4  # only the damaged chunk's samples
+
+
+def test_a_rows_folder_of_another_key_or_damaged_is_named(tmp_path):
+    from qcalib.errors import QCalibError
+    from qcalib.select.stats import _RowStore
+
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    (folder / "rows.json").write_text('{"key": "something else", "sites": []}')
+    with pytest.raises(QCalibError, match="another model, pool or statistics; delete"):
+        _RowStore(10, folder, "mine")
+    (folder / "rows.json").write_text("{not json")
+    with pytest.raises(QCalibError, match="damaged .*delete that folder"):
+        _RowStore(10, folder, "mine")

@@ -242,9 +242,13 @@ class Workbench:
         return self.pool.example().to(self.device)
 
 
-def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> torch.Tensor:
+def select_indices(
+    cfg: RunConfig, bench: Workbench, progress: bool = True, report: dict | None = None
+) -> torch.Tensor:
     """The run's calibration set. The selector is told what the run's calibrator reads
-    from it (``Calibrator.reads``), so calibrator-aware strategies pick accordingly."""
+    from it (``Calibrator.reads``), so calibrator-aware strategies pick accordingly.
+    ``report`` (optional) receives the selector's own account of the set
+    (``selection_``, e.g. SelectQ's quotas and range mismatch)."""
     selector = SELECTORS.get(cfg.select.selector)(seed=cfg.seed, **cfg.select.kwargs())
     selector.progress = progress
     selector.row_cache = bench.stat_rows
@@ -253,7 +257,10 @@ def select_indices(cfg: RunConfig, bench: Workbench, progress: bool = True) -> t
         selector.fit(bench.pool, model=bench.model, calibrator_reads=reads)
     else:
         selector.fit(bench.pool, calibrator_reads=reads)
-    return selector.select(cfg.calib.num_calib)
+    indices = selector.select(cfg.calib.num_calib)
+    if report is not None:
+        report.update(getattr(selector, "selection_", None) or {})
+    return indices
 
 
 def check_indices(
@@ -336,9 +343,10 @@ def quantize(
             f"built on the run's CalibConfig; got a {type(calibrator).__name__}"
         )
 
+    selection: dict = {}
     with Measure() as m:
         if indices is None:
-            indices = select_indices(cfg, bench, progress)
+            indices = select_indices(cfg, bench, progress, report=selection)
         else:
             indices = check_indices(indices, len(bench.pool), cfg.calib.num_calib)
     seconds["select"], rss["select"] = m.seconds, m.peak_rss_mb
@@ -389,6 +397,7 @@ def quantize(
         fp_metric=fp,
         quant_metric=q_metric,
         eval_tokens=eval_tokens,
+        selection=selection,
     )
     if smooth_report is not None:  # SmoothQuant (issue 11)
         result.calib_stats["smoothquant"] = smooth_report

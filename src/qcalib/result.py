@@ -27,6 +27,10 @@ class RunResult:
     fp_metric: float | None = None
     quant_metric: float | None = None
     eval_tokens: int | None = None
+    # What the selector reported about its set (SelectQ: cluster masses and quotas, the
+    # ranking rule, the set's static-range mismatch to random's median draw); empty for
+    # given indices and for selectors that report nothing.
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         q = self.config["quant"]

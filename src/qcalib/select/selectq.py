@@ -117,6 +117,23 @@ validate-within``) and checked on MiniLM (``--section check-within-encoder``).
 Selection depends on the calibrator's need only through this rule (pass 1 does not).
 ``selection_["within"]`` records the rule used.
 
+Range matching (``ranges``)
+---------------------------
+Both passes also read each sample's ``[min, max]`` at every observed site (the collector's
+``extremes`` rows: one ``aminmax`` per site, no extra forward), so the static per-tensor
+min-max range that any subset gives is known exactly. Pass 2 keeps, per site, the pool's
+order statistics that fix the **median random draw's** range at the budget ``n``
+(:class:`~qcalib.select.ranges.ExtremesSketch`, ``O(N (1 - 2^(-1/n)))`` values a site),
+and ``selection_["range_mismatch"]`` reports the chosen set's mean ``|log|`` ratio of
+widths to it (0: every site's grid step is the typical random set's). With
+``ranges="median"`` the set from the within rule is then repaired by greedy swaps inside
+each cluster (quotas unchanged; the trimmed tail may be swapped in, so a set that the
+trim left too narrow can take back one wide sample) while a swap lowers that mismatch
+(:func:`~qcalib.select.ranges.match_ranges`); ``range_swaps`` counts them. ``"off"``
+keeps the within rule's set; ``"auto"`` (default) is :data:`AUTO_RANGES` = ``"off"`` until
+the validation runs of ``bench/llm.py`` show where matching pays. Memory: the held members
+carry their ``2 x sites`` extremes (SmolLM2-135M, 210 sites, ``R = 4096``: ~110 MB).
+
 Defaults and why
 ----------------
 * ``num_clusters=8``: the budgets of interest are 32..1024; with K = 8 a cluster of
@@ -190,9 +207,17 @@ from qcalib.select.base import SELECTORS, Selector
 from qcalib.select.budget import ClusterTopK, allocate_quotas
 from qcalib.select.distance import METRICS, KnowledgeDistance, combine_layers
 from qcalib.select.kmeans import StreamingKMeans
+from qcalib.select.ranges import (
+    ExtremesSketch,
+    match_ranges,
+    median_draw_rank,
+    range_mismatch,
+    set_ranges,
+)
 from qcalib.select.stats import (
     STATS_KINDS,
     ActivationStatsCollector,
+    extremes_key,
     parse_layer_list,
     resolve_layers,
     stat_batches,
@@ -201,13 +226,20 @@ from qcalib.select.stats import (
 __all__ = [
     "AUTO_FALLBACK",
     "AUTO_WITHIN",
+    "AUTO_RANGES",
     "AUTO_WITHIN_TOKENS",
+    "RANGES_RULES",
     "WITHIN_RULES",
     "SelectQSelector",
     "auto_within",
 ]
 
 WITHIN_RULES = ("auto", "nearest", "stratified", "matched")
+#: ``ranges``: ``"off"`` keeps the within rule's set; ``"median"`` matches its static
+#: min-max ranges to random's median draw (:mod:`qcalib.select.ranges`).
+RANGES_RULES = ("auto", "off", "median")
+#: ``ranges="auto"``: off until a validation shows where matching pays (module notes).
+AUTO_RANGES = "off"
 #: ``within="auto"``: the ranking rule for each calibrator need (see the module notes).
 AUTO_WITHIN = {"range": "nearest", "distribution": "matched", "fit": "matched"}
 #: ``within="auto"`` on token pools (language models; see the module notes).
@@ -321,6 +353,10 @@ class SelectQSelector(Selector):
     match_dims:
         ``within="matched"``: random projections of each layer's statistics matched
         besides its KD (default 4; 0 matches the per-layer KDs only).
+    ranges:
+        ``"off"``, ``"median"`` (swap members inside their clusters until the set's static
+        min-max ranges are closest to random's median draw) or ``"auto"`` (default:
+        :data:`AUTO_RANGES`); see the module notes, "Range matching".
     device:
         Where the forwards run (default: the model's device).
     """
@@ -345,6 +381,7 @@ class SelectQSelector(Selector):
         within: str = "auto",
         trim: float = 0.05,
         match_dims: int = 4,
+        ranges: str = "auto",
         device: str | None = None,
     ) -> None:
         super().__init__(seed=seed)
@@ -391,6 +428,11 @@ class SelectQSelector(Selector):
                 f"selectq: within must be one of {', '.join(WITHIN_RULES)}, got {within!r}"
             )
         self.within = within
+        if ranges not in RANGES_RULES:
+            raise QCalibError(
+                f"selectq: ranges must be one of {', '.join(RANGES_RULES)}, got {ranges!r}"
+            )
+        self.ranges = ranges
         self.match_dims = _int_param("match_dims", match_dims, 0)
         if not 0.0 <= _float_param("trim", trim) < 1.0:
             raise QCalibError(f"selectq: trim must be in [0, 1), got {trim!r}")
@@ -417,6 +459,10 @@ class SelectQSelector(Selector):
         if self.within != "auto":
             return self.within
         return auto_within(self.calibrator_reads_, self.token_pool_)
+
+    def resolved_ranges(self) -> str:
+        """The range rule ``select`` applies: ``ranges``, or :data:`AUTO_RANGES`."""
+        return AUTO_RANGES if self.ranges == "auto" else self.ranges
 
     # ------------------------------------------------------------------ streams
     def _stat_batches(
@@ -479,7 +525,9 @@ class SelectQSelector(Selector):
             )
         self.kmeans_, self.kd_, self.skipped_layers_ = {}, {}, []
         self.selection_, self._projections = None, {}
-        collector = ActivationStatsCollector(model, self.layers, self.stats, self.device)
+        collector = ActivationStatsCollector(
+            model, self.layers, self.stats, self.device, extremes=True
+        )
         order = None
         if self.shuffle:
             order = torch.randperm(n_pool, generator=torch.Generator().manual_seed(self.seed))
@@ -578,9 +626,12 @@ class SelectQSelector(Selector):
         active = self.active_sites_ or []
         part = self.partition_site_
         within = self.resolved_within()
+        ranges = self.resolved_ranges()
         sampled = within in ("stratified", "matched")
         top = ClusterTopK(self.num_clusters, cluster_sample_size(n) if sampled else n)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, -1))
+        n_pool = len(self._pool)
+        sketch = ExtremesSketch(median_draw_rank(n_pool, n))
         for idx, rows in self._stat_batches(self._pool, self._collector, desc="ranking pass"):
             per_layer, labels = [], None
             for s in active:
@@ -590,52 +641,90 @@ class SelectQSelector(Selector):
                     labels = lab
             total = combine_layers(torch.stack(per_layer, 1), self._combine_idx)
             assert labels is not None
+            ext = torch.stack([rows[extremes_key(s)] for s in active], 1)  # [B, S, 2]
+            sketch.push(ext)
+            values = total[:, None]
+            if within == "matched":
+                values = torch.cat([values, self._match_features(rows, per_layer)], 1)
+            # The extremes ride along as the last 2S columns: range matching and the
+            # set's range mismatch read them for the held members only.
+            values = torch.cat([values.to(torch.float64), ext.flatten(1).to(torch.float64)], 1)
             if sampled:  # a uniform sample of each cluster, carrying the KD along
                 keys = torch.rand(idx.numel(), generator=gen, dtype=torch.float64)
-                values = total
-                if within == "matched":
-                    values = torch.cat([total[:, None], self._match_features(rows, per_layer)], 1)
                 top.push(labels, keys, idx, values=values)
             else:
-                top.push(labels, total, idx)
+                top.push(labels, total, idx, values=values)
+        n_ext = 2 * len(active)
         masses = top.counts.clone()
         quotas = allocate_quotas(masses, n, self.min_cluster_share)
-        keys, chosen = [], []
+        cands: list[tuple[Tensor, Tensor]] = []  # per cluster: (pool indices, values)
+        picks: list[Tensor] = []  # per cluster: positions of the members in cands
         for c, q in enumerate(quotas):
             if not q:
                 continue
+            ii, vals, keep = self._candidates(top, c, q, within)
             if within == "stratified":
-                kk, ii = self._stratified(top, c, q)
+                pos = self._stratified(q, keep)
             elif within == "matched":
-                kk, ii = self._matched(top, c, q)
+                pos = herd(vals[:keep, 1:-n_ext], q)
             else:
-                kk, ii = top.smallest(c, q)
-            keys.append(kk)
-            chosen.append(ii)
-        idx = torch.cat(chosen)
+                pos = torch.arange(q)
+            cands.append((ii, vals))
+            picks.append(pos)
+        extremes = [v[:, -n_ext:].reshape(-1, len(active), 2) for _, v in cands]
+        ref_lo, ref_hi = sketch.reference(n)
+
+        def mismatch() -> float:
+            members = torch.cat([e[p] for e, p in zip(extremes, picks, strict=True)])
+            return range_mismatch(*set_ranges(members), ref_lo, ref_hi)
+
+        before, swaps = mismatch(), 0
+        if ranges == "median":
+            picks, swaps = match_ranges(picks, extremes, ref_lo, ref_hi)
+        idx = torch.cat([ii[p] for (ii, _), p in zip(cands, picks, strict=True)])
+        kd = torch.cat([v[p, 0] for (_, v), p in zip(cands, picks, strict=True)])
         self.selection_ = {
             "masses": masses.tolist(),
             "quotas": quotas,
             "heap_capacity": top.num_groups * top.k,
             "peak_heap_entries": top.peak_held,
             "within": within,
+            "ranges": ranges,
             "calibrator_reads": self.calibrator_reads_,
             "token_pool": self.token_pool_,
-            "max_selected_kd": float(torch.cat(keys).max()),
+            "max_selected_kd": float(kd.max()),
+            # Mean |log| ratio of the set's static min-max widths to random's median draw
+            # (qcalib.select.ranges), before and after range matching, and its swaps.
+            "range_mismatch_within": round(before, 6),
+            "range_mismatch": round(mismatch(), 6),
+            "range_swaps": swaps,
         }
         return idx
 
-    def _stratified(self, top: ClusterTopK, c: int, q: int) -> tuple[Tensor, Tensor]:
-        """``q`` members of cluster ``c`` at evenly spaced KD ranks after trimming."""
-        _, ii, kd = top.held_entries(c)
+    def _candidates(
+        self, top: ClusterTopK, c: int, q: int, within: str
+    ) -> tuple[Tensor, Tensor, int]:
+        """Cluster ``c``'s members, ``(pool indices, values, keep)``: the rule picks among
+        the first ``keep``; range matching may also swap in the rest. ``nearest``: the
+        ``q`` smallest KDs; ``stratified``: the held sample by (KD, index), the ``trim``
+        tail last; ``matched``: the kept members in index order (the herding's argmin
+        ties then go to the lower index), then the tail."""
+        _, ii, vals = top.held_entries(c)
+        if within == "nearest":
+            return ii[:q], vals[:q], q
         o = torch.argsort(ii, stable=True)
-        ii, kd = ii[o], kd[o]
-        o = torch.argsort(kd, stable=True)  # by (KD, index)
-        ii, kd = ii[o], kd[o]
+        ii, vals = ii[o], vals[o]
+        o = torch.argsort(vals[:, 0], stable=True)  # by (KD, index): the tail goes last
         n_held = ii.numel()
         keep = max(q, n_held - int(round(n_held * self.trim)))
-        pos = ((torch.arange(q, dtype=torch.float64) + 0.5) * (keep / q)).floor().long()
-        return kd[pos], ii[pos]
+        if within == "matched":
+            o = torch.cat([o[:keep].sort().values, o[keep:]])
+        return ii[o], vals[o], keep
+
+    @staticmethod
+    def _stratified(q: int, keep: int) -> Tensor:
+        """``q`` evenly spaced ranks of ``keep`` members ordered by KD."""
+        return ((torch.arange(q, dtype=torch.float64) + 0.5) * (keep / q)).floor().long()
 
     def _match_features(self, rows: dict[str, Tensor], per_layer: list[Tensor]) -> Tensor:
         """``within="matched"``'s feature row per sample: per layer its KD, then
@@ -653,19 +742,6 @@ class SelectQSelector(Selector):
                 self._projections[s] = w[:, None] * p / r.shape[1] ** 0.5
             cols.append(r @ self._projections[s])
         return torch.cat(cols, 1)
-
-    def _matched(self, top: ClusterTopK, c: int, q: int) -> tuple[Tensor, Tensor]:
-        """``q`` members of cluster ``c`` by greedy moment matching after trimming."""
-        _, ii, vals = top.held_entries(c)
-        o = torch.argsort(ii, stable=True)
-        ii, vals = ii[o], vals[o]
-        o = torch.argsort(vals[:, 0], stable=True)  # by (KD, index): the tail goes last
-        n_held = ii.numel()
-        keep = max(q, n_held - int(round(n_held * self.trim)))
-        o = o[:keep].sort().values  # back to index order: argmin ties go to the lower index
-        ii, vals = ii[o], vals[o]
-        chosen = herd(vals[:, 1:], q)
-        return vals[chosen, 0], ii[chosen]
 
     def knowledge_distances(self, indices: Any = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(indices, total KD [M], partition cluster [M])`` of pool samples (all by default).

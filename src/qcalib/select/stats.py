@@ -42,6 +42,11 @@ Packed text batches: when the inputs are a token batch ``[B, 2, L]``
 row, so padding tokens never enter the statistics of any selector (SelectQ, k-center,
 herding, the quality report). A selected sample is still a whole sequence.
 
+Extremes (``extremes=True``): each site also returns per-sample ``[min, max]`` rows
+``[B, 2]`` over its channels and valid positions, under :func:`extremes_key` (SelectQ's
+range matching, :mod:`qcalib.select.ranges`): what a static per-tensor min-max observer
+reads, so the range of any subset is known without a forward.
+
 Reuse across selectors (:class:`StatRowCache`, opt-in): the rows of a sample depend only
 on the model, the sample, ``layers`` and ``stats``, not on the seed or the budget, so a
 caller that runs many selections on one model and pool (a benchmark: seeds x budgets x
@@ -55,11 +60,18 @@ a site whose activation does not start with the batch size raises a clear error.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from qcalib.data.tokens import is_token_batch, unpack_tokens
@@ -68,18 +80,25 @@ from qcalib.model.qmodules import is_conv, run_example
 from qcalib.model.wrap import probe_mode, quantizable_layers
 from qcalib.select.distance import join_stats
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "EXTREMES_SUFFIX",
     "STATS_KINDS",
     "ActivationStatsCollector",
     "ActivationTap",
     "NonFiniteActivationError",
     "StatRowCache",
+    "activation_extremes_masked",
     "activation_stats_masked",
+    "extremes_key",
     "resolve_layers",
     "stat_batches",
 ]
 
 STATS_KINDS = ("mean_std", "mean")
+#: Suffix of a site's extremes rows (``#`` already marks repeated calls of one layer).
+EXTREMES_SUFFIX = "@extremes"
 
 
 class NonFiniteActivationError(QCalibError, ValueError):
@@ -393,6 +412,30 @@ class ActivationTap:
         self.sites = resolve_layers(self.all_sites, self.layer_spec)
 
 
+def activation_extremes_masked(
+    x: Tensor, channel_dim: int = 1, mask: Tensor | None = None
+) -> Tensor:
+    """Per-sample ``[min, max]`` rows ``[B, 2]`` of one activation over every channel and
+    position (the valid tokens only under ``mask``, as :func:`activation_stats_masked`):
+    what a static per-tensor min-max observer would read from that sample alone."""
+    x = x.detach()
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    m = _mask_for(x, channel_dim % x.dim(), mask)
+    if m is not None and not bool(m.all()):
+        valid = m.to(device=x.device, dtype=torch.bool)[:, :, None]
+        lo = x.masked_fill(~valid, float("inf")).flatten(1).amin(1)
+        hi = x.masked_fill(~valid, float("-inf")).flatten(1).amax(1)
+        return torch.stack([lo, hi], 1)
+    lo, hi = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
+    return torch.stack([lo, hi], 1)
+
+
+def extremes_key(site: str) -> str:
+    """The row key of ``site``'s per-sample extremes (collectors made with ``extremes=True``)."""
+    return site + EXTREMES_SUFFIX
+
+
 class ActivationStatsCollector:
     """Per-batch activation statistics of the quantized layers' inputs.
 
@@ -412,6 +455,10 @@ class ActivationStatsCollector:
         ``"mean_std"`` (default) or ``"mean"`` (sigma set to 0).
     device:
         Where the forward runs (default: the model's device).
+    extremes:
+        Also return, under :func:`extremes_key` of each site, the per-sample ``[min, max]``
+        rows ``[B, 2]`` (:func:`activation_extremes_masked`): the set's static min-max
+        range at a site is then known for any subset without a forward.
     """
 
     def __init__(
@@ -420,10 +467,12 @@ class ActivationStatsCollector:
         layers: Any = None,
         stats: str = "mean_std",
         device: torch.device | str | None = None,
+        extremes: bool = False,
     ) -> None:
         if stats not in STATS_KINDS:
             raise QCalibError(f"unknown stats {stats!r}; choose one of: {', '.join(STATS_KINDS)}")
         self.stats = stats
+        self.extremes = extremes
         self.tap = ActivationTap(model, layers, device)
 
     @property
@@ -438,22 +487,105 @@ class ActivationStatsCollector:
             rows = activation_stats_masked(x, cdim, m, self.stats).to("cpu", torch.float32)
             check_finite_site(rows, site)
             out[site] = rows
+            if self.extremes:
+                ext = activation_extremes_masked(x, cdim, m).to("cpu", torch.float32)
+                out[extremes_key(site)] = ext
 
         self.tap.run(inputs, fn, mask)
-        return {s: out[s] for s in self.tap.sites or () if s in out}
+        return {k: out[k] for k in self.row_keys(self.tap.sites or ()) if k in out}
+
+    def row_keys(self, sites: Sequence[str]) -> list[str]:
+        """The keys of the rows returned for ``sites``: each site, then (with
+        ``extremes``) its extremes key."""
+        if not self.extremes:
+            return list(sites)
+        return [k for s in sites for k in (s, extremes_key(s))]
 
 
 @dataclass
 class _RowStore:
-    """Rows of every sample seen so far, ``{site: [N, D]}``, and which samples they are."""
+    """Rows of every sample seen so far, ``{site: [N, D]}``, and which samples they are.
+    With a ``folder``, every batch of new rows is also written there as one chunk file,
+    and the chunks already there are read back first."""
 
     size: int
+    folder: Path | None = None
+    key: str = ""
     sites: list[str] | None = None
     rows: dict[str, Tensor] = field(default_factory=dict)
     have: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.have = torch.zeros(self.size, dtype=torch.bool)
+        if self.folder is not None:
+            self._read_folder()
+
+    def add(
+        self, idx: Tensor, rows: dict[str, Tensor], sites: Sequence[str], write: bool = True
+    ) -> None:
+        """Keep the rows of pool samples ``idx`` (and, with a folder, write them as a chunk
+        unless they were just read from one)."""
+        for site, r in rows.items():
+            if site not in self.rows:
+                self.rows[site] = torch.zeros(self.size, r.shape[1], dtype=r.dtype)
+            self.rows[site][idx] = r
+        if self.sites is None:
+            self.sites = list(sites)
+        self.have[idx] = True
+        if write and self.folder is not None:
+            self._write_chunk(idx, rows)
+
+    def _write_chunk(self, idx: Tensor, rows: dict[str, Tensor]) -> None:
+        assert self.folder is not None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / _META_FILE
+        if not meta.is_file():
+            _write_atomic_text(meta, json.dumps({"key": self.key, "sites": self.sites}))
+        # Written whole under a temporary name, then renamed: a crash leaves no torn chunk.
+        chunk = self.folder / f"rows-{int(idx[0]):07d}-{idx.numel()}.safetensors"
+        tmp = chunk.with_name(chunk.name + ".tmp")
+        tensors = {_INDEX_KEY: idx.contiguous(), **{s: r.contiguous() for s, r in rows.items()}}
+        save_file(tensors, str(tmp))
+        os.replace(tmp, chunk)
+
+    def _read_folder(self) -> None:
+        assert self.folder is not None
+        meta = self.folder / _META_FILE
+        if not meta.is_file():
+            return
+        try:
+            recorded = json.loads(meta.read_text())
+        except ValueError as e:
+            raise QCalibError(
+                f"the statistic-row cache {meta} is damaged ({e}); delete that folder"
+            ) from None
+        if not isinstance(recorded, dict) or recorded.get("key") != self.key:
+            raise QCalibError(
+                f"the statistic-row cache {self.folder} holds rows of another model, pool "
+                "or statistics; delete that folder or give another cache directory"
+            )
+        self.sites = recorded.get("sites")
+        for chunk in sorted(self.folder.glob("rows-*.safetensors")):
+            try:
+                tensors = load_file(str(chunk))
+                idx = tensors.pop(_INDEX_KEY).long()
+            except (OSError, KeyError, SafetensorError) as e:
+                log.warning("ignoring a damaged statistic-row chunk %s (%s)", chunk, e)
+                continue
+            self.add(idx, tensors, self.sites or list(tensors), write=False)
+        if self.have.any():
+            log.info("read the statistic rows of %d of %d pool samples from %s",
+                     int(self.have.sum()), self.size, self.folder)  # fmt: skip
+
+
+_META_FILE = "rows.json"
+_INDEX_KEY = "__pool_index__"
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class StatRowCache:
@@ -461,15 +593,28 @@ class StatRowCache:
     notes, "Reuse across selectors"). Memory: ``N x sum_sites 2C`` float32 values for the
     samples read (SmolLM2-135M, 1024 windows: about 1.2 GB). Never share one cache
     between models or pools: a store is keyed only by the pool size and the collector's
-    layers and statistics."""
+    layers and statistics, plus ``fingerprint``.
 
-    def __init__(self) -> None:
+    ``directory`` (optional) makes the rows outlive the process: each batch of new rows is
+    written there as it is computed, and a later cache on the same directory and
+    ``fingerprint`` reads them back, so a rerun (or a run that crashed in its selection
+    pass) forwards only the samples not yet there. The caller's ``fingerprint`` must name
+    the model and the pool (a file hash, the pool's token digest): rows are only as valid
+    as it is. Single-process streams only; under ``torchrun`` the cache is not used."""
+
+    def __init__(self, directory: str | Path | None = None, fingerprint: str = "") -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.fingerprint = fingerprint
         self._stores: dict[tuple, _RowStore] = {}
 
     def store(self, pool_size: int, collector: ActivationStatsCollector) -> _RowStore:
-        key = (pool_size, repr(collector.tap.layer_spec), collector.stats)
+        key = (pool_size, repr(collector.tap.layer_spec), collector.stats, collector.extremes)
         if key not in self._stores:
-            self._stores[key] = _RowStore(pool_size)
+            text = repr((self.fingerprint, *key))
+            folder = None
+            if self.directory is not None:
+                folder = self.directory / hashlib.sha256(text.encode()).hexdigest()[:16]
+            self._stores[key] = _RowStore(pool_size, folder, text)
         return self._stores[key]
 
 
@@ -493,13 +638,8 @@ def stat_batches(
         missing = idx[~store.have[idx]]
         if missing.numel():
             rows = collector(pool.get(missing))
-            for site, r in rows.items():
-                if site not in store.rows:
-                    store.rows[site] = torch.zeros(store.size, r.shape[1], dtype=r.dtype)
-                store.rows[site][missing] = r
-            if store.sites is None:
-                store.sites = list(collector.sites or rows)
-            store.have[missing] = True
+            store.add(missing, rows, collector.sites or list(rows))
         if collector.tap.sites is None:
             collector.tap.sites = list(store.sites or ())
-        yield idx, {s: store.rows[s][idx] for s in collector.tap.sites if s in store.rows}
+        keys = collector.row_keys(collector.tap.sites)
+        yield idx, {k: store.rows[k][idx] for k in keys if k in store.rows}
