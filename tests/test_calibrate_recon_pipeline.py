@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import qcalib.pipeline as pipeline
 from qcalib.artifact import load_run
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.reconstruct import STATE_FILE
@@ -32,11 +33,13 @@ def _cfg(calibrator: str, iters: int = 30, **kw) -> RunConfig:
 
 
 @pytest.mark.parametrize("calibrator", ["adaround", "brecq", "qdrop"])
-def test_quantize_end_to_end_round_trip_and_rerun(bench, trained_tiny, tmp_path, calibrator):
+def test_quantize_end_to_end_round_trip_and_rerun(
+    bench, trained_tiny, tmp_path, monkeypatch, calibrator
+):
     cfg = _cfg(calibrator, seed=1)
     out = tmp_path / "run"
     q1, r1 = quantize(cfg, bench, out=out, progress=False)
-    assert (out / "calib_state" / STATE_FILE).exists()
+    assert not (out / "calib_state").exists()  # a finished run keeps no checkpoint
     # W4A4, 30 iterations: measured 0.8-1.1 points below FP (3-4 of the 359 digits test
     # images); 2 points leave room for a few images across platforms, not for a broken method.
     assert r1.quant_top1 >= bench.fp_top1 - 2.0
@@ -45,12 +48,22 @@ def test_quantize_end_to_end_round_trip_and_rerun(bench, trained_tiny, tmp_path,
     x = bench.pool.get(list(range(32)))
     with torch.no_grad():
         assert torch.equal(q1(x), q2(x))
-    # A rerun into a finished run's directory is refused (no silent overwrite); once its
-    # result is gone (a run killed before the end) the rerun replays the reconstruction.
+    # A rerun into a finished run's directory is refused (no silent overwrite).
     with pytest.raises(QCalibError, match="--overwrite"):
         quantize(cfg, bench, out=out, progress=False)
-    (out / "result.json").unlink()
-    q3, r3 = quantize(cfg, bench, out=out, progress=False)
+    # A run killed after its last block but before its result: the checkpoint stays and
+    # the rerun replays every block from it.
+    killed = tmp_path / "killed"
+
+    def killed_before_the_result(*_a: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "save_run", killed_before_the_result)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(cfg, bench, out=killed, progress=False)
+    assert (killed / "calib_state" / STATE_FILE).exists()
+    q3, r3 = quantize(cfg, bench, out=killed, progress=False)
     assert r3.calib_stats["resumed_from_block"] == r3.calib_stats["blocks"]
     with torch.no_grad():
         assert torch.equal(q3(x), q1(x))
@@ -77,7 +90,6 @@ def test_reconstruction_works_with_every_selector(bench, selector):
 
 
 def test_cli_flags_run_and_eval(tmp_path, capsys, monkeypatch, trained_tiny):
-    import qcalib.pipeline as pipeline
     import qcalib.zoo.external as external
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: trained_tiny)

@@ -2,7 +2,8 @@
 
 ``OUT/run_config.json`` (the run's config, written before any work so an unfinished run
 can be recognized), ``OUT/calib_indices.json`` (written as soon as selection ends),
-``OUT/calib_state/`` (per-block checkpoints of the reconstruction calibrators and GPTQ),
+``OUT/calib_state/`` (per-block checkpoints of the reconstruction calibrators and GPTQ,
+removed once the run has finished),
 ``OUT/result.json`` (config, accuracies, timings; written last, so its presence marks a
 finished run), ``OUT/quant_state.safetensors`` (every tensor of the calibrated QuantModel:
 folded weights, scales, zero points) and ``OUT/quant_layers.json`` (the grid of each
@@ -123,6 +124,9 @@ def save_run(out: Path, result: RunResult, qmodel: QuantModel) -> None:
     files = {name: sha256_file(out / name) for name in (STATE_FILE, LAYERS_FILE)}
     record = {**asdict(result), "files": files}
     atomic_write_text(out / RESULT_FILE, json.dumps(record, indent=1))
+    # A finished run is never resumed, and its per-block checkpoint holds the calibrated
+    # weights once more (an LLM's whole size again): it goes once the result is written.
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
 
 
 # -- reusing a run directory ------------------------------------------------------------

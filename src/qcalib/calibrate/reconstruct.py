@@ -91,7 +91,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import logging
 import os
 import re
@@ -106,7 +105,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from qcalib.calibrate.checkpoint import tensor_bytes
+from qcalib.calibrate.checkpoint import state_digest
 from qcalib.calibrate.lsq import ReconActQuantizer
 from qcalib.calibrate.rounding import (
     AdaRoundQuantizer,
@@ -144,7 +143,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STATE_FILE = "recon_state.pt"
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the fingerprint is checkpoint.state_digest
 
 
 @dataclass(frozen=True)
@@ -550,7 +549,6 @@ class BlockReconstructor:
         return self.work_dir / STATE_FILE if self.work_dir is not None else None
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
         meta = {
             "engine": _STATE_VERSION,
             "method": self.method,
@@ -562,14 +560,8 @@ class BlockReconstructor:
             "device": self.device.type,
             "extra": self.fingerprint_extra,
         }
-        h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-        h.update(str(tuple(self.calib_data.shape)).encode())
-        h.update(tensor_bytes(self.calib_data))
-        for key, value in sorted(self.qmodel.state_dict().items()):
-            h.update(key.encode())
-            h.update(str((tuple(value.shape), value.dtype)).encode())
-            h.update(tensor_bytes(value))
-        return h.hexdigest()
+        state = sorted(self.qmodel.state_dict().items())
+        return state_digest(meta, [("calib_data", self.calib_data), *state])
 
     def run(self) -> None:
         qmodel = self.qmodel

@@ -427,8 +427,9 @@ def activation_extremes_masked(
         lo = x.masked_fill(~valid, float("inf")).flatten(1).amin(1)
         hi = x.masked_fill(~valid, float("-inf")).flatten(1).amax(1)
         return torch.stack([lo, hi], 1)
-    lo, hi = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
-    return torch.stack([lo, hi], 1)
+    flat = x.reshape(x.shape[0], -1)
+    # Two reductions, not torch.aminmax(dim=1): that one is ~15x slower on the CPU here.
+    return torch.stack([flat.amin(1), flat.amax(1)], 1)
 
 
 def extremes_key(site: str) -> str:
