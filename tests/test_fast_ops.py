@@ -399,3 +399,28 @@ def test_drop_float64_input_keeps_its_precision_and_the_stream():
     assert torch.equal(outs[1][0], outs[0][0])
     torch.testing.assert_close(outs[1][1], outs[0][1])
     torch.testing.assert_close(outs[1][2], outs[0][2])
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.4, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_abs_pow_matches_autograd_of_abs_pow(p, dtype):
+    from qcalib.calibrate.lp_loss import abs_pow
+
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(4, 7, 5, generator=g, dtype=dtype) * 3
+    d[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30], dtype=dtype)  # zeros: gradient 0
+    w = torch.randn(d.shape, generator=g, dtype=dtype)
+    a = d.clone().requires_grad_(True)
+    b = d.clone().requires_grad_(True)
+    ref = a.abs().pow(p)
+    out = abs_pow(b, p)
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 0}
+    torch.testing.assert_close(out, ref, **tol)
+    (ref * w).sum().backward()
+    (out * w).sum().backward()
+    torch.testing.assert_close(b.grad, a.grad, **tol)
+    fused = "AbsPow" in type(out.grad_fn).__name__
+    assert fused == (p > 1.0)  # p = 1 keeps abs's subgradient 0 at 0: the plain op
+    with torch.no_grad():  # no node without a gradient, and p < 1 stays the plain op
+        assert abs_pow(b, p).grad_fn is None
+    assert "AbsPow" not in type(abs_pow(b, 0.5).grad_fn).__name__

@@ -106,6 +106,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qcalib.calibrate.checkpoint import state_digest
+from qcalib.calibrate.lp_loss import abs_pow
 from qcalib.calibrate.lsq import ReconActQuantizer
 from qcalib.calibrate.rounding import (
     AdaRoundQuantizer,
@@ -303,7 +304,7 @@ class ReconstructionLoss:
                 raise QCalibError("Fisher-weighted loss without cached gradients")
             err = diff.square() * ctx.fisher.square()
         else:
-            err = diff.square() if self.p == 2.0 else diff.abs().pow(self.p)
+            err = diff.square() if self.p == 2.0 else abs_pow(diff, self.p)
         if getattr(ctx, "tokens", False):
             return _token_sum_mean(err, getattr(ctx, "token_mask", None))
         return _channel_sum_mean(err)
