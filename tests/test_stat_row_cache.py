@@ -166,3 +166,24 @@ def test_a_rows_folder_of_another_key_or_damaged_is_named(tmp_path):
     (folder / "rows.json").write_text("{not json")
     with pytest.raises(QCalibError, match="damaged .*delete that folder"):
         _RowStore(10, folder, "mine")
+
+
+def test_rows_with_extremes_serve_selections_without_them(pool, tmp_path):
+    """Range-matched SelectQ keeps the extremes rows too; a later SelectQ without range
+    matching (same layers and statistics) reads that store instead of forwarding again,
+    in the same process and from disk, and selects what it selects alone."""
+    params = {"num_clusters": 4, "batch_size": 64, "init_size": 64}
+    torch.manual_seed(0)
+    first = CountingNet()
+    state = first.state_dict()
+    cache = StatRowCache(tmp_path, "digits-net")
+    _select(first, pool, "selectq", {**params, "ranges": "median"}, 0, 16, cache)
+    reference = CountingNet()
+    reference.load_state_dict(state)
+    want = _select(reference, pool, "selectq", params, 1, 16, None)
+    for c in (cache, StatRowCache(tmp_path, "digits-net")):
+        net = CountingNet()
+        net.load_state_dict(state)
+        assert torch.equal(_select(net, pool, "selectq", params, 1, 16, c), want)
+        assert net.samples <= 4  # probe forwards only
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1

@@ -119,13 +119,15 @@ Selection depends on the calibrator's need only through this rule (pass 1 does n
 
 Range matching (``ranges``)
 ---------------------------
-Both passes also read each sample's ``[min, max]`` at every observed site (the collector's
-``extremes`` rows: one ``aminmax`` per site, no extra forward), so the static per-tensor
-min-max range that any subset gives is known exactly. Pass 2 keeps, per site, the pool's
-order statistics that fix the **median random draw's** range at the budget ``n``
-(:class:`~qcalib.select.ranges.ExtremesSketch`, ``O(N (1 - 2^(-1/n)))`` values a site),
-and ``selection_["range_mismatch"]`` reports the chosen set's mean ``|log|`` ratio of
-widths to it (0: every site's grid step is the typical random set's). With
+With ``ranges`` on, both passes also read each sample's ``[min, max]`` at every observed
+site (the collector's ``extremes`` rows: two reductions per site, no extra forward; off,
+they are not read, since on thin CNN layers they cost up to half the statistics), so the
+static per-tensor min-max range that any subset gives is known exactly. Pass 2 keeps, per
+site, the pool's order statistics that fix the **median random draw's** range at the
+budget ``n`` (:class:`~qcalib.select.ranges.ExtremesSketch`, ``O(N (1 - 2^(-1/n)))``
+values a site), and ``selection_["range_mismatch"]`` reports the chosen set's mean
+``|log|`` ratio of widths to it (0: every site's grid step is the typical random set's;
+``range_mismatch_within``: the within rule's set before the swaps). With
 ``ranges="median"`` the set from the within rule is then repaired by greedy swaps inside
 each cluster (quotas unchanged; the trimmed tail may be swapped in, so a set that the
 trim left too narrow can take back one wide sample) while a swap lowers that mismatch
@@ -525,8 +527,10 @@ class SelectQSelector(Selector):
             )
         self.kmeans_, self.kd_, self.skipped_layers_ = {}, {}, []
         self.selection_, self._projections = None, {}
+        # The extremes cost up to half the statistics on thin CNN layers (the selection
+        # pass has a cost bound): read only when range matching will use them.
         collector = ActivationStatsCollector(
-            model, self.layers, self.stats, self.device, extremes=True
+            model, self.layers, self.stats, self.device, extremes=self.resolved_ranges() != "off"
         )
         order = None
         if self.shuffle:
@@ -630,8 +634,8 @@ class SelectQSelector(Selector):
         sampled = within in ("stratified", "matched")
         top = ClusterTopK(self.num_clusters, cluster_sample_size(n) if sampled else n)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, -1))
-        n_pool = len(self._pool)
-        sketch = ExtremesSketch(median_draw_rank(n_pool, n))
+        with_ext = self._collector.extremes  # fit read them iff range matching is on
+        sketch = ExtremesSketch(median_draw_rank(len(self._pool), n)) if with_ext else None
         for idx, rows in self._stat_batches(self._pool, self._collector, desc="ranking pass"):
             per_layer, labels = [], None
             for s in active:
@@ -641,20 +645,21 @@ class SelectQSelector(Selector):
                     labels = lab
             total = combine_layers(torch.stack(per_layer, 1), self._combine_idx)
             assert labels is not None
-            ext = torch.stack([rows[extremes_key(s)] for s in active], 1)  # [B, S, 2]
-            sketch.push(ext)
-            values = total[:, None]
+            values = total[:, None].to(torch.float64)
             if within == "matched":
                 values = torch.cat([values, self._match_features(rows, per_layer)], 1)
-            # The extremes ride along as the last 2S columns: range matching and the
-            # set's range mismatch read them for the held members only.
-            values = torch.cat([values.to(torch.float64), ext.flatten(1).to(torch.float64)], 1)
+            if sketch is not None:
+                # The extremes ride along as the last 2S columns: range matching and the
+                # set's range mismatch read them for the held members only.
+                ext = torch.stack([rows[extremes_key(s)] for s in active], 1)  # [B, S, 2]
+                sketch.push(ext)
+                values = torch.cat([values, ext.flatten(1).to(torch.float64)], 1)
             if sampled:  # a uniform sample of each cluster, carrying the KD along
                 keys = torch.rand(idx.numel(), generator=gen, dtype=torch.float64)
                 top.push(labels, keys, idx, values=values)
             else:
                 top.push(labels, total, idx, values=values)
-        n_ext = 2 * len(active)
+        n_ext = 2 * len(active) if sketch is not None else 0
         masses = top.counts.clone()
         quotas = allocate_quotas(masses, n, self.min_cluster_share)
         cands: list[tuple[Tensor, Tensor]] = []  # per cluster: (pool indices, values)
@@ -666,21 +671,25 @@ class SelectQSelector(Selector):
             if within == "stratified":
                 pos = self._stratified(q, keep)
             elif within == "matched":
-                pos = herd(vals[:keep, 1:-n_ext], q)
+                pos = herd(vals[:keep, 1 : vals.shape[1] - n_ext], q)
             else:
                 pos = torch.arange(q)
             cands.append((ii, vals))
             picks.append(pos)
-        extremes = [v[:, -n_ext:].reshape(-1, len(active), 2) for _, v in cands]
-        ref_lo, ref_hi = sketch.reference(n)
+        before = after = None
+        swaps = 0
+        if sketch is not None:
+            extremes = [v[:, -n_ext:].reshape(-1, len(active), 2) for _, v in cands]
+            ref_lo, ref_hi = sketch.reference(n)
 
-        def mismatch() -> float:
-            members = torch.cat([e[p] for e, p in zip(extremes, picks, strict=True)])
-            return range_mismatch(*set_ranges(members), ref_lo, ref_hi)
+            def mismatch() -> float:
+                members = torch.cat([e[p] for e, p in zip(extremes, picks, strict=True)])
+                return round(range_mismatch(*set_ranges(members), ref_lo, ref_hi), 6)
 
-        before, swaps = mismatch(), 0
-        if ranges == "median":
-            picks, swaps = match_ranges(picks, extremes, ref_lo, ref_hi)
+            before = mismatch()
+            if ranges == "median":
+                picks, swaps = match_ranges(picks, extremes, ref_lo, ref_hi)
+            after = mismatch()
         idx = torch.cat([ii[p] for (ii, _), p in zip(cands, picks, strict=True)])
         kd = torch.cat([v[p, 0] for (_, v), p in zip(cands, picks, strict=True)])
         self.selection_ = {
@@ -694,9 +703,10 @@ class SelectQSelector(Selector):
             "token_pool": self.token_pool_,
             "max_selected_kd": float(kd.max()),
             # Mean |log| ratio of the set's static min-max widths to random's median draw
-            # (qcalib.select.ranges), before and after range matching, and its swaps.
-            "range_mismatch_within": round(before, 6),
-            "range_mismatch": round(mismatch(), 6),
+            # (qcalib.select.ranges), before and after range matching, and its swaps;
+            # None when the extremes were not read (ranges off).
+            "range_mismatch_within": before,
+            "range_mismatch": after,
             "range_swaps": swaps,
         }
         return idx

@@ -481,24 +481,29 @@ class ActivationStatsCollector:
         """Observed sites in execution order (known after the first batch)."""
         return self.tap.sites
 
-    def __call__(self, inputs: Any, mask: Tensor | None = None) -> dict[str, Tensor]:
+    def __call__(
+        self, inputs: Any, mask: Tensor | None = None, extremes: bool | None = None
+    ) -> dict[str, Tensor]:
+        """Rows of one batch; ``extremes`` (default: the collector's) overrides whether the
+        extremes rows are computed (a row cache that keeps them asks for them)."""
+        with_ext = self.extremes if extremes is None else extremes
         out: dict[str, Tensor] = {}
 
         def fn(site: str, x: Tensor, cdim: int, m: Tensor | None) -> None:
             rows = activation_stats_masked(x, cdim, m, self.stats).to("cpu", torch.float32)
             check_finite_site(rows, site)
             out[site] = rows
-            if self.extremes:
+            if with_ext:
                 ext = activation_extremes_masked(x, cdim, m).to("cpu", torch.float32)
                 out[extremes_key(site)] = ext
 
         self.tap.run(inputs, fn, mask)
-        return {k: out[k] for k in self.row_keys(self.tap.sites or ()) if k in out}
+        return {k: out[k] for k in self.row_keys(self.tap.sites or (), with_ext) if k in out}
 
-    def row_keys(self, sites: Sequence[str]) -> list[str]:
+    def row_keys(self, sites: Sequence[str], extremes: bool | None = None) -> list[str]:
         """The keys of the rows returned for ``sites``: each site, then (with
-        ``extremes``) its extremes key."""
-        if not self.extremes:
+        ``extremes``, default the collector's) its extremes key."""
+        if not (self.extremes if extremes is None else extremes):
             return list(sites)
         return [k for s in sites for k in (s, extremes_key(s))]
 
@@ -512,6 +517,7 @@ class _RowStore:
     size: int
     folder: Path | None = None
     key: str = ""
+    extremes: bool = False  # the rows include each site's extremes rows
     sites: list[str] | None = None
     rows: dict[str, Tensor] = field(default_factory=dict)
     have: Tensor = field(init=False)
@@ -609,14 +615,28 @@ class StatRowCache:
         self._stores: dict[tuple, _RowStore] = {}
 
     def store(self, pool_size: int, collector: ActivationStatsCollector) -> _RowStore:
-        key = (pool_size, repr(collector.tap.layer_spec), collector.stats, collector.extremes)
+        """The store for ``collector``'s rows. A store that also keeps the extremes serves
+        a collector without them (its rows are a superset), so a run that selected with
+        range matching once forwards nothing more for the selections without it."""
+        base = (pool_size, repr(collector.tap.layer_spec), collector.stats)
+        key = (*base, collector.extremes)
+        if not collector.extremes and self._exists((*base, True)):
+            key = (*base, True)
         if key not in self._stores:
-            text = repr((self.fingerprint, *key))
-            folder = None
-            if self.directory is not None:
-                folder = self.directory / hashlib.sha256(text.encode()).hexdigest()[:16]
-            self._stores[key] = _RowStore(pool_size, folder, text)
+            self._stores[key] = _RowStore(pool_size, self._folder(key), self._text(key), key[-1])
         return self._stores[key]
+
+    def _text(self, key: tuple) -> str:
+        return repr((self.fingerprint, *key))
+
+    def _folder(self, key: tuple) -> Path | None:
+        if self.directory is None:
+            return None
+        return self.directory / hashlib.sha256(self._text(key).encode()).hexdigest()[:16]
+
+    def _exists(self, key: tuple) -> bool:
+        folder = self._folder(key)
+        return key in self._stores or (folder is not None and (folder / _META_FILE).is_file())
 
 
 def stat_batches(
@@ -638,7 +658,7 @@ def stat_batches(
     for idx in torch.split(torch.arange(len(pool)) if order is None else order, batch_size):
         missing = idx[~store.have[idx]]
         if missing.numel():
-            rows = collector(pool.get(missing))
+            rows = collector(pool.get(missing), extremes=store.extremes)
             store.add(missing, rows, collector.sites or list(rows))
         if collector.tap.sites is None:
             collector.tap.sites = list(store.sites or ())
