@@ -359,7 +359,11 @@ WITHIN_RULES_TRIED = ("nearest", "matched")
 
 # Range matching (qcalib.select.ranges) on top of matched, and seeds 2-4 (the grid's seed
 # 2 was SelectQ's worst on every row: two validation seeds could not show such a set).
-RANGE_RULES_TRIED = ({"within": "matched"}, {"within": "matched", "ranges": "median"})
+RANGE_RULES_TRIED = (
+    {"within": "matched"},
+    {"within": "matched", "ranges": "median"},
+    {"within": "matched", "ranges": "cap"},
+)
 WITHIN_SEEDS = (0, 1, 2, 3, 4)
 
 

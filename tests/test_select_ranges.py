@@ -95,6 +95,34 @@ def test_match_ranges_swaps_the_outlier_out_and_keeps_group_sizes():
     assert none == 0 and same[0].tolist() == [3]
 
 
+def test_cap_only_narrows_sites_wider_than_the_reference():
+    ref_lo, ref_hi = torch.tensor([-1.0, -1.0]), torch.tensor([3.0, 3.0])
+    # Candidates: [0] wide at site 0, [1] narrow everywhere, [2] at the reference, [3]
+    # narrow at site 0 but at the reference width at site 1.
+    g = torch.tensor([
+        [[-1.0, 50.0], [-1.0, 1.0]],
+        [[-0.5, 1.0], [-0.5, 1.0]],
+        [[-1.0, 3.0], [-1.0, 3.0]],
+        [[-0.5, 1.0], [-1.0, 3.0]],
+    ])  # fmt: skip
+    # Narrower than the reference: cap keeps it, median widens it.
+    kept, none = match_ranges([torch.tensor([1])], [g], ref_lo, ref_hi, excess_only=True)
+    assert none == 0 and kept[0].tolist() == [1]
+    widened, one = match_ranges([torch.tensor([1])], [g], ref_lo, ref_hi)
+    assert one == 1 and widened[0].tolist() == [2]
+    # Wider at site 0: cap swaps the wide member out; of the members that leave no
+    # excess it takes the one closest to the reference on both sites ([2] over [1], [3]).
+    picks, swaps = match_ranges([torch.tensor([0])], [g], ref_lo, ref_hi, excess_only=True)
+    assert swaps == 1 and picks[0].tolist() == [2]
+    lo, hi = set_ranges(g[picks[0]])
+    assert range_mismatch(lo, hi, ref_lo, ref_hi, excess_only=True) == 0.0
+    # The excess only counts widths above the reference: log(51 / 4) / 2 sites here.
+    lo, hi = set_ranges(g[[0]])
+    assert range_mismatch(lo, hi, ref_lo, ref_hi, excess_only=True) == pytest.approx(
+        math.log(51.0 / 4.0) / 2
+    )
+
+
 def test_extremes_rows_skip_padding_and_match_min_max():
     x = torch.tensor([[[1.0, -2.0], [9.0, 9.0], [0.5, 3.0]], [[4.0, 0.0], [-7.0, 1.0], [2.0, 2.0]]])
     mask = torch.tensor([[1, 0, 1], [1, 1, 1]])
@@ -177,6 +205,6 @@ def test_selectq_ranges_median_matches_random_ranges_better_than_any_draw():
 
 
 def test_ranges_parameter_is_checked_and_auto_is_off():
-    with pytest.raises(QCalibError, match="ranges must be one of auto, off, median"):
+    with pytest.raises(QCalibError, match="ranges must be one of auto, off, median, cap"):
         SelectQSelector(ranges="widest")
     assert SelectQSelector().resolved_ranges() == "off"

@@ -98,19 +98,25 @@ def _width(lo: Tensor, hi: Tensor) -> Tensor:
     return hi.clamp_min(0) - lo.clamp_max(0)
 
 
-def range_mismatch(lo: Tensor, hi: Tensor, ref_lo: Tensor, ref_hi: Tensor) -> float:
+def range_mismatch(
+    lo: Tensor, hi: Tensor, ref_lo: Tensor, ref_hi: Tensor, excess_only: bool = False
+) -> float:
     """Mean over sites of ``|log(width / reference width)|`` (sites whose reference width
-    is 0 are left out: a constant-zero input has no grid to match)."""
+    is 0 are left out: a constant-zero input has no grid to match). ``excess_only``: only
+    widths above the reference count, ``max(0, log(width / reference))``."""
     w, ref = _width(lo, hi), _width(ref_lo, ref_hi)
     ok = ref > 0
     if not bool(ok.any()):
         return 0.0
-    return float((w[ok].clamp_min(1e-30) / ref[ok]).log().abs().mean())
+    r = (w[ok].clamp_min(1e-30) / ref[ok]).log()
+    return float((r.clamp_min(0) if excess_only else r.abs()).mean())
 
 
-def _site_costs(w: Tensor, ref: Tensor, ok: Tensor) -> Tensor:
-    """Per-candidate mean ``|log(w / ref)|`` over the valid sites; ``w`` ``[..., S]``."""
-    return ((w.clamp_min(1e-30) / ref).log().abs() * ok).sum(-1) / ok.sum().clamp_min(1)
+def _site_costs(w: Tensor, ref: Tensor, ok: Tensor, excess_only: bool = False) -> Tensor:
+    """Per-candidate :func:`range_mismatch` over the valid sites; ``w`` ``[..., S]``."""
+    r = (w.clamp_min(1e-30) / ref).log()
+    r = r.clamp_min(0) if excess_only else r.abs()
+    return (r * ok).sum(-1) / ok.sum().clamp_min(1)
 
 
 def match_ranges(
@@ -119,8 +125,12 @@ def match_ranges(
     ref_lo: Tensor,
     ref_hi: Tensor,
     max_swaps: int | None = None,
+    excess_only: bool = False,
 ) -> tuple[list[Tensor], int]:
-    """Swap set members for same-group candidates while each swap lowers the mismatch.
+    """Swap set members for same-group candidates while each swap lowers the mismatch
+    (``excess_only``: the excess of :func:`range_mismatch`, so only sites wider than the
+    reference are brought in, and among the swaps that lower it most the one with the
+    smallest two-sided mismatch is taken; it stops once no site is wider).
 
     ``extremes[g]`` ``[L_g, S, 2]`` are the extremes of the ``L_g`` candidates group ``g``
     may use, ``chosen[g]`` the positions (among them) of its current members. Each step
@@ -139,7 +149,10 @@ def match_ranges(
     while swaps < limit:
         members = torch.cat([e[c] for e, c in zip(extremes, chosen, strict=True)])
         lo_all, hi_all = members[..., 0], members[..., 1]
-        current = float(_site_costs(_width(lo_all.amin(0), hi_all.amax(0)), ref, ok))
+        now = _width(lo_all.amin(0), hi_all.amax(0))
+        current = float(_site_costs(now, ref, ok, excess_only))
+        if excess_only and current <= 1e-12:
+            break
         best: tuple[float, int, int, int] | None = None
         offset = 0
         for g, (e, c) in enumerate(zip(extremes, chosen, strict=True)):
@@ -158,8 +171,15 @@ def match_ranges(
             cand = torch.nonzero(free).flatten()
             lo_new = torch.minimum(lo_wo[:, None], e[cand, :, 0][None])  # [q, F, S]
             hi_new = torch.maximum(hi_wo[:, None], e[cand, :, 1][None])
-            cost = _site_costs(_width(lo_new, hi_new), ref, ok)  # [q, F]
-            flat = int(torch.argmin(cost))
+            width = _width(lo_new, hi_new)
+            cost = _site_costs(width, ref, ok, excess_only)  # [q, F]
+            if excess_only:  # ties in the excess go to the smallest two-sided mismatch
+                lowest = cost.min()
+                two_sided = _site_costs(width, ref, ok)
+                cost_pick = torch.where(cost <= lowest + 1e-12, two_sided, torch.inf)
+                flat = int(torch.argmin(cost_pick))
+            else:
+                flat = int(torch.argmin(cost))
             value = float(cost.flatten()[flat])
             if best is None or value < best[0]:
                 best = (value, g, flat // cand.numel(), int(cand[flat % cand.numel()]))

@@ -131,7 +131,10 @@ values a site), and ``selection_["range_mismatch"]`` reports the chosen set's me
 ``ranges="median"`` the set from the within rule is then repaired by greedy swaps inside
 each cluster (quotas unchanged; the trimmed tail may be swapped in, so a set that the
 trim left too narrow can take back one wide sample) while a swap lowers that mismatch
-(:func:`~qcalib.select.ranges.match_ranges`); ``range_swaps`` counts them. ``"off"``
+(:func:`~qcalib.select.ranges.match_ranges`); ``range_swaps`` counts them. With
+``ranges="cap"`` only the sites *wider* than the median draw's count (a narrower range
+is kept: on SmolLM2-135M's validation windows the within rule's narrower sets were the
+better ones), so a set is only repaired where an outlier window widened a range. ``"off"``
 keeps the within rule's set; ``"auto"`` (default) is :data:`AUTO_RANGES` = ``"off"`` until
 the validation runs of ``bench/llm.py`` show where matching pays. Memory: the held members
 carry their ``2 x sites`` extremes (SmolLM2-135M, 210 sites, ``R = 4096``: ~110 MB).
@@ -238,8 +241,9 @@ __all__ = [
 
 WITHIN_RULES = ("auto", "nearest", "stratified", "matched")
 #: ``ranges``: ``"off"`` keeps the within rule's set; ``"median"`` matches its static
-#: min-max ranges to random's median draw (:mod:`qcalib.select.ranges`).
-RANGES_RULES = ("auto", "off", "median")
+#: min-max ranges to random's median draw (:mod:`qcalib.select.ranges`); ``"cap"`` only
+#: brings the sites wider than that draw's back to it.
+RANGES_RULES = ("auto", "off", "median", "cap")
 #: ``ranges="auto"``: off until a validation shows where matching pays (module notes).
 AUTO_RANGES = "off"
 #: ``within="auto"``: the ranking rule for each calibrator need (see the module notes).
@@ -357,7 +361,8 @@ class SelectQSelector(Selector):
         besides its KD (default 4; 0 matches the per-layer KDs only).
     ranges:
         ``"off"``, ``"median"`` (swap members inside their clusters until the set's static
-        min-max ranges are closest to random's median draw) or ``"auto"`` (default:
+        min-max ranges are closest to random's median draw), ``"cap"`` (swap only until
+        no site is wider than that draw's) or ``"auto"`` (default:
         :data:`AUTO_RANGES`); see the module notes, "Range matching".
     device:
         Where the forwards run (default: the model's device).
@@ -687,8 +692,10 @@ class SelectQSelector(Selector):
                 return round(range_mismatch(*set_ranges(members), ref_lo, ref_hi), 6)
 
             before = mismatch()
-            if ranges == "median":
-                picks, swaps = match_ranges(picks, extremes, ref_lo, ref_hi)
+            if ranges in ("median", "cap"):
+                picks, swaps = match_ranges(
+                    picks, extremes, ref_lo, ref_hi, excess_only=ranges == "cap"
+                )
             after = mismatch()
         idx = torch.cat([ii[p] for (ii, _), p in zip(cands, picks, strict=True)])
         kd = torch.cat([v[p, 0] for (_, v), p in zip(cands, picks, strict=True)])
