@@ -261,6 +261,14 @@ def rule_variants(base: dict, rules: tuple[dict, ...] | None = None):  # noqa: A
                "selector_params": {**SELECTOR_PARAMS["selectq"], **rule}}  # fmt: skip
 
 
+def rule_label(params: dict) -> str:
+    """A cell's SelectQ rule as the tables print it: ``within`` (+ ``ranges`` when set)."""
+    rule = params.get("within", "")
+    if "ranges" in params:
+        rule += f"+ranges={params['ranges']}"
+    return rule
+
+
 def rows_by_rule(
     store: CellStore, metric: str, column: str, digits: int, extra: Callable[[dict], dict]
 ) -> list[dict]:
@@ -269,11 +277,7 @@ def rows_by_rule(
     groups: dict[tuple, list[dict]] = {}
     for r in store.rows.values():
         c = r["cell"]
-        params = c["selector_params"]
-        rule = params.get("within", "")
-        if "ranges" in params:
-            rule += f"+ranges={params['ranges']}"
-        key = (c["method"], c["selector"], rule)
+        key = (c["method"], c["selector"], rule_label(c["selector_params"]))
         groups.setdefault(key, []).append(r)
     rows = []
     for (method, selector, within), group in sorted(groups.items()):
@@ -793,7 +797,8 @@ def pool_extremes(bench: Workbench, device: str) -> torch.Tensor:
     reads (the same row-cache store, so on disk after a SelectQ pass)."""
     collector = ActivationStatsCollector(bench.model, None, "mean_std", device, extremes=True)
     parts = []
-    for _, rows in stat_batches(bench.pool, collector, 16, cache=bench.stat_rows):
+    batch = SELECTOR_PARAMS["selectq"]["batch_size"]
+    for _, rows in stat_batches(bench.pool, collector, batch, cache=bench.stat_rows):
         parts.append(torch.stack([rows[extremes_key(s)] for s in collector.tap.sites or ()], 1))
     return torch.cat(parts)
 
@@ -819,7 +824,7 @@ def write_ranges(store: CellStore, device: str) -> None:
             continue
         idx = torch.tensor(cache.rows[k]["indices"])
         mm = range_mismatch(*set_ranges(ext[idx]), *ref)
-        rule = c["selector_params"].get("within", "")
+        rule = rule_label(c["selector_params"])
         groups.setdefault((c["method"], c["selector"], rule), []).append(
             (c["seed"], round(mm, 4), round(r["quant_ppl"], 2))
         )

@@ -142,11 +142,12 @@ def write_failed(path: Path, error: OSError, flag: str = "--out") -> QCalibError
     )
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    # A crash mid-write must not leave a truncated file behind.
+def atomic_write_text(path: Path, text: str, flag: str = "--out") -> None:
+    # A crash mid-write must not leave a truncated file behind. ``flag``: what the error
+    # tells the user to change (see write_failed).
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as e:
-        raise write_failed(path, e) from None
+        raise write_failed(path, e, flag) from None

@@ -76,6 +76,7 @@ from torch import Tensor, nn
 
 from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
+from qcalib.files import atomic_write_text
 from qcalib.model.qmodules import is_conv, run_example
 from qcalib.model.wrap import probe_mode, quantizable_layers
 from qcalib.select.distance import join_stats
@@ -547,7 +548,9 @@ class _RowStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / _META_FILE
         if not meta.is_file():
-            _write_atomic_text(meta, json.dumps({"key": self.key, "sites": self.sites}))
+            atomic_write_text(
+                meta, json.dumps({"key": self.key, "sites": self.sites}), "cache directory"
+            )
         # Written whole under a temporary name, then renamed: a crash leaves no torn chunk.
         chunk = self.folder / f"rows-{int(idx[0]):07d}-{idx.numel()}.safetensors"
         tmp = chunk.with_name(chunk.name + ".tmp")
@@ -587,12 +590,6 @@ class _RowStore:
 
 _META_FILE = "rows.json"
 _INDEX_KEY = "__pool_index__"
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class StatRowCache:
