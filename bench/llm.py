@@ -27,14 +27,17 @@ Protocol (fixed for every row, recorded in the JSON):
 * Calibration sets: n windows of 512 tokens chosen by the row's selector; one selection
   per (selector, params, seed, n) is cached in ``llm.indices.jsonl`` and reused by every
   calibrator it applies to: random and herding do not depend on the calibrator; SelectQ's
-  default ``within="auto"`` does (``nearest`` for min-max, ``matched`` for GPTQ), so the
-  rule is written into the cell's selector parameters. Selection seconds in the index
-  cache: the per-sample statistic rows are computed once per pool window and shared by
-  all selections of a run (:class:`qcalib.select.stats.StatRowCache`), so the first
-  statistic-based selection of a run carries the forward cost and later ones almost none;
-  the selection pass's cost ratio is measured separately (``--section selection-cost``:
-  ``COST_WINDOWS`` pool windows, the interleaved timing protocol of ``bench/common.py``,
-  each selector forwarding the windows itself; ``llm-selection-cost.{json,md}``).
+  default ``within="auto"`` / ``ranges="auto"`` do (on tokens: ``matched`` for every
+  calibrator, ``ranges=cap`` for min-max and SmoothQuant), so the rules are written into
+  the cell's selector parameters (min-max cells from before ``ranges=cap`` was the
+  default are kept as the ``matched`` rows: same sets without the range repair).
+  Selection seconds in the index cache: the per-sample statistic rows are computed once
+  per pool window and shared by all selections of a run
+  (:class:`qcalib.select.stats.StatRowCache`), so the first statistic-based selection of
+  a run carries the forward cost and later ones almost none; the selection pass's cost
+  ratio is measured separately (``--section selection-cost``: ``COST_WINDOWS`` pool
+  windows, the interleaved timing protocol of ``bench/common.py``, each selector
+  forwarding the windows itself; ``llm-selection-cost.{json,md}``).
 * Validation (``--section validate``, choosing GPTQ's first-token weight): perplexity on
   ``VAL_WINDOWS`` windows of the *calibration* split that are not in the pool (seeded),
   never the held-out split; results in ``llm-validate.{json,md}``.
@@ -96,7 +99,7 @@ from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indic
 from qcalib.select import SELECTORS as SELECTOR_REGISTRY
 from qcalib.select.quality import calibration_score
 from qcalib.select.ranges import ExtremesSketch, range_mismatch, set_ranges
-from qcalib.select.selectq import auto_within
+from qcalib.select.selectq import auto_ranges, auto_within
 from qcalib.select.stats import ActivationStatsCollector, StatRowCache, extremes_key, stat_batches
 from qcalib.zoo.external import load_model
 from selection import interleaved_cost_rows, spearman
@@ -203,6 +206,9 @@ def selector_params(selector: str, method: str) -> dict:
     if selector == "selectq":
         reads = CALIBRATORS.get(METHODS[method][0]).reads
         params["within"] = auto_within(reads, token_pool=True)
+        ranges = auto_ranges(reads, token_pool=True)
+        if ranges != "off":  # cells from before range matching stay the "off" cells
+            params["ranges"] = ranges
     return params
 
 
@@ -245,11 +251,15 @@ def run_encoder_cell(bench: Workbench, c: dict, device: str) -> dict:
 # --section check-within-encoder: the LLM's ranking-rule choice for min-max checked on
 # MiniLM (never used to choose it): random vs SelectQ nearest vs matched, 3 seeds.
 ENCODER_WITHIN_METHODS = ("minmax-w8a8", "minmax-w4a8")
+ENCODER_RANGES_RULE = {"within": "matched", "ranges": "cap"}
 
 
 def encoder_within_cells():  # noqa: ANN201
     for seed, m in itertools.product((0, 1, 2), ENCODER_WITHIN_METHODS):
-        yield from rule_variants({"model": "all-MiniLM-L6-v2", "method": m, "n": 64, "seed": seed})
+        base = {"model": "all-MiniLM-L6-v2", "method": m, "n": 64, "seed": seed}
+        yield from rule_variants(base)
+        # the range rule chosen on the LLM's validation windows (ranges=cap), checked here
+        yield from itertools.islice(rule_variants(base, (ENCODER_RANGES_RULE,)), 1, None)
 
 
 def rule_variants(base: dict, rules: tuple[dict, ...] | None = None):  # noqa: ANN201
@@ -369,6 +379,13 @@ RANGE_RULES_TRIED = (
     {"within": "matched", "ranges": "cap"},
 )
 WITHIN_SEEDS = (0, 1, 2, 3, 4)
+# SmoothQuant's rows read the set's ranges too (per-channel max for the smoothing, then the
+# min-max observer): the rule chosen on the min-max rows checked there, seeds 0-2.
+SMOOTH_WITHIN_METHODS = ("sq-minmax-w8a8", "sq-minmax-w4a8")
+SMOOTH_RULES_TRIED = ({"within": "matched"}, {"within": "matched", "ranges": "cap"})
+# GPTQ W4A8's activations are calibrated by a min-max observer after the GPTQ weights
+# (its `reads` is "fit", for the Hessians): whether cap pays there as well, seeds 0-2.
+GPTQ_RANGE_METHODS = ("gptq-w4a8",)
 
 
 def validate_within_cells():  # noqa: ANN201
@@ -380,6 +397,11 @@ def validate_within_cells():  # noqa: ANN201
             if cell_key(c) not in seen:
                 seen.add(cell_key(c))
                 yield c
+    for seed, m in itertools.product(WITHIN_SEEDS[:3], SMOOTH_WITHIN_METHODS):
+        yield from rule_variants({"method": m, "n": 32, "seed": seed}, SMOOTH_RULES_TRIED)
+    for seed, m in itertools.product(WITHIN_SEEDS[:3], GPTQ_RANGE_METHODS):
+        base = {"method": m, "n": 32, "seed": seed, "first_token_weight": GPTQ_FIRST_TOKEN_WEIGHT}
+        yield from rule_variants(base, SMOOTH_RULES_TRIED)
 
 
 def write_validate_within(store: CellStore) -> None:
@@ -387,7 +409,8 @@ def write_validate_within(store: CellStore) -> None:
                         lambda c: {"fp_ppl": round(c["fp_ppl"], 2)})  # fmt: skip
     write_tables(
         f"{GRID}-validate-within",
-        "SmolLM2-135M: SelectQ's ranking rule for min-max, chosen on validation windows",
+        "SmolLM2-135M: SelectQ's rule for static min-max activations (min-max, SmoothQuant, "
+        "GPTQ W4A8), chosen on validation windows",
         stated_command(
             "cd bench && ../.venv/bin/python llm.py --section validate-within",
             store.rows.values(),
@@ -610,8 +633,8 @@ def selectq_vs_random(rows: list[dict]) -> list[dict]:
 def selector_label(c: dict) -> str:
     """The row's selector; SelectQ rows name their ranking rule (cells of two rules for
     one calibrator are two rows)."""
-    within = (c.get("selector_params") or {}).get("within")
-    return f"{c['selector']} {within}" if within else c["selector"]
+    rule = rule_label(c.get("selector_params") or {})
+    return f"{c['selector']} {rule}" if rule else c["selector"]
 
 
 def aggregate(store: CellStore) -> list[dict]:

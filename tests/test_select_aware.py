@@ -16,7 +16,7 @@ from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy
 from qcalib.select import SELECTORS, SelectQSelector, calibration_mismatch, select_indices
 from qcalib.select.quality import calibration_score, output_divergence
-from qcalib.select.selectq import AUTO_FALLBACK, auto_within, herd
+from qcalib.select.selectq import AUTO_FALLBACK, auto_ranges, auto_within, herd
 from test_selectq import small_net
 
 
@@ -76,9 +76,10 @@ def test_every_registered_selector_is_a_selector_class():
     assert SELECTORS.get("selectq") is SelectQSelector
 
 
-def test_auto_on_a_token_pool_gives_range_readers_matched():
+def test_auto_on_a_token_pool_gives_range_readers_matched_and_cap():
     """Language models: ``nearest`` lost to random under min-max on SmolLM2 (outlier tokens
-    set the ranges), so ``auto`` picks ``matched`` for every need on token pools."""
+    set the ranges), so ``auto`` picks ``matched`` for every need on token pools, and for
+    the range readers caps the set's ranges at random's median draw (``ranges=cap``)."""
     pytest.importorskip("transformers")
     import numpy as np
 
@@ -92,12 +93,16 @@ def test_auto_on_a_token_pool_gives_range_readers_matched():
     for reads in ("range", "distribution", "fit", None):
         sel = _sq(num_clusters=2).fit(pool, model=model, calibrator_reads=reads)
         idx = sel.select(6)
+        rule = "cap" if reads == "range" else "off"
         assert sel.selection_["within"] == "matched" and sel.selection_["token_pool"] is True
-        explicit = _sq(num_clusters=2, within="matched").fit(pool, model=model)
+        assert sel.selection_["ranges"] == rule
+        assert (sel.selection_["range_mismatch"] is None) == (rule == "off")
+        explicit = _sq(num_clusters=2, within="matched", ranges=rule).fit(pool, model=model)
         assert torch.equal(idx, explicit.select(6))
     # the image / feature table is unchanged
     assert auto_within("range", token_pool=False) == "nearest"
     assert auto_within("range", token_pool=True) == "matched"
+    assert auto_ranges("range", token_pool=False) == "off"
 
 
 def test_pipeline_passes_the_calibrators_need(trained_tiny):

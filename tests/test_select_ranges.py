@@ -21,6 +21,7 @@ from qcalib.select.ranges import (
     range_mismatch,
     set_ranges,
 )
+from qcalib.select.selectq import auto_ranges
 from qcalib.select.stats import (
     ActivationStatsCollector,
     activation_extremes_masked,
@@ -202,9 +203,17 @@ def test_selectq_ranges_median_matches_random_ranges_better_than_any_draw():
         assert b.numel() == 40 and b.unique().numel() == 40
         assert s_on["range_mismatch"] < off_mismatch < min(random_mismatch)
         assert 1 <= int(torch.isin(b, spikes).sum()) <= 3
+    off.ranges = "cap"  # a rule switched on after a fit that did not read the extremes
+    with pytest.raises(QCalibError, match="needs the extremes that fit did not read"):
+        off.select(40)
 
 
-def test_ranges_parameter_is_checked_and_auto_is_off():
+def test_ranges_parameter_is_checked_and_auto_caps_only_range_readers_on_tokens():
     with pytest.raises(QCalibError, match="ranges must be one of auto, off, median, cap"):
         SelectQSelector(ranges="widest")
-    assert SelectQSelector().resolved_ranges() == "off"
+    assert SelectQSelector().resolved_ranges() == "off"  # unfitted: need unknown
+    table = {(r, t): auto_ranges(r, token_pool=t)
+             for r in ("range", "distribution", "fit", None) for t in (False, True)}  # fmt: skip
+    assert {k for k, v in table.items() if v != "off"} == {("range", True)}
+    assert table[("range", True)] == "cap"
+    assert SelectQSelector(ranges="median").resolved_ranges() == "median"

@@ -187,3 +187,14 @@ def test_rows_with_extremes_serve_selections_without_them(pool, tmp_path):
         assert torch.equal(_select(net, pool, "selectq", params, 1, 16, c), want)
         assert net.samples <= 4  # probe forwards only
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
+
+
+def test_a_cache_directory_that_cannot_be_written_is_named(pool, tmp_path):
+    from qcalib.errors import QCalibError
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory should be")
+    torch.manual_seed(0)
+    with pytest.raises(QCalibError, match=r"cannot write .*choose another cache directory"):
+        _select(CountingNet(), pool, "herding", {"batch_size": 64}, 0, 8,
+                StatRowCache(blocked, "digits-net"))  # fmt: skip

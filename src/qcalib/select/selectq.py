@@ -135,9 +135,15 @@ trim left too narrow can take back one wide sample) while a swap lowers that mis
 ``ranges="cap"`` only the sites *wider* than the median draw's count (a narrower range
 is kept: on SmolLM2-135M's validation windows the within rule's narrower sets were the
 better ones), so a set is only repaired where an outlier window widened a range. ``"off"``
-keeps the within rule's set; ``"auto"`` (default) is :data:`AUTO_RANGES` = ``"off"`` until
-the validation runs of ``bench/llm.py`` show where matching pays. Memory: the held members
-carry their ``2 x sites`` extremes (SmolLM2-135M, 210 sites, ``R = 4096``: ~110 MB).
+keeps the within rule's set. ``"auto"`` (default, :func:`auto_ranges`) is ``cap`` for the
+range calibrators on token pools (:data:`AUTO_RANGES_TOKENS`) and off elsewhere: on
+SmolLM2-135M's validation windows (``bench/llm.py --section validate-within``, 5 seeds)
+``matched + cap`` gave static min-max W8A8 perplexity 32.38 +- 0.08 and W4A8 73.88 +- 0.56
+against random's 33.70 +- 0.65 and 77.12 +- 2.68 (``matched`` alone: 33.79 +- 1.51,
+77.78 +- 4.77, one bad seed; ``median``: 33.40 +- 0.30, 76.63 +- 0.51), every seed below
+random's mean. No run has shown it pay for the fitted or distribution calibrators, nor on
+image pools, where reading the extremes is not free. Memory: the held members carry their
+``2 x sites`` extremes (SmolLM2-135M, 210 sites, ``R = 4096``: ~110 MB).
 
 Defaults and why
 ----------------
@@ -232,10 +238,12 @@ __all__ = [
     "AUTO_FALLBACK",
     "AUTO_WITHIN",
     "AUTO_RANGES",
+    "AUTO_RANGES_TOKENS",
     "AUTO_WITHIN_TOKENS",
     "RANGES_RULES",
     "WITHIN_RULES",
     "SelectQSelector",
+    "auto_ranges",
     "auto_within",
 ]
 
@@ -244,8 +252,11 @@ WITHIN_RULES = ("auto", "nearest", "stratified", "matched")
 #: min-max ranges to random's median draw (:mod:`qcalib.select.ranges`); ``"cap"`` only
 #: brings the sites wider than that draw's back to it.
 RANGES_RULES = ("auto", "off", "median", "cap")
-#: ``ranges="auto"``: off until a validation shows where matching pays (module notes).
+#: ``ranges="auto"`` on image / feature pools: off (no validation run has shown matching
+#: pay there, and the extremes cost up to half the statistics on thin CNN layers).
 AUTO_RANGES = "off"
+#: ``ranges="auto"`` on token pools, per calibrator need (others: off); see the module notes.
+AUTO_RANGES_TOKENS = {"range": "cap"}
 #: ``within="auto"``: the ranking rule for each calibrator need (see the module notes).
 AUTO_WITHIN = {"range": "nearest", "distribution": "matched", "fit": "matched"}
 #: ``within="auto"`` on token pools (language models; see the module notes).
@@ -313,6 +324,14 @@ def auto_within(calibrator_reads: str | None, token_pool: bool) -> str:
     return table.get(calibrator_reads or "", AUTO_FALLBACK)
 
 
+def auto_ranges(calibrator_reads: str | None, token_pool: bool) -> str:
+    """``ranges="auto"``'s rule for a calibrator need (None: unknown): :data:`AUTO_RANGES`
+    on an image / feature pool, :data:`AUTO_RANGES_TOKENS` (else off) on a token pool."""
+    if not token_pool:
+        return AUTO_RANGES
+    return AUTO_RANGES_TOKENS.get(calibrator_reads or "", "off")
+
+
 @SELECTORS.register("selectq")
 class SelectQSelector(Selector):
     """SelectQ calibration-set selection (see the module notes for the method).
@@ -362,8 +381,9 @@ class SelectQSelector(Selector):
     ranges:
         ``"off"``, ``"median"`` (swap members inside their clusters until the set's static
         min-max ranges are closest to random's median draw), ``"cap"`` (swap only until
-        no site is wider than that draw's) or ``"auto"`` (default:
-        :data:`AUTO_RANGES`); see the module notes, "Range matching".
+        no site is wider than that draw's) or ``"auto"`` (default: :func:`auto_ranges`,
+        ``cap`` for range calibrators on token pools, else off); see the module notes,
+        "Range matching".
     device:
         Where the forwards run (default: the model's device).
     """
@@ -468,8 +488,11 @@ class SelectQSelector(Selector):
         return auto_within(self.calibrator_reads_, self.token_pool_)
 
     def resolved_ranges(self) -> str:
-        """The range rule ``select`` applies: ``ranges``, or :data:`AUTO_RANGES`."""
-        return AUTO_RANGES if self.ranges == "auto" else self.ranges
+        """The range rule ``select`` applies: ``ranges``, or ``auto``'s choice for the
+        calibrator need given to ``fit`` and the pool's kind (:func:`auto_ranges`)."""
+        if self.ranges != "auto":
+            return self.ranges
+        return auto_ranges(self.calibrator_reads_, self.token_pool_)
 
     # ------------------------------------------------------------------ streams
     def _stat_batches(
@@ -640,6 +663,11 @@ class SelectQSelector(Selector):
         top = ClusterTopK(self.num_clusters, cluster_sample_size(n) if sampled else n)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, -1))
         with_ext = self._collector.extremes  # fit read them iff range matching is on
+        if ranges != "off" and not with_ext:
+            raise QCalibError(
+                f"selectq: ranges={ranges!r} needs the extremes that fit did not read (the "
+                "rule changed after fit); call fit again"
+            )
         sketch = ExtremesSketch(median_draw_rank(len(self._pool), n)) if with_ext else None
         for idx, rows in self._stat_batches(self._pool, self._collector, desc="ranking pass"):
             per_layer, labels = [], None

@@ -76,7 +76,7 @@ from torch import Tensor, nn
 
 from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
-from qcalib.files import atomic_write_text
+from qcalib.files import atomic_write_text, write_failed
 from qcalib.model.qmodules import is_conv, run_example
 from qcalib.model.wrap import probe_mode, quantizable_layers
 from qcalib.select.distance import join_stats
@@ -545,18 +545,21 @@ class _RowStore:
 
     def _write_chunk(self, idx: Tensor, rows: dict[str, Tensor]) -> None:
         assert self.folder is not None
-        self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / _META_FILE
-        if not meta.is_file():
-            atomic_write_text(
-                meta, json.dumps({"key": self.key, "sites": self.sites}), "cache directory"
-            )
-        # Written whole under a temporary name, then renamed: a crash leaves no torn chunk.
         chunk = self.folder / f"rows-{int(idx[0]):07d}-{idx.numel()}.safetensors"
         tmp = chunk.with_name(chunk.name + ".tmp")
         tensors = {_INDEX_KEY: idx.contiguous(), **{s: r.contiguous() for s, r in rows.items()}}
-        save_file(tensors, str(tmp))
-        os.replace(tmp, chunk)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not meta.is_file():
+                atomic_write_text(
+                    meta, json.dumps({"key": self.key, "sites": self.sites}), "cache directory"
+                )
+            # Written whole under a temporary name, then renamed: a crash leaves no torn chunk.
+            save_file(tensors, str(tmp))
+            os.replace(tmp, chunk)
+        except OSError as e:
+            raise write_failed(chunk, e, "cache directory") from None
 
     def _read_folder(self) -> None:
         assert self.folder is not None
