@@ -111,8 +111,10 @@ def test_tokens_masked_and_weight_sharing_sites():
     assert torch.equal(split_stats(rows["head"])[1], torch.zeros(3, 6))
 
 
-def test_std_matches_float64_two_pass_when_mean_dwarfs_spread():
-    """One-pass E[x^2] - mu^2 cancels when |mu| >> sigma; those rows must fall back."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_std_matches_float64_two_pass_when_mean_dwarfs_spread(layout):
+    """One-pass E[x^2] - mu^2 cancels when |mu| >> sigma; those rows must fall back. A
+    channels-last activation takes another reduction path: the same values."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 6, 7, 7, generator=g)
     x[:, 1] = 1e3 + 1e-1 * x[:, 1]  # mean / std = 1e4: float32 one-pass is pure noise
@@ -120,7 +122,7 @@ def test_std_matches_float64_two_pass_when_mean_dwarfs_spread():
     x[0, 3] = 3e19 + 1e18 * x[0, 3]  # x^2 overflows float32, the deviations do not
     x64 = x.double().reshape(4, 6, -1)
     want_sd = (x64 - x64.mean(2, keepdim=True)).square().mean(2).sqrt()
-    mu, sd = split_stats(activation_stats_masked(x))
+    mu, sd = split_stats(activation_stats_masked(x.contiguous(memory_format=layout)))
     torch.testing.assert_close(mu.double(), x64.mean(2), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(sd.double(), want_sd, rtol=1e-6, atol=0.0)
     assert torch.equal(sd[:, 2], torch.zeros(4))
