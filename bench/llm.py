@@ -28,9 +28,10 @@ Protocol (fixed for every row, recorded in the JSON):
   per (selector, params, seed, n) is cached in ``llm.indices.jsonl`` and reused by every
   calibrator it applies to: random and herding do not depend on the calibrator; SelectQ's
   default ``within="auto"`` / ``ranges="auto"`` do (on tokens: ``matched`` for every
-  calibrator, ``ranges=cap`` for min-max and SmoothQuant), so the rules are written into
-  the cell's selector parameters (min-max cells from before ``ranges=cap`` was the
-  default are kept as the ``matched`` rows: same sets without the range repair).
+  calibrator, ``ranges=cap`` where static activation ranges come from a min-max observer:
+  min-max, SmoothQuant, GPTQ W4A8), so the rules are written into the cell's selector
+  parameters (cells from before ``ranges=cap`` was the default are kept as the
+  ``matched`` rows: same sets without the range repair).
   Selection seconds in the index cache: the per-sample statistic rows are computed once
   per pool window and shared by all selections of a run
   (:class:`qcalib.select.stats.StatRowCache`), so the first statistic-based selection of
@@ -204,9 +205,10 @@ def selector_params(selector: str, method: str) -> dict:
     calibrators that use it)."""
     params = dict(SELECTOR_PARAMS.get(selector, {}))
     if selector == "selectq":
-        reads = CALIBRATORS.get(METHODS[method][0]).reads
-        params["within"] = auto_within(reads, token_pool=True)
-        ranges = auto_ranges(reads, token_pool=True)
+        calibrator, q = METHODS[method]
+        cls = CALIBRATORS.get(calibrator)
+        params["within"] = auto_within(cls.reads, token_pool=True)
+        ranges = auto_ranges(cls.activation_reads(QuantConfig(**q)), token_pool=True)
         if ranges != "off":  # cells from before range matching stay the "off" cells
             params["ranges"] = ranges
     return params

@@ -62,6 +62,8 @@ def test_auto_resolves_per_calibrator_need():
     assert sel.selection_["within"] == "stratified"
     with pytest.raises(QCalibError, match="calibrator_reads must be one of range"):
         _sq().fit(pool, model=model, calibrator_reads="extremes")
+    with pytest.raises(QCalibError, match="activation_reads must be one of .*`act_reads`"):
+        _sq().fit(pool, model=model, activation_reads="extremes")
     with pytest.raises(QCalibError, match="within must be one of auto, nearest"):
         _sq(within="closest")
 
@@ -91,9 +93,13 @@ def test_auto_on_a_token_pool_gives_range_readers_matched_and_cap():
     tokens = np.random.default_rng(0).integers(0, len(tok), size=40 * 8)
     pool = Pool(TokenSamples(tokens, np.array([0, tokens.size]), 8, "chunk", 0), name="tokens")
     for reads in ("range", "distribution", "fit", None):
-        sel = _sq(num_clusters=2).fit(pool, model=model, calibrator_reads=reads)
+        # The range rule follows what sets the activation ranges, not the weights' need.
+        sel = _sq(num_clusters=2).fit(
+            pool, model=model, calibrator_reads="fit", activation_reads=reads
+        )
         idx = sel.select(6)
         rule = "cap" if reads == "range" else "off"
+        assert sel.selection_["activation_reads"] == reads
         assert sel.selection_["within"] == "matched" and sel.selection_["token_pool"] is True
         assert sel.selection_["ranges"] == rule
         assert (sel.selection_["range_mismatch"] is None) == (rule == "off")
@@ -124,6 +130,25 @@ def test_pipeline_passes_the_calibrators_need(trained_tiny):
         )  # fmt: skip
         _, result = pipeline.quantize(cfg, bench, progress=False)
         assert result.calib_indices == sets[rule], calibrator
+        assert result.selection["calibrator_reads"] == CALIBRATORS.get(calibrator).reads
+        assert result.selection["activation_reads"] == CALIBRATORS.get(calibrator).act_reads
+
+
+def test_activation_reads_follow_the_activation_quantizers():
+    """What sets the static activation ranges, per calibrator: a range observer for
+    min-max, percentile, AdaRound and GPTQ's activations, the MSE search for mse, learned
+    steps for BRECQ / QDrop; nothing when activations stay float or are dynamic."""
+    static, weight_only = QuantConfig(4, 8), QuantConfig(4, None)
+    dynamic = QuantConfig(4, 8, a_dynamic=True)
+    want = {"minmax": "range", "percentile": "range", "mse": "distribution",
+            "adaround": "range", "gptq": "range", "brecq": "fit", "qdrop": "fit"}  # fmt: skip
+    for name, reads in want.items():
+        cls = CALIBRATORS.get(name)
+        assert cls.activation_reads(static) == reads, name
+        assert cls.activation_reads(weight_only) is None, name
+        assert cls.activation_reads(dynamic) is None, name
+    assert auto_ranges("range", token_pool=True) == "cap"
+    assert auto_ranges(None, token_pool=True) == "off"
 
 
 # ------------------------------------------------------------------ matched ranking

@@ -199,14 +199,20 @@ def cmd_inspect_calib(args: argparse.Namespace) -> int:
         indices, calib = _files_source(args.calib_files, pool)
         source = {"calib_files": str(args.calib_files)}
     else:
-        reads = None
+        reads, act_reads = None, None
         if args.calibrator is not None:
             from qcalib.calibrate import CALIBRATORS
+            from qcalib.config import QuantConfig
 
-            reads = CALIBRATORS.get(args.calibrator).reads
+            calibrator = CALIBRATORS.get(args.calibrator)
+            reads = calibrator.reads
+            bits = {
+                k: v for k, v in (("wbits", args.wbits), ("abits", args.abits)) if v is not None
+            }
+            act_reads = calibrator.activation_reads(QuantConfig(**bits))
         idx = select_indices(
             args.selector, pool, args.num_calib, model=model, seed=args.seed,
-            calibrator_reads=reads, **params,
+            calibrator_reads=reads, activation_reads=act_reads, **params,
         )  # fmt: skip
         indices = idx.tolist()
         source = {"selector": args.selector, "num_calib": args.num_calib, "seed": args.seed,

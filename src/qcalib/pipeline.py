@@ -246,17 +246,20 @@ def select_indices(
     cfg: RunConfig, bench: Workbench, progress: bool = True, report: dict | None = None
 ) -> torch.Tensor:
     """The run's calibration set. The selector is told what the run's calibrator reads
-    from it (``Calibrator.reads``), so calibrator-aware strategies pick accordingly.
+    from it (``Calibrator.reads``) and what sets its static activation ranges reads
+    (``Calibrator.activation_reads``), so calibrator-aware strategies pick accordingly.
     ``report`` (optional) receives the selector's own account of the set
     (``selection_``, e.g. SelectQ's quotas and range mismatch)."""
     selector = SELECTORS.get(cfg.select.selector)(seed=cfg.seed, **cfg.select.kwargs())
     selector.progress = progress
     selector.row_cache = bench.stat_rows
-    reads = CALIBRATORS.get(cfg.calib.calibrator).reads
+    calibrator = CALIBRATORS.get(cfg.calib.calibrator)
+    reads = {"calibrator_reads": calibrator.reads,
+             "activation_reads": calibrator.activation_reads(cfg.quant)}  # fmt: skip
     if getattr(selector, "needs_model", False):
-        selector.fit(bench.pool, model=bench.model, calibrator_reads=reads)
+        selector.fit(bench.pool, model=bench.model, **reads)
     else:
-        selector.fit(bench.pool, calibrator_reads=reads)
+        selector.fit(bench.pool, **reads)
     indices = selector.select(cfg.calib.num_calib)
     if report is not None:
         report.update(getattr(selector, "selection_", None) or {})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qcalib.config import CalibConfig
+from qcalib.config import FLOAT_ABITS, CalibConfig, QuantConfig
 from qcalib.errors import QCalibError
 from qcalib.model.observe import calibrate_activations, calibrate_weights, observer_params
 from qcalib.model.wrap import QuantModel
@@ -38,6 +38,19 @@ class Calibrator(ABC):
 
     accepts_loss_terms = False
     reads = "fit"
+    #: What sets the static activation ranges reads from the set (same vocabulary as
+    #: ``reads``); see :meth:`activation_reads`.
+    act_reads = "fit"
+
+    @classmethod
+    def activation_reads(cls, quant: QuantConfig) -> str | None:
+        """What the run's static activation ranges read from the calibration set: ``None``
+        when activations stay float or are quantized per token at run time (no range is
+        calibrated), else :attr:`act_reads`. The pipeline hands it to the selector, whose
+        range matching (SelectQ ``ranges="auto"``) targets those ranges."""
+        if quant.abits == FLOAT_ABITS or quant.a_dynamic:
+            return None
+        return cls.act_reads
 
     def __init__(self, cfg: CalibConfig) -> None:
         if cfg.recon.contrastive is not None and not self.accepts_loss_terms:
@@ -106,6 +119,7 @@ class MinMaxCalibrator(ObserverCalibrator):
     """Full observed range for weights (per channel) and activations."""
 
     reads = "range"
+    act_reads = "range"
 
 
 @CALIBRATORS.register("percentile")
@@ -119,6 +133,7 @@ class PercentileCalibrator(ObserverCalibrator):
 
     act_observer = "percentile"
     reads = "range"
+    act_reads = "range"
 
 
 @CALIBRATORS.register("mse")
@@ -130,6 +145,7 @@ class MSECalibrator(ObserverCalibrator):
     0.9 to 1.2 points at W3A3 in the committed grid)."""
 
     reads = "distribution"
+    act_reads = "distribution"
 
     weight_observer = "mse"
     act_observer = "mse"

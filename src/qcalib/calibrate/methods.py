@@ -70,6 +70,7 @@ class ReconCalibrator(ObserverCalibrator):
     # The rounding and activation steps are fitted to the set and must generalize to the
     # pool: the selection should reproduce the pool, not its core.
     reads = "fit"
+    act_reads = "fit"  # the activation step sizes are learned too (LSQ)
     on_block_end = None
     on_iteration = None
     engine: BlockReconstructor | None = None
@@ -158,6 +159,7 @@ class AdaRoundCalibrator(ReconCalibrator):
     """AdaRound, layer by layer: learned rounding; activation ranges from the observer."""
 
     method = "adaround"
+    act_reads = "range"  # its activation observer (min-max by default) sets the ranges
 
     def blocks(self, qmodel: QuantModel, calib_data: torch.Tensor) -> list[Block]:
         return [Block(name, m, "layer") for name, m in qmodel.quant_modules()]

@@ -8,7 +8,10 @@ returns sorted, unique pool indices and is deterministic for a seed.
 the set (one of :data:`~qcalib.config.CALIBRATOR_READS`: ``"range"``, ``"distribution"``,
 ``"fit"``; the pipeline passes ``Calibrator.reads``), a plain string so that ``select/``
 never imports ``calibrate/``. Strategies that do not depend on it ignore it; SelectQ's
-``within="auto"`` resolves its ranking rule from it.
+``within="auto"`` resolves its ranking rule from it. ``activation_reads`` (same
+vocabulary; the pipeline passes ``Calibrator.activation_reads(quant)``) says what sets
+the run's static activation ranges reads, None when no activation range is calibrated
+(weight-only, per-token dynamic); SelectQ's ``ranges="auto"`` resolves from it.
 """
 
 from __future__ import annotations
@@ -87,16 +90,24 @@ class Selector(ABC, metaclass=_SelectorMeta):
         self.seed = seed
         self.pool_size_: int | None = None
         self.calibrator_reads_: str | None = None
+        self.activation_reads_: str | None = None
 
     def fit(
-        self, pool: Pool, model: nn.Module | None = None, calibrator_reads: str | None = None
+        self,
+        pool: Pool,
+        model: nn.Module | None = None,
+        calibrator_reads: str | None = None,
+        activation_reads: str | None = None,
     ) -> Selector:
-        if calibrator_reads is not None and calibrator_reads not in CALIBRATOR_READS:
-            raise QCalibError(
-                f"calibrator_reads must be one of {', '.join(CALIBRATOR_READS)} (or None), "
-                f"got {calibrator_reads!r}; set the calibrator class's `reads` attribute"
-            )
+        for name, value, attr in (("calibrator_reads", calibrator_reads, "reads"),
+                                  ("activation_reads", activation_reads, "act_reads")):  # fmt: skip
+            if value is not None and value not in CALIBRATOR_READS:
+                raise QCalibError(
+                    f"{name} must be one of {', '.join(CALIBRATOR_READS)} (or None), "
+                    f"got {value!r}; set the calibrator class's `{attr}` attribute"
+                )
         self.calibrator_reads_ = calibrator_reads
+        self.activation_reads_ = activation_reads
         if self.needs_model and model is None:
             raise QCalibError(f"selector {type(self).__name__} needs the model passed to fit()")
         if len(pool) == 0:
@@ -155,16 +166,18 @@ def select_indices(
     model: nn.Module | None = None,
     seed: int = 0,
     calibrator_reads: str | None = None,
+    activation_reads: str | None = None,
     **params: object,
 ) -> torch.Tensor:
     """Build the selector ``name`` with ``params``, fit it (with ``model`` if it needs one,
-    and the calibrator's needs ``calibrator_reads`` when known) and return its ``n`` sorted
-    indices: the one-call API of every strategy."""
+    and the calibrator's needs ``calibrator_reads`` / ``activation_reads`` when known) and
+    return its ``n`` sorted indices: the one-call API of every strategy."""
     selector = SELECTORS.get(name)(seed=seed, **params)
+    reads = {"calibrator_reads": calibrator_reads, "activation_reads": activation_reads}
     if selector.needs_model:
         if model is None:
             raise QCalibError(f"selector {name!r} reads activations: pass the FP model")
-        selector.fit(pool, model=model, calibrator_reads=calibrator_reads)
+        selector.fit(pool, model=model, **reads)
     else:
-        selector.fit(pool, calibrator_reads=calibrator_reads)
+        selector.fit(pool, **reads)
     return selector.select(n)

@@ -135,13 +135,18 @@ trim left too narrow can take back one wide sample) while a swap lowers that mis
 ``ranges="cap"`` only the sites *wider* than the median draw's count (a narrower range
 is kept: on SmolLM2-135M's validation windows the within rule's narrower sets were the
 better ones), so a set is only repaired where an outlier window widened a range. ``"off"``
-keeps the within rule's set. ``"auto"`` (default, :func:`auto_ranges`) is ``cap`` for the
-range calibrators on token pools (:data:`AUTO_RANGES_TOKENS`) and off elsewhere: on
-SmolLM2-135M's validation windows (``bench/llm.py --section validate-within``, 5 seeds)
-``matched + cap`` gave static min-max W8A8 perplexity 32.38 +- 0.08 and W4A8 73.88 +- 0.56
-against random's 33.70 +- 0.65 and 77.12 +- 2.68 (``matched`` alone: 33.79 +- 1.51,
-77.78 +- 4.77, one bad seed; ``median``: 33.40 +- 0.30, 76.63 +- 0.51), every seed below
-random's mean. No run has shown it pay for the fitted or distribution calibrators, nor on
+keeps the within rule's set. ``"auto"`` (default, :func:`auto_ranges`) is ``cap`` on token
+pools when the run's static activation ranges come from a range observer
+(``fit(activation_reads="range")``: min-max, percentile, AdaRound, GPTQ W4A8;
+:data:`AUTO_RANGES_TOKENS`) and off elsewhere (weight-only and per-token dynamic runs,
+learned activation steps, MSE clipping). On SmolLM2-135M's validation windows
+(``bench/llm.py --section validate-within``) ``matched + cap`` gave static min-max W8A8
+perplexity 32.38 +- 0.08 and W4A8 73.88 +- 0.56 over 5 seeds, against random's 33.70 +-
+0.65 and 77.12 +- 2.68 (``matched`` alone: 33.79 +- 1.51, 77.78 +- 4.77, one bad seed;
+``median``: 33.40 +- 0.30, 76.63 +- 0.51), every seed below random's mean; SmoothQuant
+W8A8 / W4A8 30.27 / 68.84 against 31.78 / 72.05, GPTQ W4A8 56.12 against 61.44 (3 seeds
+each; ``matched``'s bad seed 62.25 repaired to 55.40). On MiniLM, never used to choose,
+it is level with random (cosines within 1e-4). No run has shown it pay on
 image pools, where reading the extremes is not free. Memory: the held members carry their
 ``2 x sites`` extremes (SmolLM2-135M, 210 sites, ``R = 4096``: ~110 MB).
 
@@ -255,7 +260,8 @@ RANGES_RULES = ("auto", "off", "median", "cap")
 #: ``ranges="auto"`` on image / feature pools: off (no validation run has shown matching
 #: pay there, and the extremes cost up to half the statistics on thin CNN layers).
 AUTO_RANGES = "off"
-#: ``ranges="auto"`` on token pools, per calibrator need (others: off); see the module notes.
+#: ``ranges="auto"`` on token pools, by what sets the static activation ranges reads
+#: (``fit(activation_reads=...)``; others and None: off); see the module notes.
 AUTO_RANGES_TOKENS = {"range": "cap"}
 #: ``within="auto"``: the ranking rule for each calibrator need (see the module notes).
 AUTO_WITHIN = {"range": "nearest", "distribution": "matched", "fit": "matched"}
@@ -324,12 +330,13 @@ def auto_within(calibrator_reads: str | None, token_pool: bool) -> str:
     return table.get(calibrator_reads or "", AUTO_FALLBACK)
 
 
-def auto_ranges(calibrator_reads: str | None, token_pool: bool) -> str:
-    """``ranges="auto"``'s rule for a calibrator need (None: unknown): :data:`AUTO_RANGES`
-    on an image / feature pool, :data:`AUTO_RANGES_TOKENS` (else off) on a token pool."""
+def auto_ranges(activation_reads: str | None, token_pool: bool) -> str:
+    """``ranges="auto"``'s rule for what sets the run's static activation ranges reads
+    (None: no range calibrated, or unknown): :data:`AUTO_RANGES` on an image / feature
+    pool, :data:`AUTO_RANGES_TOKENS` (else off) on a token pool."""
     if not token_pool:
         return AUTO_RANGES
-    return AUTO_RANGES_TOKENS.get(calibrator_reads or "", "off")
+    return AUTO_RANGES_TOKENS.get(activation_reads or "", "off")
 
 
 @SELECTORS.register("selectq")
@@ -492,7 +499,7 @@ class SelectQSelector(Selector):
         calibrator need given to ``fit`` and the pool's kind (:func:`auto_ranges`)."""
         if self.ranges != "auto":
             return self.ranges
-        return auto_ranges(self.calibrator_reads_, self.token_pool_)
+        return auto_ranges(self.activation_reads_, self.token_pool_)
 
     # ------------------------------------------------------------------ streams
     def _stat_batches(
@@ -735,6 +742,7 @@ class SelectQSelector(Selector):
             "within": within,
             "ranges": ranges,
             "calibrator_reads": self.calibrator_reads_,
+            "activation_reads": self.activation_reads_,
             "token_pool": self.token_pool_,
             "max_selected_kd": float(kd.max()),
             # Mean |log| ratio of the set's static min-max widths to random's median draw
