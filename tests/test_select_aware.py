@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from qcalib.calibrate import CALIBRATORS
-from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
+from qcalib.config import CalibConfig, QuantConfig, ReconConfig, RunConfig, SelectConfig
 from qcalib.data.pool import Pool
 from qcalib.data.registry import load_dataset
 from qcalib.errors import QCalibError
@@ -141,12 +141,16 @@ def test_activation_reads_follow_the_activation_quantizers():
     static, weight_only = QuantConfig(4, 8), QuantConfig(4, None)
     dynamic = QuantConfig(4, 8, a_dynamic=True)
     want = {"minmax": "range", "percentile": "range", "mse": "distribution",
-            "adaround": "range", "gptq": "range", "brecq": "fit", "qdrop": "fit"}  # fmt: skip
+            "adaround": "distribution", "gptq": "range",
+            "brecq": "fit", "qdrop": "fit"}  # fmt: skip
     for name, reads in want.items():
         cls = CALIBRATORS.get(name)
         assert cls.activation_reads(static) == reads, name
         assert cls.activation_reads(weight_only) is None, name
         assert cls.activation_reads(dynamic) is None, name
+    # AdaRound keeps its configured observer's ranges (MSE by default).
+    minmax_recon = CalibConfig(recon=ReconConfig(a_observer="minmax"))
+    assert CALIBRATORS.get("adaround").activation_reads(static, minmax_recon) == "range"
     assert auto_ranges("range", token_pool=True) == "cap"
     assert auto_ranges(None, token_pool=True) == "off"
 

@@ -255,7 +255,7 @@ def select_indices(
     selector.row_cache = bench.stat_rows
     calibrator = CALIBRATORS.get(cfg.calib.calibrator)
     reads = {"calibrator_reads": calibrator.reads,
-             "activation_reads": calibrator.activation_reads(cfg.quant)}  # fmt: skip
+             "activation_reads": calibrator.activation_reads(cfg.quant, cfg.calib)}  # fmt: skip
     if getattr(selector, "needs_model", False):
         selector.fit(bench.pool, model=bench.model, **reads)
     else:

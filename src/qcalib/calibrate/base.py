@@ -43,11 +43,12 @@ class Calibrator(ABC):
     act_reads = "fit"
 
     @classmethod
-    def activation_reads(cls, quant: QuantConfig) -> str | None:
+    def activation_reads(cls, quant: QuantConfig, calib: CalibConfig | None = None) -> str | None:
         """What the run's static activation ranges read from the calibration set: ``None``
         when activations stay float or are quantized per token at run time (no range is
-        calibrated), else :attr:`act_reads`. The pipeline hands it to the selector, whose
-        range matching (SelectQ ``ranges="auto"``) targets those ranges."""
+        calibrated), else :attr:`act_reads` (``calib``: for calibrators whose activation
+        observer is a config choice). The pipeline hands it to the selector, whose range
+        matching (SelectQ ``ranges="auto"``) targets those ranges."""
         if quant.abits == FLOAT_ABITS or quant.a_dynamic:
             return None
         return cls.act_reads

@@ -50,6 +50,7 @@ import torch
 from qcalib.calibrate.base import CALIBRATORS, ObserverCalibrator
 from qcalib.calibrate.contrastive import ContrastiveLoss
 from qcalib.calibrate.reconstruct import BlockReconstructor, LossTerm, Stage
+from qcalib.config import CalibConfig, QuantConfig
 from qcalib.errors import QCalibError
 from qcalib.model.partition import Block, partition_blocks
 from qcalib.model.wrap import QuantModel
@@ -159,7 +160,15 @@ class AdaRoundCalibrator(ReconCalibrator):
     """AdaRound, layer by layer: learned rounding; activation ranges from the observer."""
 
     method = "adaround"
-    act_reads = "range"  # its activation observer (min-max by default) sets the ranges
+
+    @classmethod
+    def activation_reads(cls, quant: QuantConfig, calib: CalibConfig | None = None) -> str | None:
+        # The ranges stay those of the configured observer (recon.a_observer, MSE by
+        # default): what that observer reads.
+        if super().activation_reads(quant, calib) is None:
+            return None
+        observer = (calib or CalibConfig()).recon.a_observer
+        return "distribution" if observer == "mse" else "range"
 
     def blocks(self, qmodel: QuantModel, calib_data: torch.Tensor) -> list[Block]:
         return [Block(name, m, "layer") for name, m in qmodel.quant_modules()]

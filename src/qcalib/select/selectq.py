@@ -137,7 +137,8 @@ is kept: on SmolLM2-135M's validation windows the within rule's narrower sets we
 better ones), so a set is only repaired where an outlier window widened a range. ``"off"``
 keeps the within rule's set. ``"auto"`` (default, :func:`auto_ranges`) is ``cap`` on token
 pools when the run's static activation ranges come from a range observer
-(``fit(activation_reads="range")``: min-max, percentile, AdaRound, GPTQ W4A8;
+(``fit(activation_reads="range")``: min-max, percentile, GPTQ W4A8, AdaRound with a
+min-max activation observer;
 :data:`AUTO_RANGES_TOKENS`) and off elsewhere (weight-only and per-token dynamic runs,
 learned activation steps, MSE clipping). On SmolLM2-135M's validation windows
 (``bench/llm.py --section validate-within``) ``matched + cap`` gave static min-max W8A8
