@@ -39,19 +39,25 @@ class Calibrator(ABC):
     accepts_loss_terms = False
     reads = "fit"
     #: What sets the static activation ranges reads from the set (same vocabulary as
-    #: ``reads``); see :meth:`activation_reads`.
+    #: ``reads``) when no activation observer sets them; see :meth:`activation_reads`.
     act_reads = "fit"
+
+    @classmethod
+    def activation_observer(cls, calib: CalibConfig) -> str | None:
+        """The observer that sets the final activation ranges (None: none does)."""
+        return None
 
     @classmethod
     def activation_reads(cls, quant: QuantConfig, calib: CalibConfig | None = None) -> str | None:
         """What the run's static activation ranges read from the calibration set: ``None``
         when activations stay float or are quantized per token at run time (no range is
-        calibrated), else :attr:`act_reads` (``calib``: for calibrators whose activation
-        observer is a config choice). The pipeline hands it to the selector, whose range
-        matching (SelectQ ``ranges="auto"``) targets those ranges."""
+        calibrated), else its activation observer's need (:data:`OBSERVER_READS`), else
+        :attr:`act_reads`. The pipeline hands it to the selector, whose range matching
+        (SelectQ ``ranges="auto"``) targets those ranges."""
         if quant.abits == FLOAT_ABITS or quant.a_dynamic:
             return None
-        return cls.act_reads
+        observer = cls.activation_observer(calib or CalibConfig())
+        return OBSERVER_READS.get(observer or "", cls.act_reads)
 
     def __init__(self, cfg: CalibConfig) -> None:
         if cfg.recon.contrastive is not None and not self.accepts_loss_terms:
@@ -81,6 +87,9 @@ class Calibrator(ABC):
 
 CALIBRATORS: Registry[type[Calibrator]] = Registry("calibrator")
 
+#: What each activation observer reads from its set (the vocabulary of ``reads``).
+OBSERVER_READS = {"minmax": "range", "percentile": "range", "mse": "distribution"}
+
 __all__ = [
     "CALIBRATORS",
     "Calibrator",
@@ -95,6 +104,10 @@ class ObserverCalibrator(Calibrator):
 
     weight_observer = "minmax"
     act_observer = "minmax"
+
+    @classmethod
+    def activation_observer(cls, calib: CalibConfig) -> str | None:
+        return cls.act_observer
 
     def observer_params(self, name: str, seed: int) -> dict:
         return observer_params(name, self.cfg, seed)
@@ -120,7 +133,6 @@ class MinMaxCalibrator(ObserverCalibrator):
     """Full observed range for weights (per channel) and activations."""
 
     reads = "range"
-    act_reads = "range"
 
 
 @CALIBRATORS.register("percentile")
@@ -134,7 +146,6 @@ class PercentileCalibrator(ObserverCalibrator):
 
     act_observer = "percentile"
     reads = "range"
-    act_reads = "range"
 
 
 @CALIBRATORS.register("mse")
@@ -146,7 +157,6 @@ class MSECalibrator(ObserverCalibrator):
     0.9 to 1.2 points at W3A3 in the committed grid)."""
 
     reads = "distribution"
-    act_reads = "distribution"
 
     weight_observer = "mse"
     act_observer = "mse"

@@ -399,7 +399,6 @@ class GPTQCalibrator(ObserverCalibrator):
     # The weights solve a least-squares fit to the set's Hessians, which must stand for
     # the pool's; the activations (W4A8 ...) then take the set's min-max ranges.
     reads = "fit"
-    act_reads = "range"
 
     def __init__(self, cfg: CalibConfig) -> None:
         super().__init__(cfg)

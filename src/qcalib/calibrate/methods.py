@@ -50,7 +50,7 @@ import torch
 from qcalib.calibrate.base import CALIBRATORS, ObserverCalibrator
 from qcalib.calibrate.contrastive import ContrastiveLoss
 from qcalib.calibrate.reconstruct import BlockReconstructor, LossTerm, Stage
-from qcalib.config import CalibConfig, QuantConfig
+from qcalib.config import CalibConfig
 from qcalib.errors import QCalibError
 from qcalib.model.partition import Block, partition_blocks
 from qcalib.model.wrap import QuantModel
@@ -83,6 +83,10 @@ class ReconCalibrator(ObserverCalibrator):
     @property
     def act_observer(self) -> str:  # type: ignore[override]
         return self.cfg.recon.a_observer
+
+    @classmethod
+    def activation_observer(cls, calib: CalibConfig) -> str | None:
+        return None  # the observer only starts the learned step sizes (act_reads)
 
     def blocks(self, qmodel: QuantModel, calib_data: torch.Tensor) -> list[Block]:
         return partition_blocks(qmodel, example_input=calib_data[:1])
@@ -162,13 +166,8 @@ class AdaRoundCalibrator(ReconCalibrator):
     method = "adaround"
 
     @classmethod
-    def activation_reads(cls, quant: QuantConfig, calib: CalibConfig | None = None) -> str | None:
-        # The ranges stay those of the configured observer (recon.a_observer, MSE by
-        # default): what that observer reads.
-        if super().activation_reads(quant, calib) is None:
-            return None
-        observer = (calib or CalibConfig()).recon.a_observer
-        return "distribution" if observer == "mse" else "range"
+    def activation_observer(cls, calib: CalibConfig) -> str | None:
+        return calib.recon.a_observer  # its ranges stay the observer's (MSE by default)
 
     def blocks(self, qmodel: QuantModel, calib_data: torch.Tensor) -> list[Block]:
         return [Block(name, m, "layer") for name, m in qmodel.quant_modules()]
