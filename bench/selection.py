@@ -272,10 +272,7 @@ class Runner:
             build = {"within": "nearest", **params} if selector == "selectq" else params
             sel = SELECTORS.get(selector)(seed=seed, **build)
             with Measure() as m:
-                if sel.needs_model:
-                    sel.fit(b.pool, model=b.model)
-                else:
-                    sel.fit(b.pool)
+                sel.fit(b.pool, model=b.model)
             self.fitted[fkey] = (sel, m.seconds, m.peak_rss_mb)
         sel, fit_s, fit_rss = self.fitted[fkey]
         stamp = CellStamp(self.args.device)
@@ -547,7 +544,7 @@ def cost_probe(model_name: str, size: int, n: int, timings: bool, rounds: int) -
     def baseline(name: str) -> Callable[[], object]:
         def run() -> object:
             s = SELECTORS.get(name)(seed=0)
-            s = s.fit(pool, model=model) if s.needs_model else s.fit(pool)
+            s = s.fit(pool, model=model)
             out.setdefault("candidates", {})[name] = (
                 int(s.index_.numel()) if hasattr(s, "max_pool") else None
             )

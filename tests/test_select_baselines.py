@@ -175,3 +175,15 @@ def test_errors(blobs):
         SELECTORS.get("balanced")(mode="stratified")
     with pytest.raises(QCalibError, match="larger than the pool"):
         KCenterSelector().fit(pool, model=Flat(2)).select(10_000)
+
+
+def test_model_free_selectors_ignore_a_model(blobs):
+    # Callers pass the FP model to every selector's fit; those that read no activations
+    # must select exactly what they select without it.
+    pool = points_pool(blobs, labels=torch.arange(blobs.shape[0]) % 3)
+    for name in ("random", "balanced"):
+        alone = select_indices(name, pool, 12, seed=3)
+        with_model = select_indices(name, pool, 12, seed=3, model=Flat(2))
+        assert torch.equal(alone, with_model), name
+    with pytest.raises(QCalibError, match="'kcenter' reads activations: pass the FP model"):
+        select_indices("kcenter", pool, 12)

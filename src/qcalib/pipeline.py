@@ -256,10 +256,8 @@ def select_indices(
     calibrator = CALIBRATORS.get(cfg.calib.calibrator)
     reads = {"calibrator_reads": calibrator.reads,
              "activation_reads": calibrator.activation_reads(cfg.quant, cfg.calib)}  # fmt: skip
-    if getattr(selector, "needs_model", False):
-        selector.fit(bench.pool, model=bench.model, **reads)
-    else:
-        selector.fit(bench.pool, **reads)
+    # Every selector's fit takes the model; those that read no activations ignore it.
+    selector.fit(bench.pool, model=bench.model, **reads)
     indices = selector.select(cfg.calib.num_calib)
     if report is not None:
         report.update(getattr(selector, "selection_", None) or {})

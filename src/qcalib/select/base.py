@@ -99,6 +99,9 @@ class Selector(ABC, metaclass=_SelectorMeta):
         calibrator_reads: str | None = None,
         activation_reads: str | None = None,
     ) -> Selector:
+        """One pass over ``pool``. ``model`` is the FP model; selectors that read no
+        activations accept and ignore it, so callers need not branch on
+        :attr:`needs_model`."""
         for name, value, attr in (("calibrator_reads", calibrator_reads, "reads"),
                                   ("activation_reads", activation_reads, "act_reads")):  # fmt: skip
             if value is not None and value not in CALIBRATOR_READS:
@@ -173,11 +176,9 @@ def select_indices(
     and the calibrator's needs ``calibrator_reads`` / ``activation_reads`` when known) and
     return its ``n`` sorted indices: the one-call API of every strategy."""
     selector = SELECTORS.get(name)(seed=seed, **params)
-    reads = {"calibrator_reads": calibrator_reads, "activation_reads": activation_reads}
-    if selector.needs_model:
-        if model is None:
-            raise QCalibError(f"selector {name!r} reads activations: pass the FP model")
-        selector.fit(pool, model=model, **reads)
-    else:
-        selector.fit(pool, **reads)
+    if selector.needs_model and model is None:
+        raise QCalibError(f"selector {name!r} reads activations: pass the FP model")
+    selector.fit(
+        pool, model=model, calibrator_reads=calibrator_reads, activation_reads=activation_reads
+    )
     return selector.select(n)
