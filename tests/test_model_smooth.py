@@ -205,3 +205,34 @@ def test_pipeline_applies_smoothquant_to_a_copy_and_records_it():
     assert not torch.equal(smoothed, model.get_submodule(name).weight)
     with torch.no_grad():
         assert torch.isfinite(qmodel(tokens)).all()
+
+
+def test_calibration_score_smooths_a_copy_with_the_set_like_a_run():
+    # The label-free score must rank sets for the model the run builds: with
+    # smoothquant_alpha it scores the set-smoothed copy, not the unsmoothed model.
+    import copy
+    from dataclasses import replace
+
+    from torch.utils.data import TensorDataset
+
+    from qcalib.data.pool import Pool
+    from qcalib.select.quality import calibration_score
+
+    model = _tiny_llama()
+    _plant_outliers(model, factor=60.0)
+    pool = Pool(TensorDataset(_tokens(n=16)), name="tokens")
+    idx = [0, 3, 5, 8, 9, 12]
+    smooth = QuantConfig(wbits=8, abits=8, first_last_bits=None, smoothquant_alpha=0.5)
+    plain = replace(smooth, smoothquant_alpha=None)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def score(net: nn.Module, q: QuantConfig) -> float:
+        return calibration_score(net, pool, idx, q, eval_samples=8, batch_size=4)
+
+    got = score(model, smooth)
+    by_hand = copy.deepcopy(model)
+    apply_smoothquant(by_hand, pool.get(idx), 0.5)
+    assert got == pytest.approx(score(by_hand, plain), rel=1e-3)
+    assert got < 0.7 * score(model, plain)
+    for k, v in model.state_dict().items():  # the caller's model is not smoothed
+        assert torch.equal(v, state[k])

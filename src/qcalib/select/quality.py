@@ -45,7 +45,9 @@ measures it, forward-only and label-free:
    (minutes per set): they get the MSE observers as a proxy (:data:`SCORE_PROXY`), the
    distribution-reading calibration closest to a fit to the set. For a weight-only
    config the observer pass reads nothing from the set and the proxy score is the same
-   for every set: it cannot rank sets for GPTQ weight-only runs.
+   for every set: it cannot rank sets for GPTQ weight-only runs. A config with
+   ``smoothquant_alpha`` smooths a copy of the model with the set's channel maxima
+   first, as a run does (:func:`~qcalib.model.smooth.apply_smoothquant`).
 2. A fixed seeded sample of ``eval_samples`` pool samples (the same for every set of a
    seed, so scores of different sets compare; it may share samples with a set, which
    only matters for pools not much larger than the set) runs through the FP and the
@@ -66,6 +68,7 @@ ImageNet is a long forward-only job).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -84,6 +87,7 @@ from qcalib.model.observe import (
     calibrate_weights,
     observer_params,
 )
+from qcalib.model.smooth import apply_smoothquant
 from qcalib.quant.observers import PercentileObserver
 from qcalib.select.stats import ActivationTap, check_finite_site
 
@@ -558,10 +562,17 @@ def calibration_score(
     was_training = model.training
     model.eval()
     try:
-        qmodel = build_quant_model(model, quant_config, pool.example().to(device)).eval()
+        set_data = pool.get(set_idx).to(device)
+        base = model
+        if quant_config.smoothquant_alpha is not None:
+            # The set also decides SmoothQuant's scales: scoring the unsmoothed model
+            # would rank sets for a different quantized model than the run builds.
+            base = copy.deepcopy(model)
+            apply_smoothquant(base, set_data, quant_config.smoothquant_alpha)
+        qmodel = build_quant_model(base, quant_config, pool.example().to(device)).eval()
         calibrate_weights(qmodel, w_obs, **observer_params(w_obs, cfg, seed))
         calibrate_activations(
-            qmodel, pool.get(set_idx).to(device), a_obs, cfg.batch_size, False,
+            qmodel, set_data, a_obs, cfg.batch_size, False,
             **observer_params(a_obs, cfg, seed),
         )  # fmt: skip
         gen = torch.Generator().manual_seed(seed)
