@@ -98,7 +98,7 @@ from qcalib.data.text import TokenSamples
 from qcalib.measure import Measure
 from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
 from qcalib.select import SELECTORS as SELECTOR_REGISTRY
-from qcalib.select.quality import calibration_score
+from qcalib.select.quality import SCORE_OBSERVERS, SCORE_PROXY, calibration_score
 from qcalib.select.ranges import ExtremesSketch, range_mismatch, set_ranges
 from qcalib.select.selectq import auto_ranges, auto_within
 from qcalib.select.stats import ActivationStatsCollector, StatRowCache, extremes_key, stat_batches
@@ -797,7 +797,20 @@ def score_cells(store: CellStore):  # noqa: ANN201
         c = r["cell"]
         grid_setting = method_label(c) == c["method"]  # GPTQ: the grid's first-token weight
         if c["method"] in SCORE_METHODS and c["n"] == NS[0] and grid_setting:
-            yield {k: c[k] for k in ("method", "selector", "n", "seed", "selector_params")}
+            observers = SCORE_OBSERVERS.get(METHODS[c["method"]][0], SCORE_PROXY)
+            yield {**{k: c[k] for k in ("method", "selector", "n", "seed", "selector_params")},
+                   "observers": list(observers)}  # fmt: skip
+
+
+def score_twin(scores: CellStore, c: dict) -> dict | None:
+    """A finished score cell of the same set, quantization and observers (GPTQ W4A8 is
+    scored with min-max's observers, so its score is min-max W4A8's): nothing to rerun."""
+
+    def same(d: dict) -> tuple:
+        return (json.dumps(METHODS[d["method"]][1], sort_keys=True), d["selector"], d["n"],
+                d["seed"], cell_key(d["selector_params"]), d["observers"])  # fmt: skip
+
+    return next((r for r in scores.rows.values() if same(r["cell"]) == same(c)), None)
 
 
 def run_score(bench: Workbench, cache: IndexCache, c: dict, device: str) -> dict:
@@ -892,12 +905,16 @@ def write_ranges(store: CellStore, device: str) -> None:
 def write_scores(store: CellStore, scores: CellStore) -> None:
     groups: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in scores.rows.values():
-        c = dict(r["cell"])
+        c = {k: v for k, v in r["cell"].items() if k != "observers"}  # the grid cell's key
+        observers = r["cell"]["observers"]
         if METHODS[c["method"]][0] == "gptq":
             c["first_token_weight"] = GPTQ_FIRST_TOKEN_WEIGHT
         g = store.rows.get(cell_key(c))
         if g is not None:
-            key = (c["method"], c["selector"], rule_label(c["selector_params"]))
+            rule = rule_label(c["selector_params"])
+            if tuple(observers) != SCORE_OBSERVERS.get(METHODS[c["method"]][0], SCORE_PROXY):
+                rule = f"{rule} [{'/'.join(observers)} observers]".strip()
+            key = (c["method"], c["selector"], rule)
             groups.setdefault(key, []).append((c["seed"], r["score"], g["quant_ppl"]))
     rows = []
 
@@ -916,11 +933,12 @@ def write_scores(store: CellStore, scores: CellStore) -> None:
 
     for method in sorted({k[0] for k in groups}):
         mine = sorted((k, sorted(g)) for k, g in groups.items() if k[0] == method)
-        rnd = [x[2] for k, g in mine if k[1] == "random" for x in g]
+        current = [(k, g) for k, g in mine if not k[2].endswith("observers]")]
+        rnd = [x[2] for k, g in current if k[1] == "random" for x in g]
         random_std = statistics.stdev(rnd) if len(rnd) > 1 else 0.0
         rows += [row(*k, g, random_std) for k, g in mine]
-        every = [x for _, g in mine for x in g]
-        if len(mine) > 1 and len(every) > 2:
+        every = [x for _, g in current for x in g]
+        if len(current) > 1 and len(every) > 2:
             rows.append(row(method, "all sets", "", every, random_std))
     write_tables(
         f"{GRID}-score",
@@ -932,7 +950,10 @@ def write_scores(store: CellStore, scores: CellStore) -> None:
         SCORE_COLUMNS,
         notes=(
             "score = qcalib.select.quality.calibration_score of the cell's calibration set "
-            f"(n = {NS[0]} windows; observers as the calibrator's, the MSE proxy for GPTQ): "
+            f"(n = {NS[0]} windows; observers as the calibrator's: min-max for min-max and "
+            "SmoothQuant, GPTQ's min-max grids and ranges without its rounding, so a GPTQ "
+            "W4A8 set scores as min-max W4A8 (`same_as` in its cell); rows marked "
+            "[mse/mse observers] are the earlier MSE proxy for GPTQ): "
             "mean per-token KL of the set-calibrated model from FP on "
             f"{SCORE_EVAL_WINDOWS} pool windows, label-free, lower is better. ppls = the "
             "grid cells' held-out perplexities of the same sets. spearman = rank "
@@ -986,6 +1007,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_minutes and time.time() - start > 60 * args.max_minutes:
                 logging.info("time budget reached; rerun to continue")
                 break
+            twin = score_twin(scores, c)
+            if twin is not None:
+                scores.add(c, {**{k: v for k, v in twin.items() if k != "cell"},
+                               "same_as": twin["cell"]})  # fmt: skip
+                continue
             assert bench is not None
             scores.add(c, run_score(bench, cache, c, device))
             logging.info("[score %d/%d] %s", i + 1, len(todo), c)

@@ -15,7 +15,7 @@ from qcalib.data.registry import load_dataset
 from qcalib.errors import QCalibError
 from qcalib.evaluate import accuracy
 from qcalib.select import SELECTORS, SelectQSelector, calibration_mismatch, select_indices
-from qcalib.select.quality import calibration_score, output_divergence
+from qcalib.select.quality import SCORE_OBSERVERS, calibration_score, output_divergence
 from qcalib.select.selectq import AUTO_FALLBACK, auto_ranges, auto_within, herd
 from test_selectq import small_net
 
@@ -322,6 +322,13 @@ def test_score_proxy_and_errors(trained_tiny, digits_sets):
     # Reconstruction calibrators are scored with the MSE observers (documented proxy).
     assert calibration_score(trained_tiny, pool, sets["good"], quant, "qdrop") == (
         calibration_score(trained_tiny, pool, sets["good"], quant, "mse")
+    )
+    # GPTQ is scored with its own observers (min-max grids and ranges), so its score is
+    # the min-max one; kept in step with the calibrator's class attributes.
+    gptq = CALIBRATORS.get("gptq")
+    assert SCORE_OBSERVERS["gptq"] == (gptq.weight_observer, gptq.act_observer)
+    assert calibration_score(trained_tiny, pool, sets["good"], quant, "gptq") == (
+        calibration_score(trained_tiny, pool, sets["good"], quant, "minmax")
     )
     with pytest.raises(QCalibError, match="eval_samples must be a positive integer"):
         calibration_score(trained_tiny, pool, sets["good"], quant, eval_samples=0)

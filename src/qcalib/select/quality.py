@@ -41,11 +41,12 @@ measures it, forward-only and label-free:
 
 1. The model is wrapped as the run's :class:`~qcalib.config.QuantConfig` says and
    calibrated **on the set** with the run's observers (:data:`SCORE_OBSERVERS`: min-max,
-   percentile, MSE as their calibrators use them). Reconstruction and GPTQ are not run
-   (minutes per set): they get the MSE observers as a proxy (:data:`SCORE_PROXY`), the
+   percentile, MSE as their calibrators use them; GPTQ's min-max grids and min-max
+   activation ranges, without its rounding). Reconstruction is not run (minutes per
+   set): it gets the MSE observers as a proxy (:data:`SCORE_PROXY`), the
    distribution-reading calibration closest to a fit to the set. For a weight-only
-   config the observer pass reads nothing from the set and the proxy score is the same
-   for every set: it cannot rank sets for GPTQ weight-only runs. A config with
+   config the observer pass reads nothing from the set and the score is the same for
+   every set: it cannot rank sets for GPTQ weight-only runs. A config with
    ``smoothquant_alpha`` smooths a copy of the model with the set's channel maxima
    first, as a run does (:func:`~qcalib.model.smooth.apply_smoothquant`).
 2. A fixed seeded sample of ``eval_samples`` pool samples (the same for every set of a
@@ -109,8 +110,12 @@ SCORE_OBSERVERS = {
     "minmax": ("minmax", "minmax"),
     "percentile": ("minmax", "percentile"),
     "mse": ("mse", "mse"),
+    # GPTQ fixes min-max grids before its rounding and sets static activation ranges by
+    # min-max after it (GPTQCalibrator's observers): the set reaches the score through
+    # those ranges; the rounding's own use of the set (its Hessians) is not modelled.
+    "gptq": ("minmax", "minmax"),
 }
-#: Any other calibrator (reconstruction, GPTQ): the MSE observers as a proxy.
+#: Any other calibrator (reconstruction): the MSE observers as a proxy.
 SCORE_PROXY = ("mse", "mse")
 
 DEFAULT_QUANTILES = (0.001, 0.01, 0.5, 0.99, 0.999)
