@@ -74,9 +74,10 @@ def add_inspect_calib_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quality score")
     g.add_argument("--no-score", action="store_true", help="skip the quality score")
     g.add_argument("--calibrator", default=None, choices=CALIBRATORS.names(),
-                   help="calibrator the set is for: the score's observers (reconstruction "
-                        "and gptq: the MSE proxy) and the selector's need (default: the "
-                        "run's, else minmax for the score)")  # fmt: skip
+                   help="calibrator the set is for: the score's observers (gptq: its "
+                        "min-max ones, rounding not run; reconstruction: the MSE proxy) and "
+                        "the selector's need (default: the run's, else minmax for the "
+                        "score)")  # fmt: skip
     g.add_argument("--wbits", type=argtypes.bits, default=None,
                    help="weight bits of the score (default: the run's, else 4)")  # fmt: skip
     g.add_argument("--abits", type=argtypes.act_bits, default=None,
