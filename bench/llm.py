@@ -1000,6 +1000,8 @@ def main(argv: list[str] | None = None) -> int:
         todo = [] if args.report_only else [
             c for c in score_cells(grid_store) if not scores.done(c)
         ]  # fmt: skip
+        # Random sets first (the target reads them), then the current SelectQ default.
+        todo.sort(key=lambda c: (c["selector"] != "random", "ranges" not in c["selector_params"]))
         bench = build_bench(device) if todo else None
         cache = IndexCache()
         start = time.time()
