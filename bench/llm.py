@@ -928,7 +928,8 @@ def write_scores(store: CellStore, scores: CellStore) -> None:
             "ppl_std": round(statistics.stdev(ppls), 2) if len(ppls) > 1 else NA,
             # issue 12's bar, on the random sets of rows whose random std exceeds 1
             "target": ("yes" if rho >= 0.6 else "no")
-            if selector == "random" and random_std > 1 and isinstance(rho, float) else "-",
+            if selector == "random" and random_std > 1 and isinstance(rho, float)
+            and not rule.endswith("observers]") else "-",
         }  # fmt: skip
 
     for method in sorted({k[0] for k in groups}):
