@@ -98,7 +98,7 @@ from qcalib.data.text import TokenSamples
 from qcalib.measure import Measure
 from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
 from qcalib.select import SELECTORS as SELECTOR_REGISTRY
-from qcalib.select.quality import SCORE_OBSERVERS, SCORE_PROXY, calibration_score
+from qcalib.select.quality import calibration_score, score_observers
 from qcalib.select.ranges import ExtremesSketch, range_mismatch, set_ranges
 from qcalib.select.selectq import auto_ranges, auto_within
 from qcalib.select.stats import ActivationStatsCollector, StatRowCache, extremes_key, stat_batches
@@ -129,8 +129,8 @@ COST_CASES = ("selectq", "herding")
 COST_GPTQ_METHOD = "gptq-w4a16-g128"
 # --section score (issue 12): the label-free quality score of every n = 32 set of the
 # grid's activation-quantized rows, against the set's perplexity (the score smooths a copy
-# with the set on SmoothQuant rows; GPTQ rows get the MSE proxy). SmoothQuant W8A8 is left
-# out for CPU time: its random std is 0.36, below the 1-point bar of the target.
+# with the set on SmoothQuant rows; GPTQ rows get GPTQ's min-max observers). SmoothQuant
+# W8A8 is left out for CPU time: its random std is 0.36, below the target's 1-point bar.
 SCORE_METHODS = ("minmax-w8a8", "minmax-w4a8", "gptq-w4a8", "sq-minmax-w4a8")
 SCORE_EVAL_WINDOWS = 16
 SCORE_COLUMNS = ["method", "selector", "within", "seeds", "scores", "ppls", "spearman",
@@ -797,7 +797,7 @@ def score_cells(store: CellStore):  # noqa: ANN201
         c = r["cell"]
         grid_setting = method_label(c) == c["method"]  # GPTQ: the grid's first-token weight
         if c["method"] in SCORE_METHODS and c["n"] == NS[0] and grid_setting:
-            observers = SCORE_OBSERVERS.get(METHODS[c["method"]][0], SCORE_PROXY)
+            observers = score_observers(METHODS[c["method"]][0])
             yield {**{k: c[k] for k in ("method", "selector", "n", "seed", "selector_params")},
                    "observers": list(observers)}  # fmt: skip
 
@@ -903,24 +903,26 @@ def write_ranges(store: CellStore, device: str) -> None:
 
 
 def write_scores(store: CellStore, scores: CellStore) -> None:
+    # (method, selector, rule, observers of an earlier scoring or None) -> (seed, score, ppl)
     groups: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in scores.rows.values():
         c = {k: v for k, v in r["cell"].items() if k != "observers"}  # the grid cell's key
-        observers = r["cell"]["observers"]
+        observers = tuple(r["cell"]["observers"])
+        earlier = observers if observers != score_observers(METHODS[c["method"]][0]) else None
         if METHODS[c["method"]][0] == "gptq":
             c["first_token_weight"] = GPTQ_FIRST_TOKEN_WEIGHT
         g = store.rows.get(cell_key(c))
         if g is not None:
-            rule = rule_label(c["selector_params"])
-            if tuple(observers) != SCORE_OBSERVERS.get(METHODS[c["method"]][0], SCORE_PROXY):
-                rule = f"{rule} [{'/'.join(observers)} observers]".strip()
-            key = (c["method"], c["selector"], rule)
+            key = (c["method"], c["selector"], rule_label(c["selector_params"]), earlier)
             groups.setdefault(key, []).append((c["seed"], r["score"], g["quant_ppl"]))
     rows = []
 
-    def row(method: str, selector: str, rule: str, g: list, random_std: float) -> dict:
+    def row(method: str, selector: str, rule: str, earlier: tuple | None, g: list,
+            random_std: float) -> dict:  # fmt: skip
         rho = spearman([x[1] for x in g], [x[2] for x in g]) if len(g) > 2 else NA
         ppls = [x[2] for x in g]
+        if earlier is not None:
+            rule = f"{rule} [{'/'.join(earlier)} observers]".strip()
         return {
             "method": method, "selector": selector, "within": rule,
             "seeds": [x[0] for x in g], "scores": [round(x[1], 5) for x in g],
@@ -929,18 +931,19 @@ def write_scores(store: CellStore, scores: CellStore) -> None:
             # issue 12's bar, on the random sets of rows whose random std exceeds 1
             "target": ("yes" if rho >= 0.6 else "no")
             if selector == "random" and random_std > 1 and isinstance(rho, float)
-            and not rule.endswith("observers]") else "-",
+            and earlier is None else "-",
         }  # fmt: skip
 
     for method in sorted({k[0] for k in groups}):
-        mine = sorted((k, sorted(g)) for k, g in groups.items() if k[0] == method)
-        current = [(k, g) for k, g in mine if not k[2].endswith("observers]")]
+        mine = sorted(((k, sorted(g)) for k, g in groups.items() if k[0] == method),
+                      key=lambda kg: (kg[0][:3], kg[0][3] or ()))  # fmt: skip
+        current = [(k, g) for k, g in mine if k[3] is None]
         rnd = [x[2] for k, g in current if k[1] == "random" for x in g]
         random_std = statistics.stdev(rnd) if len(rnd) > 1 else 0.0
         rows += [row(*k, g, random_std) for k, g in mine]
         every = [x for _, g in current for x in g]
         if len(current) > 1 and len(every) > 2:
-            rows.append(row(method, "all sets", "", every, random_std))
+            rows.append(row(method, "all sets", "", None, every, random_std))
     write_tables(
         f"{GRID}-score",
         "SmolLM2-135M: the label-free calibration-set score against the set's perplexity",

@@ -203,14 +203,10 @@ def cmd_inspect_calib(args: argparse.Namespace) -> int:
         reads, act_reads = None, None
         if args.calibrator is not None:
             from qcalib.calibrate import CALIBRATORS
-            from qcalib.config import QuantConfig
 
             calibrator = CALIBRATORS.get(args.calibrator)
             reads = calibrator.reads
-            bits = {
-                k: v for k, v in (("wbits", args.wbits), ("abits", args.abits)) if v is not None
-            }
-            act_reads = calibrator.activation_reads(QuantConfig(**bits))
+            act_reads = calibrator.activation_reads(*_flag_configs(args, cfg))
         idx = select_indices(
             args.selector, pool, args.num_calib, model=model, seed=args.seed,
             calibrator_reads=reads, activation_reads=act_reads, **params,
@@ -247,13 +243,12 @@ def cmd_inspect_calib(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score(args: argparse.Namespace, cfg: dict[str, Any], model: Any, pool: Any, indices: Any):
-    """The set's :func:`~qcalib.select.quality.calibration_score` with the flags' (else the
-    run's, else the defaults') bits and calibrator, as a JSON-ready dict."""
+def _flag_configs(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """``(QuantConfig, CalibConfig)`` of the flags' (else the run's, else the defaults')
+    bits and calibrator: what the set is judged for, by the selector and the score."""
     from dataclasses import replace
 
     from qcalib.config import CalibConfig, QuantConfig
-    from qcalib.select.quality import SCORE_OBSERVERS, calibration_score
 
     run_quant = cfg.get("quant") or {}
     run_calib = cfg.get("calib") or {}
@@ -262,7 +257,16 @@ def _score(args: argparse.Namespace, cfg: dict[str, Any], model: Any, pool: Any,
     quant = replace(quant, **changes)
     calibrator = args.calibrator or run_calib.get("calibrator") or "minmax"
     calib = CalibConfig(**run_calib) if run_calib else CalibConfig()
-    calib = replace(calib, calibrator=calibrator)
+    return quant, replace(calib, calibrator=calibrator)
+
+
+def _score(args: argparse.Namespace, cfg: dict[str, Any], model: Any, pool: Any, indices: Any):
+    """The set's :func:`~qcalib.select.quality.calibration_score` with the flags' (else the
+    run's, else the defaults') bits and calibrator, as a JSON-ready dict."""
+    from qcalib.select.quality import SCORE_OBSERVERS, calibration_score
+
+    quant, calib = _flag_configs(args, cfg)
+    calibrator = calib.calibrator
     value = calibration_score(
         model, pool, indices, quant, calibrator, calib_config=calib,
         eval_samples=args.score_samples, batch_size=args.batch_size, seed=args.seed,

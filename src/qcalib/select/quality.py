@@ -96,6 +96,7 @@ __all__ = [
     "DEFAULT_QUANTILES",
     "SCORE_OBSERVERS",
     "SCORE_PROXY",
+    "score_observers",
     "LayerMismatch",
     "MismatchReport",
     "calibration_mismatch",
@@ -117,6 +118,13 @@ SCORE_OBSERVERS = {
 }
 #: Any other calibrator (reconstruction): the MSE observers as a proxy.
 SCORE_PROXY = ("mse", "mse")
+
+
+def score_observers(calibrator: str) -> tuple[str, str]:
+    """``(weight, activation)`` observers :func:`calibration_score` calibrates with for
+    ``calibrator``: its own (:data:`SCORE_OBSERVERS`), else the proxy."""
+    return SCORE_OBSERVERS.get(calibrator, SCORE_PROXY)
+
 
 DEFAULT_QUANTILES = (0.001, 0.01, 0.5, 0.99, 0.999)
 #: Values sampled per layer and side for the quantiles: 0.999 of 2**16 values leaves ~65
@@ -560,7 +568,7 @@ def calibration_score(
     _check_common(DEFAULT_QUANTILES, batch_size, pool)
     set_idx = _check_indices(indices, len(pool))
     cfg = calib_config or CalibConfig(calibrator=calibrator)
-    w_obs, a_obs = SCORE_OBSERVERS.get(calibrator, SCORE_PROXY)
+    w_obs, a_obs = score_observers(calibrator)
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
