@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -271,19 +272,23 @@ def test_output_divergence_hand_computed():
 
 @pytest.fixture(scope="module")
 def digits_sets():
-    """The digits train images with 16 planted outliers, and three sets of 32: random
-    clean samples (good), half outliers, and one class only."""
+    """The digits train images with 16 planted strong outliers (x6 + 4) and 4 mild ones
+    (x3 + 2), and three sets of 32: random clean samples (good), 4 mild outliers in clean
+    samples (mild), and half strong outliers (outliers)."""
     ds = load_dataset("digits", "train")
-    x, y = ds.batch(torch.arange(len(ds)))
+    x, _ = ds.batch(torch.arange(len(ds)))
     g = torch.Generator().manual_seed(0)
-    out = torch.randperm(len(x), generator=g)[:16]
+    perm = torch.randperm(len(x), generator=g)
+    out, mild = perm[:16], perm[16:20]
     x = x.clone()
     x[out] = x[out] * 6 + 4
-    clean = [i for i in torch.randperm(len(x), generator=g).tolist() if i not in set(out.tolist())]
+    x[mild] = x[mild] * 3 + 2
+    planted = set(perm[:20].tolist())
+    clean = [i for i in torch.randperm(len(x), generator=g).tolist() if i not in planted]
     sets = {
         "good": clean[:32],
+        "mild": mild.tolist() + clean[:28],
         "outliers": out.tolist() + clean[:16],
-        "one_class": [i for i in torch.nonzero(y == 3).flatten().tolist() if i in set(clean)][:32],
     }
     return Pool(TensorDataset(x), name="digits-planted"), sets
 
@@ -307,10 +312,17 @@ def test_score_ranks_bad_sets_below_a_good_one_like_accuracy(trained_tiny, digit
     score = {k: calibration_score(trained_tiny, pool, idx, quant, calibrator, seed=0)
              for k, idx in sets.items()}  # fmt: skip
     assert all(torch.equal(before[k], v) for k, v in trained_tiny.state_dict().items())
-    assert score["good"] < score["one_class"] < score["outliers"]
-    # The same order as the quantized model's accuracy on the held-out digits.
+    assert max(score["good"], score["mild"]) < score["outliers"], score
+    # The same order as the quantized model's accuracy on the held-out digits, for every
+    # pair of sets whose accuracies differ by more than a point. Pairs closer than that are
+    # not judged: an earlier one-class set sat 0.3 point (one test image) below the good
+    # one, and its place flipped between CPUs; whether 4 mild outliers hurt MSE depends on
+    # the trained model (with other training seeds they helped it, and the score said so).
     top1 = {k: _quant_top1(trained_tiny, pool, idx, quant, calibrator) for k, idx in sets.items()}
-    assert top1["good"] > top1["one_class"] > top1["outliers"], top1
+    assert top1["outliers"] < min(top1["good"], top1["mild"]) - 10, top1
+    for a, b in itertools.combinations(sets, 2):
+        if abs(top1[a] - top1[b]) > 1:
+            assert (score[a] < score[b]) == (top1[a] > top1[b]), (a, b, score, top1)
     # Deterministic for a seed.
     again = calibration_score(trained_tiny, pool, sets["good"], quant, calibrator, seed=0)
     assert again == score["good"]
