@@ -424,3 +424,49 @@ def test_abs_pow_matches_autograd_of_abs_pow(p, dtype):
     with torch.no_grad():  # no node without a gradient, and p < 1 stays the plain op
         assert abs_pow(b, p).grad_fn is None
     assert "AbsPow" not in type(abs_pow(b, 0.5).grad_fn).__name__
+
+
+@pytest.mark.parametrize("p", [2.0, 2.4])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_lp_channel_sum_mean_matches_autograd(p, layout):
+    from qcalib.calibrate.lp_loss import channel_sum_mean, lp_channel_sum_mean
+
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn(3, 6, 5, 4, generator=g) * 2
+    d[0, 0, 0, :2] = 0.0  # |d|^(p-1) at 0: exp(-inf) = 0, gradient 0
+    if layout == "channels_last":
+        d = d.contiguous(memory_format=torch.channels_last)
+    a = d.clone().requires_grad_(True)
+    b = d.clone().requires_grad_(True)
+    ref = channel_sum_mean(a.square() if p == 2.0 else a.abs().pow(p))
+    out = lp_channel_sum_mean(b, p)
+    assert "LpChannelSumMean" in type(out.grad_fn).__name__
+    # By hand: the mean over N * H * W of the per-position channel sums of |d|^p.
+    by_hand = (d.double().abs() ** p).sum() / (3 * 5 * 4)
+    assert out.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+    ref.backward(torch.tensor(0.7))
+    out.backward(torch.tensor(0.7))
+    if p == 2.0:  # the same float operations as autograd's: equal to the bit
+        assert torch.equal(b.grad, a.grad)
+    else:
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+    assert b.grad[0, 0, 0, :2].eq(0).all()
+
+
+def test_lp_channel_sum_mean_falls_back_to_the_plain_ops():
+    from qcalib.calibrate.lp_loss import channel_sum_mean, lp_channel_sum_mean
+
+    d = torch.randn(4, 3, 6)
+    strided = d.transpose(1, 2).requires_grad_(True)  # not dense in any layout we view
+    out = lp_channel_sum_mean(strided, 2.4)
+    assert "LpChannelSumMean" not in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, channel_sum_mean(strided.abs().pow(2.4)))
+    with torch.no_grad():
+        assert lp_channel_sum_mean(d, 2.0).item() == pytest.approx(
+            d.square().sum(1).mean().item(), rel=1e-6
+        )
+    # p = 1 keeps abs's subgradient 0 at 0.
+    x = torch.tensor([[0.0, -2.0], [1.0, 3.0]], requires_grad=True)
+    lp_channel_sum_mean(x, 1.0).backward()
+    assert x.grad.tolist() == [[0.0, -0.5], [0.5, 0.5]]

@@ -106,7 +106,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qcalib.calibrate.checkpoint import state_digest
-from qcalib.calibrate.lp_loss import abs_pow
+from qcalib.calibrate.lp_loss import abs_pow, channel_sum_mean, lp_channel_sum_mean
 from qcalib.calibrate.lsq import ReconActQuantizer
 from qcalib.calibrate.rounding import (
     AdaRoundQuantizer,
@@ -259,11 +259,6 @@ class LossTerm(Protocol):
     def __call__(self, ctx: LossContext) -> torch.Tensor: ...
 
 
-def _channel_sum_mean(err: torch.Tensor) -> torch.Tensor:
-    # BRECQ / QDrop lp_loss(reduction="none"): sum over dim 1, mean over the rest.
-    return err.sum(1).mean() if err.dim() >= 2 else err.mean()
-
-
 def _token_sum_mean(err: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``[B, L, H]`` error: sum over features, mean over the real tokens (``mask``)."""
     per_token = err.sum(-1)
@@ -299,15 +294,18 @@ class ReconstructionLoss:
 
     def __call__(self, ctx: LossContext) -> torch.Tensor:
         diff = ctx.q_out - ctx.fp_out
+        tokens = getattr(ctx, "tokens", False)
         if self.fisher:
             if ctx.fisher is None:
                 raise QCalibError("Fisher-weighted loss without cached gradients")
             err = diff.square() * ctx.fisher.square()
+        elif not tokens:
+            return lp_channel_sum_mean(diff, self.p)
         else:
             err = diff.square() if self.p == 2.0 else abs_pow(diff, self.p)
-        if getattr(ctx, "tokens", False):
+        if tokens:
             return _token_sum_mean(err, getattr(ctx, "token_mask", None))
-        return _channel_sum_mean(err)
+        return channel_sum_mean(err)
 
 
 @dataclass(frozen=True)
