@@ -305,3 +305,36 @@ def test_reference_corrupted_hash_and_missing(tmp_path: Path) -> None:
         load_reference(name, directory=tmp_path)
     with pytest.raises(QCalibError, match="qcalib train --model fmnist-resnet20"):
         load_reference("fmnist-resnet20", directory=tmp_path)
+
+
+def test_vgg7_reference_fold_partition_and_card_round_trip(tmp_path: Path) -> None:
+    from qcalib.model import fold_bn, partition_blocks
+    from qcalib.zoo.vgg import VGG7Small
+
+    torch.manual_seed(0)
+    ref = VGG7Small().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial BN statistics, so a wrong fold shows
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    x = torch.randn(3, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        assert ref(x).shape == (3, 10)
+        folded = fold_bn(ref)
+        torch.testing.assert_close(folded(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    # No residual path: every block is one layer, six convolutions and the classifier.
+    blocks = partition_blocks(ref)
+    convs = ["features.0", "features.3", "features.7", "features.10", "features.14",
+             "features.17"]  # fmt: skip
+    assert [(b.name, b.kind) for b in blocks] == [(n, "layer") for n in [*convs, "fc"]]
+    # The checkpoint card round trip, and the missing-checkpoint error names the rebuild.
+    save_reference(ref, "fmnist-vgg7", {"test_top1": 0.0}, directory=tmp_path)
+    model = load_model("zoo:fmnist-vgg7", reference_dir=tmp_path)
+    _assert_state_equal(model, ref.state_dict())
+    assert model_input_shape("zoo:fmnist-vgg7") == (1, 28, 28)
+    with pytest.raises(QCalibError, match="qcalib train --model fmnist-vgg7"):
+        load_model("zoo:fmnist-vgg7", reference_dir=tmp_path / "empty")

@@ -20,6 +20,7 @@ from qcalib.errors import QCalibError
 from qcalib.files import check_sha256, describe_mismatch, read_json, read_safetensors, sha256_file
 from qcalib.zoo.mobilenet import MobileNetV2Small
 from qcalib.zoo.resnet import ResNet20
+from qcalib.zoo.vgg import VGG7Small
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -37,6 +38,8 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
     for m in (
         ReferenceModel("fmnist-resnet20", ResNet20, "fashion-mnist", 92.5),
         ReferenceModel("fmnist-mobilenetv2", MobileNetV2Small, "fashion-mnist", 91.0),
+        # The check model of issue 12: never used to choose a default.
+        ReferenceModel("fmnist-vgg7", VGG7Small, "fashion-mnist", 91.0),
     )
 }
 
