@@ -253,3 +253,17 @@ def test_selection_cost_rows_claim_from_uncontended_rounds_only():
     assert rows["selectq pass 2 (select)"]["met"] == "no"  # 1.6 > 1.5 in every round
     assert rows["kcenter fit + select"]["note"] == "5000 candidates (max_pool)"
     assert rows["plain FP forward (reference)"]["ratio_median"] == 1.0
+
+
+def test_selection_check_runs_the_aware_section_on_the_check_model_only(capsys):
+    import selection
+
+    args = selection.parse_args(["--check"])
+    assert args.models == [selection.CHECK_MODEL] == ["zoo:fmnist-vgg7"]
+    assert args.sections == ["aware"] and args.grid == "selection-check"
+    assert args.no_baseline  # its random sets run in the check grid, not the baseline's
+    for bad in (["--check", "--smoke"], ["--check", "--models", "zoo:fmnist-resnet20"],
+                ["--check", "--val-split", "2000"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            selection.parse_args(bad)
+        assert "--check runs the check model" in capsys.readouterr().err
