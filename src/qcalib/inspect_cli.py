@@ -18,7 +18,9 @@ Prints one line per layer plus the average (:func:`~qcalib.select.quality.format
 then the set's quality score (:func:`~qcalib.select.quality.calibration_score`, lower is
 better) for the bits and calibrator of ``--wbits/--abits/--calibrator`` (default: the
 run's with ``--run``, else W4A4 min-max, ``qcalib quantize``'s defaults); ``--no-score``
-skips it, and a separate set (``--calib-files`` outside the pool) has none. With
+skips it, and a separate set (``--calib-files`` outside the pool) has none;
+``--score-run-calibrator`` scores with the calibrator itself (GPTQ's rounding) instead of
+its observers. With
 ``--selector``, ``--calibrator`` also tells the selector what the calibrator reads (as
 ``qcalib quantize`` does); without it a calibrator-aware selector uses its documented
 fallback. ``--json OUT`` also writes the report (the score under ``info.score``).
@@ -36,6 +38,8 @@ from qcalib import argtypes
 from qcalib.errors import QCalibError
 
 _DEFAULT_MODEL, _DEFAULT_DATA = "zoo:fmnist-resnet20", "fashion-mnist"
+#: --abits not given (the run's, else 4): not None, which --abits none means.
+_RUN_ABITS = object()
 
 
 def add_inspect_calib_args(p: argparse.ArgumentParser) -> None:
@@ -80,10 +84,15 @@ def add_inspect_calib_args(p: argparse.ArgumentParser) -> None:
                         "score)")  # fmt: skip
     g.add_argument("--wbits", type=argtypes.bits, default=None,
                    help="weight bits of the score (default: the run's, else 4)")  # fmt: skip
-    g.add_argument("--abits", type=argtypes.act_bits, default=None,
-                   help="activation bits of the score (default: the run's, else 4)")  # fmt: skip
+    g.add_argument("--abits", type=argtypes.act_bits, default=_RUN_ABITS,
+                   help="activation bits of the score, or 16 / none: weight-only "
+                        "(default: the run's, else 4)")  # fmt: skip
     g.add_argument("--score-samples", type=argtypes.positive_int, default=512,
                    help="pool samples the score compares FP and quantized outputs on")  # fmt: skip
+    g.add_argument("--score-run-calibrator", action="store_true",
+                   help="score with the calibrator itself instead of its observers "
+                        "(gptq: its Hessian rounding, which ranks weight-only sets); "
+                        "one calibration per set, not evaluated on its own samples")  # fmt: skip
     g = p.add_argument_group("report")
     g.add_argument("--layers", default=None,
                    help="comma-separated layer names or indices (default: all)")  # fmt: skip
@@ -231,7 +240,7 @@ def cmd_inspect_calib(args: argparse.Namespace) -> int:
         report.info["score"] = _score(args, cfg, model, pool, indices)
         sc = report.info["score"]
         print(
-            f"quality score ({sc['calibrator']} observers{sc['proxy']}, W{sc['wbits']}"
+            f"quality score ({sc['calibrator']} {sc['how']}, W{sc['wbits']}"
             f"A{sc['abits']}, output divergence from FP on {sc['eval_samples']} pool "
             f"samples, lower is better): {sc['value']:.6g}"
         )
@@ -253,7 +262,10 @@ def _flag_configs(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[Any, A
     run_quant = cfg.get("quant") or {}
     run_calib = cfg.get("calib") or {}
     quant = QuantConfig(**run_quant) if run_quant else QuantConfig()
-    changes = {k: v for k, v in (("wbits", args.wbits), ("abits", args.abits)) if v is not None}
+    # --abits none is None (weight-only), so "not given" is its own sentinel.
+    changes = {} if args.wbits is None else {"wbits": args.wbits}
+    if args.abits is not _RUN_ABITS:
+        changes["abits"] = args.abits
     quant = replace(quant, **changes)
     calibrator = args.calibrator or run_calib.get("calibrator") or "minmax"
     calib = CalibConfig(**run_calib) if run_calib else CalibConfig()
@@ -263,18 +275,25 @@ def _flag_configs(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[Any, A
 def _score(args: argparse.Namespace, cfg: dict[str, Any], model: Any, pool: Any, indices: Any):
     """The set's :func:`~qcalib.select.quality.calibration_score` with the flags' (else the
     run's, else the defaults') bits and calibrator, as a JSON-ready dict."""
+    from qcalib.pipeline import score_calibration
     from qcalib.select.quality import SCORE_OBSERVERS, calibration_score
 
     quant, calib = _flag_configs(args, cfg)
     calibrator = calib.calibrator
+    run = score_calibration(calib, args.seed) if args.score_run_calibrator else None
     value = calibration_score(
         model, pool, indices, quant, calibrator, calib_config=calib,
         eval_samples=args.score_samples, batch_size=args.batch_size, seed=args.seed,
+        calibrate=run,
     )  # fmt: skip
+    if run is not None:
+        how = "calibrator run"
+    else:
+        how = "observers" + ("" if calibrator in SCORE_OBSERVERS else ": MSE proxy")
     return {
         "value": value,
         "calibrator": calibrator,
-        "proxy": "" if calibrator in SCORE_OBSERVERS else ": MSE proxy",
+        "how": how,
         "wbits": quant.wbits,
         "abits": quant.abits,
         "eval_samples": min(args.score_samples, len(pool)),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from qcalib.artifact import prepare_run_dir, save_indices, save_run
 from qcalib.calibrate import CALIBRATORS
 from qcalib.calibrate.base import Calibrator
-from qcalib.config import RunConfig, TextConfig
+from qcalib.config import CalibConfig, RunConfig, TextConfig
 from qcalib.data.imagefolder import EvalTransform
 from qcalib.data.pool import Pool
 from qcalib.data.preprocess import AUTO, image_transform
@@ -262,6 +262,20 @@ def select_indices(
     if report is not None:
         report.update(getattr(selector, "selection_", None) or {})
     return indices
+
+
+def score_calibration(
+    calib: CalibConfig, seed: int = 0
+) -> Callable[[nn.Module, torch.Tensor], None]:
+    """The run's own calibrator as :func:`~qcalib.select.quality.calibration_score`'s
+    ``calibrate``: the set is then scored by the quantized model the run would build from
+    it (GPTQ's Hessian-driven rounding included), not by the calibrator's observers."""
+    calibrator = CALIBRATORS.get(calib.calibrator)(calib)
+
+    def run(qmodel: nn.Module, data: torch.Tensor) -> None:
+        calibrator.calibrate(qmodel, data, seed=seed, progress=False)
+
+    return run
 
 
 def check_indices(

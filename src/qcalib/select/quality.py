@@ -46,7 +46,10 @@ measures it, forward-only and label-free:
    set): it gets the MSE observers as a proxy (:data:`SCORE_PROXY`), the
    distribution-reading calibration closest to a fit to the set. For a weight-only
    config the observer pass reads nothing from the set and the score is the same for
-   every set: it cannot rank sets for GPTQ weight-only runs. A config with
+   every set: it cannot rank sets for GPTQ weight-only runs, unless the caller passes
+   the run's calibrator itself (``calibrate=``, :func:`qcalib.pipeline.score_calibration`;
+   ``qcalib inspect-calib --score-run-calibrator``), which then sets the parameters, at
+   the cost of one calibration per set. A config with
    ``smoothquant_alpha`` smooths a copy of the model with the set's channel maxima
    first, as a run does (:func:`~qcalib.model.smooth.apply_smoothquant`).
 2. A fixed seeded sample of ``eval_samples`` pool samples (the same for every set of a
@@ -71,7 +74,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -554,6 +557,7 @@ def calibration_score(
     batch_size: int = 128,
     seed: int = 0,
     device: str | torch.device | None = None,
+    calibrate: Callable[[nn.Module, Tensor], None] | None = None,
 ) -> float:
     """Label-free quality of the calibration set ``indices``: lower is better.
 
@@ -562,6 +566,13 @@ def calibration_score(
     calibrated on the set with ``calibrator``'s observers (see the module notes; the
     observers' parameters, e.g. the percentile, come from ``calib_config``). The model
     is not changed.
+
+    ``calibrate(qmodel, set_data)``, when given, sets the quantized model's parameters
+    instead of the observers: the run's own calibrator (the pipeline's
+    :func:`~qcalib.pipeline.score_calibration`), for calibrators whose use of the set
+    the observers do not model (GPTQ's Hessians, which also make weight-only sets
+    rankable). Such a calibrator fits the set, so the set's own samples are left out of
+    the evaluation sample (the next samples of the same seeded order stand in).
     """
     if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 1:
         raise QCalibError(f"eval_samples must be a positive integer, got {eval_samples!r}")
@@ -583,13 +594,21 @@ def calibration_score(
             base = copy.deepcopy(model)
             apply_smoothquant(base, set_data, quant_config.smoothquant_alpha)
         qmodel = build_quant_model(base, quant_config, pool.example().to(device)).eval()
-        calibrate_weights(qmodel, w_obs, **observer_params(w_obs, cfg, seed))
-        calibrate_activations(
-            qmodel, set_data, a_obs, cfg.batch_size, False,
-            **observer_params(a_obs, cfg, seed),
-        )  # fmt: skip
         gen = torch.Generator().manual_seed(seed)
-        eval_idx = torch.randperm(len(pool), generator=gen)[:eval_samples].sort().values
+        order = torch.randperm(len(pool), generator=gen)
+        if calibrate is None:
+            calibrate_weights(qmodel, w_obs, **observer_params(w_obs, cfg, seed))
+            calibrate_activations(
+                qmodel, set_data, a_obs, cfg.batch_size, False,
+                **observer_params(a_obs, cfg, seed),
+            )  # fmt: skip
+        else:
+            calibrate(qmodel, set_data)
+            qmodel.eval()
+            order = order[~torch.isin(order, set_idx)]
+        eval_idx = order[:eval_samples].sort().values
+        if eval_idx.numel() == 0:
+            raise QCalibError("no pool sample is left to evaluate on; use a larger pool")
         task = getattr(model, "task", None)
         total, count = 0.0, 0
         for _, x in pool.batches(batch_size, eval_idx):
