@@ -96,7 +96,13 @@ from qcalib.data.pool import Pool
 from qcalib.data.registry import load_pool
 from qcalib.data.text import TokenSamples
 from qcalib.measure import Measure
-from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
+from qcalib.pipeline import (
+    Workbench,
+    build_quant_model,
+    quantize,
+    score_calibration,
+    select_indices,
+)
 from qcalib.select import SELECTORS as SELECTOR_REGISTRY
 from qcalib.select.quality import calibration_score, score_observers
 from qcalib.select.ranges import ExtremesSketch, range_mismatch, set_ranges
@@ -132,6 +138,11 @@ COST_GPTQ_METHOD = "gptq-w4a16-g128"
 # with the set on SmoothQuant rows; GPTQ rows get GPTQ's min-max observers). SmoothQuant
 # W8A8 is left out for CPU time: its random std is 0.36, below the target's 1-point bar.
 SCORE_METHODS = ("minmax-w8a8", "minmax-w4a8", "gptq-w4a8", "sq-minmax-w4a8")
+#: Also scored with the calibrator itself run on the set (``calibrate=``; cell
+#: ``observers`` = ``["run", calibrator]``): GPTQ, whose rounding reads the set through
+#: its Hessians, which the observers do not model (weight-only sets tie without it).
+SCORE_RUN_METHODS = ("gptq-w3a16-g128", "gptq-w4a8", "gptq-w4a16-g128")
+RUN_HOW = "calibrator run"
 SCORE_EVAL_WINDOWS = 16
 SCORE_COLUMNS = ["method", "selector", "within", "seeds", "scores", "ppls", "spearman",
                  "ppl_std", "target"]  # fmt: skip
@@ -792,14 +803,19 @@ def write_selection_cost(store: CellStore) -> None:
 
 
 def score_cells(store: CellStore):  # noqa: ANN201
-    """One score cell per finished n = 32 grid cell of the score methods (its selection)."""
+    """One score cell per finished n = 32 grid cell of the score methods (its selection),
+    and one more with the calibrator run for :data:`SCORE_RUN_METHODS`."""
     for r in store.rows.values():
         c = r["cell"]
         grid_setting = method_label(c) == c["method"]  # GPTQ: the grid's first-token weight
-        if c["method"] in SCORE_METHODS and c["n"] == NS[0] and grid_setting:
-            observers = score_observers(METHODS[c["method"]][0])
-            yield {**{k: c[k] for k in ("method", "selector", "n", "seed", "selector_params")},
-                   "observers": list(observers)}  # fmt: skip
+        if c["n"] != NS[0] or not grid_setting:
+            continue
+        key = {k: c[k] for k in ("method", "selector", "n", "seed", "selector_params")}
+        calibrator = METHODS[c["method"]][0]
+        if c["method"] in SCORE_METHODS:
+            yield {**key, "observers": list(score_observers(calibrator))}
+        if c["method"] in SCORE_RUN_METHODS:
+            yield {**key, "observers": ["run", calibrator]}
 
 
 def score_twin(scores: CellStore, c: dict) -> dict | None:
@@ -818,11 +834,15 @@ def run_score(bench: Workbench, cache: IndexCache, c: dict, device: str) -> dict
     sel = {"selector": c["selector"], "n": c["n"], "seed": c["seed"],
            "params": c["selector_params"]}  # fmt: skip
     indices = cache.get(bench, sel, device)["indices"]
+    run = None
+    if c["observers"][0] == "run":  # the grid cell's own calibrator config
+        grid = {**c, "first_token_weight": GPTQ_FIRST_TOKEN_WEIGHT} if calibrator == "gptq" else c
+        run = score_calibration(run_config(grid).calib)
     stamp = CellStamp(device)
     t0 = time.perf_counter()
     score = calibration_score(
         bench.model, bench.pool, indices, QuantConfig(**q), calibrator,
-        eval_samples=SCORE_EVAL_WINDOWS, batch_size=8, seed=0, device=device,
+        eval_samples=SCORE_EVAL_WINDOWS, batch_size=8, seed=0, device=device, calibrate=run,
     )  # fmt: skip
     return {"score": score, "wall_s": round(time.perf_counter() - t0, 2), **stamp.finish()}
 
@@ -903,26 +923,31 @@ def write_ranges(store: CellStore, device: str) -> None:
 
 
 def write_scores(store: CellStore, scores: CellStore) -> None:
-    # (method, selector, rule, observers of an earlier scoring or None) -> (seed, score, ppl)
+    # (method, selector, rule, how: "" for the current observers, "calibrator run", or an
+    # earlier scoring's "W/A observers") -> [(seed, score, ppl)]
     groups: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in scores.rows.values():
         c = {k: v for k, v in r["cell"].items() if k != "observers"}  # the grid cell's key
         observers = tuple(r["cell"]["observers"])
-        earlier = observers if observers != score_observers(METHODS[c["method"]][0]) else None
+        how = ""
+        if observers[0] == "run":
+            how = RUN_HOW
+        elif observers != score_observers(METHODS[c["method"]][0]):
+            how = f"{'/'.join(observers)} observers"
         if METHODS[c["method"]][0] == "gptq":
             c["first_token_weight"] = GPTQ_FIRST_TOKEN_WEIGHT
         g = store.rows.get(cell_key(c))
         if g is not None:
-            key = (c["method"], c["selector"], rule_label(c["selector_params"]), earlier)
+            key = (c["method"], c["selector"], rule_label(c["selector_params"]), how)
             groups.setdefault(key, []).append((c["seed"], r["score"], g["quant_ppl"]))
     rows = []
 
-    def row(method: str, selector: str, rule: str, earlier: tuple | None, g: list,
+    def row(method: str, selector: str, rule: str, how: str, g: list,
             random_std: float) -> dict:  # fmt: skip
         rho = spearman([x[1] for x in g], [x[2] for x in g]) if len(g) > 2 else NA
         ppls = [x[2] for x in g]
-        if earlier is not None:
-            rule = f"{rule} [{'/'.join(earlier)} observers]".strip()
+        if how:
+            rule = f"{rule} [{how}]".strip()
         return {
             "method": method, "selector": selector, "within": rule,
             "seeds": [x[0] for x in g], "scores": [round(x[1], 5) for x in g],
@@ -931,19 +956,21 @@ def write_scores(store: CellStore, scores: CellStore) -> None:
             # issue 12's bar, on the random sets of rows whose random std exceeds 1
             "target": ("yes" if rho >= 0.6 else "no")
             if selector == "random" and random_std > 1 and isinstance(rho, float)
-            and earlier is None else "-",
+            and how in ("", RUN_HOW) else "-",
         }  # fmt: skip
 
     for method in sorted({k[0] for k in groups}):
         mine = sorted(((k, sorted(g)) for k, g in groups.items() if k[0] == method),
-                      key=lambda kg: (kg[0][:3], kg[0][3] or ()))  # fmt: skip
-        current = [(k, g) for k, g in mine if k[3] is None]
-        rnd = [x[2] for k, g in current if k[1] == "random" for x in g]
-        random_std = statistics.stdev(rnd) if len(rnd) > 1 else 0.0
+                      key=lambda kg: (kg[0][3] == RUN_HOW, kg[0][:3], kg[0][3]))  # fmt: skip
+        # The random sets' perplexities, by seed (each scoring of a set has the same one).
+        rnd = {x[0]: x[2] for k, g in mine if k[1] == "random" for x in g}
+        random_std = statistics.stdev(rnd.values()) if len(rnd) > 1 else 0.0
         rows += [row(*k, g, random_std) for k, g in mine]
-        every = [x for _, g in current for x in g]
-        if len(current) > 1 and len(every) > 2:
-            rows.append(row(method, "all sets", "", None, every, random_std))
+        for how in ("", RUN_HOW):
+            current = [(k, g) for k, g in mine if k[3] == how]
+            every = [x for _, g in current for x in g]
+            if len(current) > 1 and len(every) > 2:
+                rows.append(row(method, "all sets", "", how, every, random_std))
     write_tables(
         f"{GRID}-score",
         "SmolLM2-135M: the label-free calibration-set score against the set's perplexity",
@@ -957,7 +984,10 @@ def write_scores(store: CellStore, scores: CellStore) -> None:
             f"(n = {NS[0]} windows; observers as the calibrator's: min-max for min-max and "
             "SmoothQuant, GPTQ's min-max grids and ranges without its rounding, so a GPTQ "
             "W4A8 set scores as min-max W4A8 (`same_as` in its cell); rows marked "
-            "[mse/mse observers] are the earlier MSE proxy for GPTQ): "
+            "[mse/mse observers] are the earlier MSE proxy for GPTQ; rows marked "
+            f"[{RUN_HOW}] calibrate with the method's calibrator itself on the set, GPTQ's "
+            "rounding included, and leave the set's windows out of the evaluation "
+            "windows: `calibration_score(calibrate=pipeline.score_calibration(...))`): "
             "mean per-token KL of the set-calibrated model from FP on "
             f"{SCORE_EVAL_WINDOWS} pool windows, label-free, lower is better. ppls = the "
             "grid cells' held-out perplexities of the same sets. spearman = rank "

@@ -267,3 +267,32 @@ def test_selection_check_runs_the_aware_section_on_the_check_model_only(capsys):
         with pytest.raises(SystemExit):
             selection.parse_args(bad)
         assert "--check runs the check model" in capsys.readouterr().err
+
+
+def test_llm_score_cells_add_a_calibrator_run_for_gptq_only():
+    import llm
+
+    def grid(method, seed):
+        c = {"method": method, "selector": "random", "n": 32, "seed": seed,
+             "selector_params": {}}  # fmt: skip
+        if llm.METHODS[method][0] == "gptq":
+            c["first_token_weight"] = llm.GPTQ_FIRST_TOKEN_WEIGHT
+        return {"cell": c, "quant_ppl": 30.0 + seed}
+
+    store = argparse.Namespace(rows={str(i): r for i, r in enumerate([
+        grid("gptq-w3a16-g128", 0), grid("gptq-w4a8", 0), grid("minmax-w4a8", 0),
+        {"cell": {**grid("gptq-w4a8", 1)["cell"], "first_token_weight": 1.0}},  # not the grid's
+    ])})  # fmt: skip
+    cells = list(llm.score_cells(store))
+    got = sorted((c["method"], tuple(c["observers"])) for c in cells)
+    assert got == [
+        ("gptq-w3a16-g128", ("run", "gptq")),  # weight-only: the run only
+        ("gptq-w4a8", ("minmax", "minmax")),
+        ("gptq-w4a8", ("run", "gptq")),
+        ("minmax-w4a8", ("minmax", "minmax")),
+    ]
+    # A GPTQ W4A8 set scored by observers is min-max W4A8's twin; its calibrator run is not.
+    by = {(c["method"], c["observers"][0]): c for c in cells}
+    scores = argparse.Namespace(rows={"m": {"cell": by[("minmax-w4a8", "minmax")], "score": 1.0}})
+    assert llm.score_twin(scores, by[("gptq-w4a8", "minmax")])["score"] == 1.0
+    assert llm.score_twin(scores, by[("gptq-w4a8", "run")]) is None
