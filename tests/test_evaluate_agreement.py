@@ -140,3 +140,22 @@ def test_labeled_photos_read_the_label_from_the_name(tmp_path) -> None:  # noqa:
     assert labels == [243, 559]
     with pytest.raises(QCalibError, match="pip install foolbox"):
         labeled_photos(tmp_path / "cifar")
+
+
+def test_accuracy_leaves_the_models_layout_as_it_was() -> None:
+    """Evaluation runs channels-last, then puts every 4-D tensor back: a model left
+    channels-last made the next calibration of it round differently from the first."""
+    from torch.utils.data import TensorDataset
+
+    from qcalib.evaluate import accuracy
+
+    torch.manual_seed(0)
+    # conv1's weight [8, 1, 3, 3] is "contiguous" in both layouts: its strides still count.
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(1))
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    x = torch.randn(6, 1, 3, 3)
+    y = model(x).argmax(1)
+    assert accuracy(model, TensorDataset(x, y), batch_size=4) == 100.0
+    after = {k: (v, v.stride()) for k, v in model.state_dict().items()}
+    for k, (v, stride) in before.items():
+        assert torch.equal(after[k][0], v) and after[k][1] == stride, k
