@@ -75,6 +75,8 @@ class _LpChannelSumMean(torch.autograd.Function):
         per_row = d.numel() // d.shape[1]
         ctx.save_for_backward(t)
         ctx.p, ctx.per_row = p, per_row
+        if t.stride() != d.stride():  # elementwise ops keep the layout; never rely on it
+            return (t * d).sum() / per_row
         return torch.dot(_flat(t), _flat(d)) / per_row
 
     @staticmethod
