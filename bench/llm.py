@@ -1032,7 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.section == "score":
         grid_store, scores = CellStore(GRID), CellStore(f"{GRID}-score")
         todo = [] if args.report_only else [
-            c for c in score_cells(grid_store) if not scores.done(c)
+            c for c in score_cells(grid_store)
+            if c["method"] in args.methods and not scores.done(c)
         ]  # fmt: skip
         # Random sets first (the target reads them), then the current SelectQ default.
         todo.sort(key=lambda c: (c["selector"] != "random", "ranges" not in c["selector_params"]))
