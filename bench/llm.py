@@ -829,6 +829,15 @@ def score_twin(scores: CellStore, c: dict) -> dict | None:
     return next((r for r in scores.rows.values() if same(r["cell"]) == same(c)), None)
 
 
+def grid_cell(score_cell: dict) -> dict:
+    """The grid cell a score cell scores the set of (GPTQ cells carry the grid's
+    first-token weight, which score cells leave out)."""
+    c = {k: v for k, v in score_cell.items() if k != "observers"}
+    if METHODS[c["method"]][0] == "gptq":
+        c["first_token_weight"] = GPTQ_FIRST_TOKEN_WEIGHT
+    return c
+
+
 def run_score(bench: Workbench, cache: IndexCache, c: dict, device: str) -> dict:
     calibrator, q = METHODS[c["method"]]
     sel = {"selector": c["selector"], "n": c["n"], "seed": c["seed"],
@@ -836,8 +845,7 @@ def run_score(bench: Workbench, cache: IndexCache, c: dict, device: str) -> dict
     indices = cache.get(bench, sel, device)["indices"]
     run = None
     if c["observers"][0] == "run":  # the grid cell's own calibrator config
-        grid = {**c, "first_token_weight": GPTQ_FIRST_TOKEN_WEIGHT} if calibrator == "gptq" else c
-        run = score_calibration(run_config(grid).calib)
+        run = score_calibration(run_config(grid_cell(c)).calib)
     stamp = CellStamp(device)
     t0 = time.perf_counter()
     score = calibration_score(
@@ -927,15 +935,13 @@ def write_scores(store: CellStore, scores: CellStore) -> None:
     # earlier scoring's "W/A observers") -> [(seed, score, ppl)]
     groups: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in scores.rows.values():
-        c = {k: v for k, v in r["cell"].items() if k != "observers"}  # the grid cell's key
+        c = grid_cell(r["cell"])
         observers = tuple(r["cell"]["observers"])
         how = ""
         if observers[0] == "run":
             how = RUN_HOW
         elif observers != score_observers(METHODS[c["method"]][0]):
             how = f"{'/'.join(observers)} observers"
-        if METHODS[c["method"]][0] == "gptq":
-            c["first_token_weight"] = GPTQ_FIRST_TOKEN_WEIGHT
         g = store.rows.get(cell_key(c))
         if g is not None:
             key = (c["method"], c["selector"], rule_label(c["selector_params"]), how)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["abs_pow", "channel_sum_mean", "lp_channel_sum_mean"]
+__all__ = ["abs_pow", "channel_sum_mean", "lp_channel_sum_mean", "lp_error"]
 
 
 def _signed_pow(d: torch.Tensor, e: float) -> torch.Tensor:
@@ -51,6 +51,12 @@ def abs_pow(d: torch.Tensor, p: float) -> torch.Tensor:
     if p <= 1.0 or not (torch.is_grad_enabled() and d.requires_grad):
         return d.abs().pow(p)
     return _AbsPow.apply(d, p)
+
+
+def lp_error(d: torch.Tensor, p: float) -> torch.Tensor:
+    """``|d|^p`` elementwise: ``square`` for ``p = 2`` (autograd's own gradient),
+    :func:`abs_pow` otherwise."""
+    return d.square() if p == 2.0 else abs_pow(d, p)
 
 
 def channel_sum_mean(err: torch.Tensor) -> torch.Tensor:
@@ -100,5 +106,5 @@ def lp_channel_sum_mean(d: torch.Tensor, p: float) -> torch.Tensor:
         and _flat(d) is not None
     )
     if not fused:
-        return channel_sum_mean(d.square() if p == 2.0 else abs_pow(d, p))
+        return channel_sum_mean(lp_error(d, p))
     return _LpChannelSumMean.apply(d, p)

@@ -106,7 +106,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qcalib.calibrate.checkpoint import state_digest
-from qcalib.calibrate.lp_loss import abs_pow, channel_sum_mean, lp_channel_sum_mean
+from qcalib.calibrate.lp_loss import channel_sum_mean, lp_channel_sum_mean, lp_error
 from qcalib.calibrate.lsq import ReconActQuantizer
 from qcalib.calibrate.rounding import (
     AdaRoundQuantizer,
@@ -302,7 +302,7 @@ class ReconstructionLoss:
         elif not tokens:
             return lp_channel_sum_mean(diff, self.p)
         else:
-            err = diff.square() if self.p == 2.0 else abs_pow(diff, self.p)
+            err = lp_error(diff, self.p)
         if tokens:
             return _token_sum_mean(err, getattr(ctx, "token_mask", None))
         return channel_sum_mean(err)
