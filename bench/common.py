@@ -154,7 +154,10 @@ def apply_runner_args(args: argparse.Namespace) -> str:
     what is there); returns the device string the runner passes on."""
     import torch
 
+    from qcalib.runtime import retain_freed_cpu_memory
+
     torch.set_num_threads(args.threads)
+    retain_freed_cpu_memory()  # as the qcalib command does; the stamp records it
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args.device
@@ -200,6 +203,38 @@ def cpu_name() -> str:
     return platform.processor() or NA
 
 
+def cpu_model_id() -> str:
+    """``family/model/stepping`` of the CPU (``25/1/1``): two hosts that both report
+    "AMD EPYC" may be different generations (with and without AVX-512), whose timings
+    must not be compared."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model", "stepping") and key not in fields:
+                fields[key] = value.strip()
+            if len(fields) == 3:
+                break
+    except OSError:
+        pass
+    if len(fields) < 3:
+        return NA
+    return "/".join(fields[k] for k in ("cpu family", "model", "stepping"))
+
+
+def host_id(device: object) -> str:
+    """What a timing depends on besides the code: the GPU's name, or the CPU's vector
+    instructions and model (``cpu AVX2 25/1/1``). Timing cells carry it in their key, so
+    a host of another kind measures its own cells instead of finding them done."""
+    import torch
+
+    dev = str(device)
+    if dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_name(torch.device("cuda" if dev == "auto" else dev))
+    return f"cpu {torch.backends.cpu.get_cpu_capability()} {cpu_model_id()}"
+
+
 def _loadavg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -213,13 +248,18 @@ class CellStamp:
         store.add(cell, {**metrics, **stamp.finish()})
 
     Fields: ``device`` (``cpu`` / ``cuda``), ``device_name`` (GPU name or CPU model),
-    ``torch``, ``threads`` (``torch.get_num_threads()``), ``loadavg_start`` /
+    ``torch``, ``threads`` (``torch.get_num_threads()``), ``cpu_isa`` (the vector
+    instructions torch's CPU kernels use: ``AVX2``, ``AVX512``...), ``cpu_model_id`` (see
+    :func:`cpu_model_id`), ``cpu_allocator`` (glibc thresholds set by
+    :func:`qcalib.runtime.retain_freed_cpu_memory`, or ``default``), ``loadavg_start`` /
     ``loadavg_end`` (1, 5, 15-minute), ``command`` / ``cwd`` (see :func:`command_line`),
     ``git_commit``. The host name is left out on purpose.
     """
 
     def __init__(self, device: object, argv: Sequence[str] | None = None) -> None:
         import torch
+
+        from qcalib.runtime import cpu_allocator_settings
 
         dev = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available()
                            else "cpu" if str(device) == "auto" else str(device))  # fmt: skip
@@ -229,6 +269,9 @@ class CellStamp:
             "device_name": name,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model_id": cpu_model_id(),
+            "cpu_allocator": cpu_allocator_settings() or "default",
             "loadavg_start": _loadavg(),
             **command_line(argv),
             "git_commit": git_commit(),

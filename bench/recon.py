@@ -56,6 +56,7 @@ from common import (
     apply_runner_args,
     cell_key,
     group_rows,
+    host_id,
     interleaved_timing,
     main_device,
     positive_int,
@@ -467,7 +468,8 @@ def run_timing(c: dict, bench: Workbench) -> dict:
         fl = timing["cases"][f"floor {target}/s"]
         clean = [r["ratios"][f"engine/{key}"] for r in timing["per_round"] if r["round"] in ok]
         rows.append({
-            "model": c["model"], "block": target, "kind": kinds[target][0],
+            "host": c.get("host", NA), "model": c["model"], "block": target,
+            "kind": kinds[target][0],
             "layers": kinds[target][1], "input_shape": "x".join(map(str, shapes[target])),
             "batch": c["batch_size"], "threads": c["threads"],
             "method": c["method"] + ("+CL" if cl else ""), "stage": stage,
@@ -482,9 +484,11 @@ def run_timing(c: dict, bench: Workbench) -> dict:
     return {"rows": rows, "timing": timing, **stamp.finish()}
 
 
-def timing_cells(models, methods, warmup: int, iters: int, n: int, rounds: int) -> list[dict]:
+def timing_cells(models, methods, warmup: int, iters: int, n: int, rounds: int,
+                 host: str) -> list[dict]:  # fmt: skip
     """Each method on the timing blocks, plus QDrop with the CL-Calib term (its default
-    configuration) for the add-on's overhead on an otherwise idle machine."""
+    configuration) for the add-on's overhead on an otherwise idle machine; ``host``
+    (:func:`common.host_id`) is part of every cell."""
     w, a = parse_bits(TIMING_BITS)
     variants = [(m, None) for m in methods]
     if CL_TIMING_METHOD in methods:
@@ -503,6 +507,7 @@ def timing_cells(models, methods, warmup: int, iters: int, n: int, rounds: int) 
             "threads": torch.get_num_threads(),
             "protocol": "interleaved",
             "rounds": rounds,
+            "host": host,
             **({"contrastive": cl} if cl else {}),
         }
         for model in models
@@ -595,7 +600,8 @@ SELECTOR_COLS = ["model", "bits", "selector", "profile_iters", "n_seeds", "accs"
 PAPER_COLS = ["model", "method", "bits", "n", "seed", "profile_iters", "quant_top1", "fp_top1",
               "device", "recon_s", "block_s_mean", "block_s_max", "iter_ms", "wall_s",
               "peak_rss_mb"]
-TIMING_COLS = ["model", "block", "kind", "layers", "input_shape", "batch", "threads", "method",
+TIMING_COLS = ["host", "model", "block", "kind", "layers", "input_shape", "batch", "threads",
+               "method",
                "stage", "ms_per_iter", "ms_min", "floor_ms", "floor_min", "ratio", "ratio_min",
                "ratio_max", "uncontended", "ratio_uncontended"]
 OLD_TIMING_COLS = ["model", "block", "kind", "layers", "input_shape", "batch", "threads",
@@ -637,6 +643,9 @@ TIMING_NOTES = (
     "`floor_ms` / `floor_min`: median / minimum of forward + MSE + backward of the FP block "
     "alone (BN folded, no quantization, gradients w.r.t. its weights only, no optimizer "
     "step) on the same batch. `input_shape` is the block input per sample (C x H x W). "
+    "`host`: the CPU's vector instructions and family/model/stepping (or the GPU) the cell "
+    "ran on: ratios are compared within a host only (n/a: timed before hosts were "
+    "recorded, on a CPU host with AVX-512 judging by its floors). "
     "`qdrop+CL`: QDrop with the CL-Calib term at its defaults "
     "(critic forward included); its ratio over qdrop's (each to the same floor, within "
     "rounds) is the add-on's overhead. Earlier cells (own heading) ran the calibration once "
@@ -694,12 +703,15 @@ def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int)
         title = "Published 20k-iteration profile vs the fast profile (ResNet-20, QDrop, W2A4)"
         notes = "One seed, the same random calibration set (n = 1024) for both profiles."
         write_tables(f"{grid}-paper", title, command, twins, PAPER_COLS, notes=notes)
-    trows = [row for r in tstore.rows.values() if "timing" in r for row in r["rows"]]
+    # Cells timed before hosts were told apart show host n/a.
+    trows = [{**row, "host": r["cell"].get("host", NA)}
+             for r in tstore.rows.values() if "timing" in r for row in r["rows"]]  # fmt: skip
     old = [row for r in tstore.rows.values() if "timing" not in r for row in r["rows"]]
     if trows or old:
         model_i = {m: i for i, m in enumerate(MODELS)}
         for rows in (trows, old):
-            rows.sort(key=lambda r: (model_i.get(r["model"], 9), r["block"], r["threads"],
+            rows.sort(key=lambda r: (str(r.get("host", NA)), model_i.get(r["model"], 9),
+                                     r["block"], r["threads"],
                                      METHODS.index(r["method"].removesuffix("+CL")),
                                      r["method"], r["stage"] == "act"))  # fmt: skip
         title = "Time per reconstruction iteration vs the forward+backward floor of the FP block"
@@ -778,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
     add_runner_args(p)
     p.add_argument("--timing-rounds", type=positive_int, default=3,
                    help="rounds of the interleaved timing (part timing)")  # fmt: skip
+    p.add_argument("--again", action="store_true",
+                   help="run this host's timing cells and the rerun cells again even when "
+                        "done (after a code change; the newest line of a cell wins, older "
+                        "ones stay in the cells file)")  # fmt: skip
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -798,14 +814,15 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models or [RESNET]
         bits = [b for b in bits if b == "W2A4"] or bits[:1]
         parts = [x for x in args.parts if x != "paper"]
-        tcells = timing_cells(models, args.methods, 3, 10, n, 2) if "timing" in parts else []
+        tcells = (timing_cells(models, args.methods, 3, 10, n, 2, host_id(args.device))
+                  if "timing" in parts else [])  # fmt: skip
         command = "cd bench && ../.venv/bin/python recon.py --smoke"
     else:
         grid, n, iters, seeds = GRID, N, None, range(args.seeds)
         models, parts = args.models or list(MODELS), args.parts
         tmodels = args.models or list(TIMING_MODELS)
         tcells = timing_cells(tmodels, args.methods, TIMING_WARMUP, TIMING_ITERS, TIMING_N,
-                              args.timing_rounds)  # fmt: skip
+                              args.timing_rounds, host_id(args.device))  # fmt: skip
         tcells = tcells if "timing" in parts else []
         command = "cd bench && ../.venv/bin/python recon.py"
     for model in models:
@@ -813,7 +830,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"no timing blocks known for {model}; add it to TIMING_BLOCKS")
     store, tstore = CellStore(grid), CellStore(f"{grid}-timing")
     cells = plan(models, args.methods, bits, seeds, parts, n=n, iters=iters)
-    todo_t = [] if args.report_only else [c for c in tcells if not tstore.done(c)]
+    todo_t = [] if args.report_only else [c for c in tcells
+                                          if args.again or not tstore.done(c)]  # fmt: skip
     todo = [] if args.report_only else [c for c in cells if not store.done(c)]
     done = f"{len(tstore.rows)} + {len(store.rows)} done"
     logging.info(f"{len(todo_t)} timing + {len(todo)} grid cells to run ({done})")
@@ -878,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, c in enumerate([] if args.report_only else rcells):
             if out_of_time():
                 break
-            if rerun_store.done(c) or not claims.take(c):
+            if (rerun_store.done(c) and not args.again) or not claims.take(c):
                 continue
             res = run_cell(c, workbench(c["model"]))
             rerun_store.add(c, res)

@@ -53,6 +53,7 @@ from common import (
     Claims,
     add_runner_args,
     apply_runner_args,
+    host_id,
     interleaved_timing,
     positive_int,
     stated_command,
@@ -351,7 +352,8 @@ def cell_rows(c: dict, res: dict) -> tuple[list[dict], list[dict], list[dict]]:
     rounds = timing["per_round"]
     ok = set(uncontended_rounds(timing))
     unc = f"{len(ok)}/{len(rounds)}"
-    common_cols = {"block": c["block"], "bits": c["bits"], "batch": c["batch_size"],
+    common_cols = {"host": c.get("host", NA), "block": c["block"], "bits": c["bits"],
+                   "batch": c["batch_size"],
                    "n": c["n"], "threads": res.get("threads", NA), "iters": c["iters"],
                    "warmup": c["warmup"], "rounds": len(rounds), "uncontended": unc}  # fmt: skip
     rows = []
@@ -387,8 +389,8 @@ def cell_rows(c: dict, res: dict) -> tuple[list[dict], list[dict], list[dict]]:
     per_round = []
     for r in rounds:
         per_round.append({
-            "block": c["block"], "threads": res.get("threads", NA), "iters": c["iters"],
-            "round": r["round"],
+            "host": c.get("host", NA), "block": c["block"], "threads": res.get("threads", NA),
+            "iters": c["iters"], "round": r["round"],
             "loadavg_start": r["loadavg_start"][0], "loadavg_end": r["loadavg_end"][0],
             "contended": r["contended"],
             **{f"{k.removesuffix('/s')} ms": round(1000 * v, 3) for k, v in r["seconds"].items()},
@@ -403,15 +405,17 @@ def cases_of(timing: dict) -> list[str]:
 # -- tables ------------------------------------------------------------------------------
 
 # fmt: off
-COLS = ["case", "block", "bits", "batch", "n", "threads", "iters", "warmup", "rounds",
+COLS = ["host", "case", "block", "bits", "batch", "n", "threads", "iters", "warmup", "rounds",
         "ms_per_iter", "ms_min", "ms_max", "x_floor", "x_floor_min", "x_floor_max",
         "uncontended", "x_floor_uncontended"]
-SPEED_COLS = ["drop_prob", "block", "threads", "iters", "qcalib_ms", "public_ms", "speedup",
+SPEED_COLS = ["host", "drop_prob", "block", "threads", "iters", "qcalib_ms", "public_ms", "speedup",
               "speedup_min", "speedup_max", "uncontended", "speedup_uncontended"]
 # fmt: on
 NOTES = (
     "Interleaved protocol (bench/common.py `interleaved_timing`): one process, one thread "
-    "(`threads`), `rounds` rounds; each round runs every case once in an order rotated by "
+    "(`threads`), `rounds` rounds (`host`: the CPU's vector instructions and "
+    "family/model/stepping; n/a: timed before hosts were recorded); each round runs every "
+    "case once in an order rotated by "
     "one per round, and a case's round value is the median of its `iters` per-iteration "
     "times after `warmup` warm-up iterations. `ms_per_iter` / `ms_min` / `ms_max` = median "
     "/ min / max of the round values; `x_floor*` = the same of (round value / that round's "
@@ -471,7 +475,16 @@ def report(store: CellStore) -> None:
         "what was done at run time is listed under 'Runtime patches'. Its checkout is made "
         f"with `{EXTRACT_HINT.replace('DIR', '/tmp/qdrop_src')}`."
     )
-    cols = ["block", "threads", "iters", "round", "loadavg_start", "loadavg_end", "contended"]
+    cols = [
+        "host",
+        "block",
+        "threads",
+        "iters",
+        "round",
+        "loadavg_start",
+        "loadavg_end",
+        "contended",
+    ]
     cols += sorted({k for r in per_round for k in r if k.endswith(" ms")}, key=_case_order)
     write_tables(
         GRID,
@@ -532,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": MODEL, "block": a.block, "bits": a.bits, "n": a.n,
         "batch_size": a.batch_size, "iters": a.iters, "warmup": a.warmup,
         "rounds": a.rounds, "threads": a.threads, "device": a.device,
-        "qdrop_commit": QDROP_COMMIT, "protocol": "interleaved",
+        "qdrop_commit": QDROP_COMMIT, "protocol": "interleaved", "host": host_id(a.device),
     }  # fmt: skip
     if not a.report_only and not store.done(cell) and Claims(a.claims).take(cell):
         pub = load_public(a.qdrop_src.resolve())

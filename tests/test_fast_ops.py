@@ -408,7 +408,9 @@ def test_abs_pow_matches_autograd_of_abs_pow(p, dtype):
 
     g = torch.Generator().manual_seed(3)
     d = torch.randn(4, 7, 5, generator=g, dtype=dtype) * 3
-    d[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30], dtype=dtype)  # zeros: gradient 0
+    # Zeros: gradient 0; 1e-40 is a float32 denormal, which the fused power clamps to the
+    # smallest normal number before its log (values and gradients ~0 either way).
+    d[0, 0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-40], dtype=dtype)
     w = torch.randn(d.shape, generator=g, dtype=dtype)
     a = d.clone().requires_grad_(True)
     b = d.clone().requires_grad_(True)
@@ -470,3 +472,19 @@ def test_lp_channel_sum_mean_falls_back_to_the_plain_ops():
     x = torch.tensor([[0.0, -2.0], [1.0, 3.0]], requires_grad=True)
     lp_channel_sum_mean(x, 1.0).backward()
     assert x.grad.tolist() == [[0.0, -0.5], [0.5, 0.5]]
+
+
+def test_signed_pow_is_exact_at_zero_and_matches_pow_on_mostly_zero_errors():
+    from qcalib.calibrate.lp_loss import _signed_pow
+
+    # Half the elements exactly 0, as the error of two ReLU outputs: the power keeps them
+    # out of the log (slow there) and must still give exactly 0, with the sign of d.
+    g = torch.Generator().manual_seed(8)
+    d = torch.relu(torch.randn(64, 33, generator=g)) - torch.relu(torch.randn(64, 33, generator=g))
+    assert d.eq(0).float().mean() > 0.2
+    for e in (0.4, 1.4, 2.0):
+        t = _signed_pow(d, e)
+        assert t[d == 0].eq(0).all()
+        ref = d.double().abs().pow(e) * d.double().sign()
+        torch.testing.assert_close(t.double(), ref, rtol=2e-6, atol=0)
+    assert _signed_pow(d, 1.0) is d

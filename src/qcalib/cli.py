@@ -10,6 +10,7 @@ from pathlib import Path
 
 from qcalib import argtypes
 from qcalib.errors import QCalibError
+from qcalib.runtime import retain_freed_cpu_memory
 
 log = logging.getLogger("qcalib")
 
@@ -501,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    retain_freed_cpu_memory()  # this process is ours: see qcalib.runtime
     try:
         return args.func(args)
     except QCalibError as e:
