@@ -211,6 +211,49 @@ def test_cell_stamp_fields(monkeypatch, tmp_path):
     assert fields["cwd"] == "bench"
     assert len(fields["git_commit"].removesuffix("-dirty")) in (40, 3)  # a sha or n/a
     assert "hostname" not in fields and common.platform.node() not in json.dumps(fields)
+    assert fields["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    model_id = fields["cpu_model_id"]
+    assert model_id == "n/a" or [p.isdigit() for p in model_id.split("/")] == [True] * 3
+    from qcalib.runtime import cpu_allocator_settings
+
+    assert fields["cpu_allocator"] == (cpu_allocator_settings() or "default")
+    assert common.host_id("cpu") == f"cpu {fields['cpu_isa']} {model_id}"
+
+
+def test_recon_timing_cells_are_per_host_and_again_times_them_again(monkeypatch, tmp_path):
+    import types
+
+    import recon
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    timed = []
+
+    def fake_run_timing(c, _bench):
+        timed.append(c)
+        row = {k: 1.0 for k in recon.TIMING_COLS}
+        row.update(model=c["model"], block="layer1.0", method=c["method"], stage="act",
+                   threads=1, uncontended="3/3")  # fmt: skip
+        return {"rows": [row], "timing": {}}
+
+    monkeypatch.setattr(recon, "run_timing", fake_run_timing)
+    monkeypatch.setattr(recon, "Workbench", lambda *a, **k: types.SimpleNamespace(fp_top1=0.0))
+    monkeypatch.setattr(recon, "host_id", lambda _device: "cpu ISA-A 1/2/3")
+    argv = ["--parts", "timing", "--models", "zoo:fmnist-resnet20", "--methods", "brecq",
+            "--threads", str(torch.get_num_threads())]  # fmt: skip
+    assert recon.main(argv) == 0
+    assert [c["host"] for c in timed] == ["cpu ISA-A 1/2/3"]
+    recon.main(argv)  # done on this host: nothing timed
+    assert len(timed) == 1
+    recon.main([*argv, "--again"])  # after a code change: timed again, the newest line wins
+    assert len(timed) == 2
+    monkeypatch.setattr(recon, "host_id", lambda _device: "cpu ISA-B 4/5/6")
+    recon.main(argv)  # another kind of host times its own cell
+    assert [c["host"] for c in timed] == ["cpu ISA-A 1/2/3"] * 2 + ["cpu ISA-B 4/5/6"]
+    cells = (tmp_path / "recon-timing.cells.jsonl").read_text().splitlines()
+    assert len(cells) == 3
+    table = (tmp_path / "recon-timing.md").read_text()
+    rows = [line for line in table.splitlines() if "| cpu ISA-" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| cpu ISA-A 1/2/3", "| cpu ISA-B 4/5/6"]
 
 
 def test_runner_args_set_threads_from_the_flag():
