@@ -66,6 +66,7 @@ import psutil
 import torch
 
 from common import (
+    NA,
     CellStamp,
     CellStore,
     Claims,
@@ -73,6 +74,7 @@ from common import (
     apply_runner_args,
     cell_key,
     group_rows,
+    host_id,
     interleaved_timing,
     positive_int,
     summarize,
@@ -491,11 +493,13 @@ COST_BASELINES = ("kcenter", "herding", "balanced", "random")
 
 
 def cost_cell(args: argparse.Namespace, model: str, size: int, timings: bool) -> dict:
-    """Key of a cost cell. Timing cells name their protocol, rounds and threads: cells of
-    the earlier bracketed protocol (key without them) stay beside the new ones."""
+    """Key of a cost cell. Timing cells name their protocol, rounds, threads and host
+    (:func:`common.host_id`): cells of the earlier bracketed protocol (key without them),
+    and of runs before hosts were recorded, stay beside the new ones."""
     cell = {"model": model, "pool": size, "timings": timings}
     if timings:
-        cell.update(protocol="interleaved", rounds=args.cost_rounds, threads=args.threads)
+        cell.update(protocol="interleaved", rounds=args.cost_rounds, threads=args.threads,
+                    host=host_id(args.device))  # fmt: skip
     return cell
 
 
@@ -878,12 +882,20 @@ def write_cost(r: Runner) -> None:
     rows, old, rss, rounds = [], [], [], []
     big, small = r.args.cost_pools
     for model in r.args.models:
-        t = r.cost_store.rows.get(cell_key(cost_cell(r.args, model, big, True)))
-        if t:
-            rows += interleaved_cost_rows(model, t)
+        # Every interleaved cell on record (each run's rounds and threads are in its key),
+        # not only the one this invocation's flags name: a report rewritten by a run with
+        # other flags must not drop the measured rows.
+        timed = [t for t in r.cost_store.rows.values()
+                 if t["cell"].get("protocol") == "interleaved"
+                 and (t["cell"]["model"], t["cell"]["pool"]) == (model, big)]  # fmt: skip
+        timed.sort(key=lambda t: (t["cell"]["threads"], t["cell"]["rounds"]))
+        for t in timed:
+            run = {"rounds": t["cell"]["rounds"], "threads": t["cell"]["threads"],
+                   "host": t["cell"].get("host", NA)}  # fmt: skip
+            rows += [{**row, **run} for row in interleaved_cost_rows(model, t)]
             for rnd in t["timing"]["per_round"]:
                 rounds.append({
-                    "model": model, "round": rnd["round"],
+                    "model": model, **run, "round": rnd["round"],
                     "loadavg_start": rnd["loadavg_start"][0], "loadavg_end": rnd["loadavg_end"][0],
                     "contended": "yes" if rnd["contended"] else "no",
                     "forward_s": round(rnd["seconds"]["fp_forward"], 2),
@@ -896,8 +908,8 @@ def write_cost(r: Runner) -> None:
         probes = {}
         for size, timings in ((big, True), (small, False)):
             probes[size] = r.cost_store.rows.get(cell_key(cost_cell(r.args, model, size, timings)))
-        if not probes[big]:  # the RSS of the bracketed cell, until an interleaved one exists
-            probes[big] = b
+        if not probes[big]:  # another run's interleaved cell, else the bracketed one
+            probes[big] = timed[-1] if timed else b
         if probes[big] and probes[small]:
             b, s = probes[big], probes[small]
             rss.append({
@@ -910,8 +922,9 @@ def write_cost(r: Runner) -> None:
     n = r.args.cost_n
     notes = (
         f"Each model measured in one fresh process (n = {n}, batch {BATCH}, {big}-sample "
-        f"pool, --threads {r.args.threads}, CPU) under the interleaved protocol "
-        f"(bench/common.py): {r.args.cost_rounds} rounds, each timing one plain FP forward, "
+        "pool, CPU) under the interleaved protocol (bench/common.py), once per `rounds` x "
+        "`threads` run (`host`: the CPU's vector instructions and family/model/stepping; "
+        "n/a: measured before hosts were recorded); each round times one plain FP forward, "
         "SelectQ's fit (pass 1), its select (pass 2) and each baseline's fit + select, in "
         "rotating order. `wall_s` = median seconds over rounds, `spread` = (max - min) / "
         "median; ratios are to the forward *of the same round*, median / min / max over "
@@ -928,8 +941,8 @@ def write_cost(r: Runner) -> None:
     if r.args.smoke:
         notes = "SMOKE RUN (small pools): not results. " + notes
     extra = [("Per round (interleaved protocol)", rounds,
-              ["model", "round", "loadavg_start", "loadavg_end", "contended", "forward_s",
-               "fit_ratio", "select_ratio"]),
+              ["model", "host", "rounds", "threads", "round", "loadavg_start", "loadavg_end",
+               "contended", "forward_s", "fit_ratio", "select_ratio"]),
              ("SelectQ peak RSS: large vs small pool", rss,
               ["model", "pool_big", "pool_small", "peak_big_mb", "peak_small_mb",
                "peak_ratio", "delta_big_mb", "delta_small_mb", "goal"])]  # fmt: skip
@@ -942,11 +955,12 @@ def write_cost(r: Runner) -> None:
         ))  # fmt: skip
     write_tables(
         f"{r.grid}-cost", "Selection cost: time vs a plain FP forward pass, and peak RSS",
-        f"cd bench && ../.venv/bin/python selection.py --sections cost --threads "
-        f"{r.args.threads} --cost-rounds {r.args.cost_rounds}",
+        "cd bench && ../.venv/bin/python selection.py --sections cost --threads THREADS "
+        "--cost-rounds ROUNDS (per row)",
         rows,
-        ["model", "what", "wall_s", "spread", "ratio_median", "ratio_min", "ratio_max",
-         "uncontended", "goal", "met", "claim_median", "note"], notes, extra=extra,
+        ["model", "host", "rounds", "threads", "what", "wall_s", "spread", "ratio_median",
+         "ratio_min", "ratio_max", "uncontended", "goal", "met", "claim_median", "note"],
+        notes, extra=extra,
     )  # fmt: skip
 
 
