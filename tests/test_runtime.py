@@ -55,3 +55,14 @@ def test_retain_freed_cpu_memory_refuses_values_glibc_would_reject():
         runtime.retain_freed_cpu_memory(mmap_threshold=64 << 20)
     with pytest.raises(ValueError, match="trim_threshold"):
         runtime.retain_freed_cpu_memory(trim_threshold=0)
+
+
+def test_the_qcalib_command_retains_freed_memory_before_running(monkeypatch, tmp_path, capsys):
+    import qcalib.cli
+
+    calls = []
+    monkeypatch.setattr(qcalib.cli, "retain_freed_cpu_memory", lambda: calls.append(1))
+    # A command that fails at once (no such run directory): the setting came first.
+    assert qcalib.cli.main(["eval", str(tmp_path / "missing")]) == 2
+    assert calls == [1]
+    assert "missing" in capsys.readouterr().err
