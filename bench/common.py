@@ -144,6 +144,10 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
                         "and not from OMP_NUM_THREADS so the stated command reproduces "
                         "a table)")  # fmt: skip
     p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder")
+    p.add_argument("--cpu-allocator", choices=("retain", "default"), default="retain",
+                   help="retain: keep freed memory for reuse (qcalib.runtime, as the qcalib "
+                        "command does); default: glibc's own thresholds, for an A/B timing "
+                        "(cells record it)")  # fmt: skip
     p.add_argument("--claims", default=None, metavar="DIR",
                    help="share the plan with other runner processes through claim files in "
                         "DIR (each cell runs once)")  # fmt: skip
@@ -157,7 +161,8 @@ def apply_runner_args(args: argparse.Namespace) -> str:
     from qcalib.runtime import retain_freed_cpu_memory
 
     torch.set_num_threads(args.threads)
-    retain_freed_cpu_memory()  # as the qcalib command does; the stamp records it
+    if getattr(args, "cpu_allocator", "retain") == "retain":
+        retain_freed_cpu_memory()  # as the qcalib command does; the stamp records it
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args.device

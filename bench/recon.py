@@ -485,10 +485,11 @@ def run_timing(c: dict, bench: Workbench) -> dict:
 
 
 def timing_cells(models, methods, warmup: int, iters: int, n: int, rounds: int,
-                 host: str) -> list[dict]:  # fmt: skip
+                 host: str, allocator: str = "retain") -> list[dict]:  # fmt: skip
     """Each method on the timing blocks, plus QDrop with the CL-Calib term (its default
     configuration) for the add-on's overhead on an otherwise idle machine; ``host``
-    (:func:`common.host_id`) is part of every cell."""
+    (:func:`common.host_id`) is part of every cell, and ``allocator`` (``--cpu-allocator``)
+    when it is not the runners' default."""
     w, a = parse_bits(TIMING_BITS)
     variants = [(m, None) for m in methods]
     if CL_TIMING_METHOD in methods:
@@ -508,6 +509,7 @@ def timing_cells(models, methods, warmup: int, iters: int, n: int, rounds: int,
             "protocol": "interleaved",
             "rounds": rounds,
             "host": host,
+            **({"cpu_allocator": allocator} if allocator != "retain" else {}),
             **({"contrastive": cl} if cl else {}),
         }
         for model in models
@@ -600,10 +602,9 @@ SELECTOR_COLS = ["model", "bits", "selector", "profile_iters", "n_seeds", "accs"
 PAPER_COLS = ["model", "method", "bits", "n", "seed", "profile_iters", "quant_top1", "fp_top1",
               "device", "recon_s", "block_s_mean", "block_s_max", "iter_ms", "wall_s",
               "peak_rss_mb"]
-TIMING_COLS = ["host", "model", "block", "kind", "layers", "input_shape", "batch", "threads",
-               "method",
-               "stage", "ms_per_iter", "ms_min", "floor_ms", "floor_min", "ratio", "ratio_min",
-               "ratio_max", "uncontended", "ratio_uncontended"]
+TIMING_COLS = ["host", "allocator", "model", "block", "kind", "layers", "input_shape", "batch",
+               "threads", "method", "stage", "ms_per_iter", "ms_min", "floor_ms", "floor_min",
+               "ratio", "ratio_min", "ratio_max", "uncontended", "ratio_uncontended"]
 OLD_TIMING_COLS = ["model", "block", "kind", "layers", "input_shape", "batch", "threads",
                    "method", "stage", "ms_per_iter", "ms_min", "floor_ms", "floor_min", "ratio",
                    "ratio_min", "loadavg"]
@@ -645,7 +646,10 @@ TIMING_NOTES = (
     "step) on the same batch. `input_shape` is the block input per sample (C x H x W). "
     "`host`: the CPU's vector instructions and family/model/stepping (or the GPU) the cell "
     "ran on: ratios are compared within a host only (n/a: timed before hosts were "
-    "recorded, on a CPU host with AVX-512 judging by its floors). "
+    "recorded, on a CPU host with AVX-512 judging by its floors); `allocator`: `retain` = "
+    "freed memory kept for reuse (qcalib.runtime.retain_freed_cpu_memory, the runners' "
+    "default), `default` = glibc's own thresholds (`--cpu-allocator default`, an A/B "
+    "run), n/a = before it was recorded (glibc's defaults). "
     "`qdrop+CL`: QDrop with the CL-Calib term at its defaults "
     "(critic forward included); its ratio over qdrop's (each to the same floor, within "
     "rounds) is the add-on's overhead. Earlier cells (own heading) ran the calibration once "
@@ -670,6 +674,13 @@ def _paper_twins(store: CellStore) -> list[dict]:
             }
         )  # fmt: skip
     return sorted(out, key=lambda r: r["profile_iters"])
+
+
+def _allocator(r: dict) -> str:
+    """``retain`` / ``default`` from a timing cell's stamp (n/a: made before the stamp)."""
+    if "cpu_allocator" not in r:
+        return NA
+    return "default" if r["cpu_allocator"] == "default" else "retain"
 
 
 def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int) -> None:
@@ -704,13 +715,14 @@ def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int)
         notes = "One seed, the same random calibration set (n = 1024) for both profiles."
         write_tables(f"{grid}-paper", title, command, twins, PAPER_COLS, notes=notes)
     # Cells timed before hosts were told apart show host n/a.
-    trows = [{**row, "host": r["cell"].get("host", NA)}
+    trows = [{**row, "host": r["cell"].get("host", NA), "allocator": _allocator(r)}
              for r in tstore.rows.values() if "timing" in r for row in r["rows"]]  # fmt: skip
     old = [row for r in tstore.rows.values() if "timing" not in r for row in r["rows"]]
     if trows or old:
         model_i = {m: i for i, m in enumerate(MODELS)}
         for rows in (trows, old):
-            rows.sort(key=lambda r: (str(r.get("host", NA)), model_i.get(r["model"], 9),
+            rows.sort(key=lambda r: (str(r.get("host", NA)), str(r.get("allocator", NA)),
+                                     model_i.get(r["model"], 9),
                                      r["block"], r["threads"],
                                      METHODS.index(r["method"].removesuffix("+CL")),
                                      r["method"], r["stage"] == "act"))  # fmt: skip
@@ -822,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
         models, parts = args.models or list(MODELS), args.parts
         tmodels = args.models or list(TIMING_MODELS)
         tcells = timing_cells(tmodels, args.methods, TIMING_WARMUP, TIMING_ITERS, TIMING_N,
-                              args.timing_rounds, host_id(args.device))  # fmt: skip
+                              args.timing_rounds, host_id(args.device),
+                              args.cpu_allocator)  # fmt: skip
         tcells = tcells if "timing" in parts else []
         command = "cd bench && ../.venv/bin/python recon.py"
     for model in models:

@@ -233,7 +233,9 @@ def test_recon_timing_cells_are_per_host_and_again_times_them_again(monkeypatch,
         row = {k: 1.0 for k in recon.TIMING_COLS}
         row.update(model=c["model"], block="layer1.0", method=c["method"], stage="act",
                    threads=1, uncontended="3/3")  # fmt: skip
-        return {"rows": [row], "timing": {}}
+        # As CellStamp records it in a fresh runner process.
+        allocator = "default" if c.get("cpu_allocator") == "default" else {"trim_threshold": 1}
+        return {"rows": [row], "timing": {}, "cpu_allocator": allocator}
 
     monkeypatch.setattr(recon, "run_timing", fake_run_timing)
     monkeypatch.setattr(recon, "Workbench", lambda *a, **k: types.SimpleNamespace(fp_top1=0.0))
@@ -249,11 +251,18 @@ def test_recon_timing_cells_are_per_host_and_again_times_them_again(monkeypatch,
     monkeypatch.setattr(recon, "host_id", lambda _device: "cpu ISA-B 4/5/6")
     recon.main(argv)  # another kind of host times its own cell
     assert [c["host"] for c in timed] == ["cpu ISA-A 1/2/3"] * 2 + ["cpu ISA-B 4/5/6"]
+    # The allocator A/B: glibc's defaults are a cell of their own (the default keeps its key).
+    retained = []
+    monkeypatch.setattr("qcalib.runtime.retain_freed_cpu_memory", lambda: retained.append(1))
+    recon.main([*argv, "--cpu-allocator", "default"])
+    assert timed[-1]["cpu_allocator"] == "default" and "cpu_allocator" not in timed[0]
+    assert retained == []
     cells = (tmp_path / "recon-timing.cells.jsonl").read_text().splitlines()
-    assert len(cells) == 3
+    assert len(cells) == 4
     table = (tmp_path / "recon-timing.md").read_text()
-    rows = [line for line in table.splitlines() if "| cpu ISA-" in line]
-    assert [r.split(" | ")[0] for r in rows] == ["| cpu ISA-A 1/2/3", "| cpu ISA-B 4/5/6"]
+    rows = [line.split(" | ")[:2] for line in table.splitlines() if "| cpu ISA-" in line]
+    assert rows == [["| cpu ISA-A 1/2/3", "retain"], ["| cpu ISA-B 4/5/6", "default"],
+                    ["| cpu ISA-B 4/5/6", "retain"]]  # fmt: skip
 
 
 def test_runner_args_set_threads_from_the_flag():
