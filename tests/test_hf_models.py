@@ -366,3 +366,87 @@ def test_reconstruction_cache_with_padding_masks() -> None:
     q = build_quant_model(model, qcfg, mixed[:1])
     with pytest.raises(QCalibError, match=r"'attention_mask' .* None in some calibration batches"):
         CALIBRATORS.get("qdrop")(cfg).calibrate(q, mixed, seed=0, progress=False)
+
+
+# -- passes that read no logits stop at the output head ---------------------------------
+
+
+def _count_calls(module: nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _act_qparams(q: QuantModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        n: (m.act_quantizer.scale.clone(), m.act_quantizer.zero_point.clone())
+        for n, m in q.quant_modules()
+        if m.act_quantizer is not None
+    }
+
+
+def test_observer_pass_skips_a_float_head_and_gets_the_full_forward_ranges(monkeypatch) -> None:
+    import qcalib.model.observe as observe
+
+    data = tokens(6, 16, pad=3)
+    q = wrap(HFCausalLM(tiny_llama()))
+    full = wrap(HFCausalLM(tiny_llama()))
+    assert not isinstance(q.model.get_submodule("model.lm_head"), QuantLinear)  # float head
+    calls = _count_calls(q.model.get_submodule("model.lm_head"))
+    observe.calibrate_activations(q, data, "minmax", batch_size=4, progress=False)
+    assert calls == [0]
+    monkeypatch.setattr(observe, "output_head", lambda _m: None)  # the old full forward
+    full_calls = _count_calls(full.model.get_submodule("model.lm_head"))
+    observe.calibrate_activations(full, data, "minmax", batch_size=4, progress=False)
+    assert full_calls == [2]
+    ours, ref = _act_qparams(q), _act_qparams(full)
+    assert ours.keys() == ref.keys() and len(ours) == 7 * LAYERS
+    for n in ref:
+        assert torch.equal(ours[n][0], ref[n][0]) and torch.equal(ours[n][1], ref[n][1]), n
+
+
+def test_observer_pass_runs_a_quantized_head_to_observe_its_input() -> None:
+    from qcalib.model.observe import calibrate_activations
+
+    q = wrap(HFCausalLM(tiny_llama()), lm_head_bits=8)
+    head = q.model.get_submodule("model.lm_head")
+    calls = _count_calls(head)
+    seen: list[torch.Tensor] = []
+    head.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().clone()))
+    calibrate_activations(q, tokens(4, 16), "minmax", batch_size=2, progress=False)
+    assert calls == [2]
+    lo = min(float(x.min()) for x in seen + [torch.zeros(1)])
+    hi = max(float(x.max()) for x in seen + [torch.zeros(1)])
+    # min-max, 8 bits asymmetric: the step spans the observed range of the head's input.
+    assert float(head.act_quantizer.scale) == pytest.approx((hi - lo) / 255, rel=1e-5)
+
+
+def test_statistics_pass_reads_the_head_input_without_computing_logits(monkeypatch) -> None:
+    import qcalib.select.stats as stats
+
+    model = HFCausalLM(tiny_llama())
+    calls = _count_calls(model.get_submodule("model.lm_head"))
+    data = tokens(4, 16, pad=5)
+    rows = stats.ActivationStatsCollector(model, extremes=True)(data)
+    assert calls == [0]
+    monkeypatch.setattr(stats, "output_head", lambda _m: None)
+    ref = stats.ActivationStatsCollector(model, extremes=True)(data)
+    assert calls == [2]  # the full path: the probe forward and the batch
+    assert list(rows) == list(ref) and "model.lm_head" in rows  # the head's input is a site
+    for k in ref:
+        assert torch.equal(rows[k], ref[k]), k
+
+
+def test_smoothquant_maxima_skip_the_head(monkeypatch) -> None:
+    import qcalib.model.smooth as smooth
+
+    model = HFCausalLM(tiny_llama())
+    norms = {n: m for n, m in model.named_modules() if n.endswith("norm")}
+    calls = _count_calls(model.get_submodule("model.lm_head"))
+    data = tokens(4, 16, pad=2)
+    got = smooth.channel_abs_max(model, data, norms, batch_size=2)
+    assert calls == [0] and "model.model.norm" in got  # the norm right before the head
+    monkeypatch.setattr(smooth, "output_head", lambda _m: None)
+    ref = smooth.channel_abs_max(model, data, norms, batch_size=2)
+    assert calls == [2] and got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)

@@ -110,6 +110,7 @@ from qcalib.distributed import (
 from qcalib.errors import QCalibError
 from qcalib.model.partition import Block, partition_blocks
 from qcalib.model.qmodules import QuantConv2d, QuantLinear, QuantModule, first_tensor
+from qcalib.model.stop import StopForward
 from qcalib.model.wrap import QuantModel
 from qcalib.quant.functional import fake_quantize
 
@@ -268,10 +269,6 @@ def layer_input_rows(
     return x.reshape(-1, k)
 
 
-class _StopForward(Exception):
-    """Raised once the block has run: nothing after it matters for its Hessians."""
-
-
 # One calibration batch at a block's input: positional args, keyword args, token mask.
 BlockInputs = list[tuple[tuple, dict[str, Any], "torch.Tensor | None"]]
 
@@ -286,7 +283,7 @@ def capture_block_inputs(
 
     def pre_hook(_m: Any, args: tuple, kwargs: dict) -> None:
         captured.append((args, kwargs))
-        raise _StopForward
+        raise StopForward
 
     handle = block.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     was_training = qmodel.training
@@ -295,7 +292,7 @@ def capture_block_inputs(
     try:
         for chunk in torch.split(calib_data, batch_size):
             n = len(captured)
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 qmodel(chunk)
             if len(captured) == n:
                 raise QCalibError(f"GPTQ: block {block.name!r} is not reached by the forward pass")
@@ -365,7 +362,7 @@ def collect_hessians(
         handles.append(m.register_forward_pre_hook(pre_hook))
 
     def stop(_m: Any, _a: Any, _o: Any) -> None:
-        raise _StopForward
+        raise StopForward
 
     handles.append(block.module.register_forward_hook(stop))
     was_training = qmodel.training
@@ -374,12 +371,12 @@ def collect_hessians(
         if inputs is not None:
             for args, kwargs, mask in inputs:
                 state["mask"] = mask
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     block.module(*args, **kwargs)
         else:
             for chunk in torch.split(calib_data, batch_size):
                 state["mask"] = unpack_tokens(chunk)[1] if is_token_batch(chunk) else None
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     qmodel(chunk)
     finally:
         for h in handles:

@@ -120,6 +120,7 @@ from qcalib.data.tokens import is_token_batch
 from qcalib.errors import QCalibError
 from qcalib.model.partition import Block
 from qcalib.model.qmodules import QuantConv1D, QuantLinear, QuantModule, first_tensor
+from qcalib.model.stop import StopForward
 from qcalib.model.wrap import QuantModel
 
 __all__ = [
@@ -329,10 +330,6 @@ class RoundingRegularizer:
 
 class BlockNotReached(QCalibError):
     """The forward pass on the calibration data never calls the block."""
-
-
-class _StopForward(Exception):
-    """Raised from a hook once the block's data is captured."""
 
 
 def _output_tensor(out: Any, what: str = "block output") -> torch.Tensor:
@@ -734,14 +731,14 @@ class BlockReconstructor:
         def fp_hook(_m: nn.Module, _a: Any, out: Any) -> None:
             store.setdefault("fp", _output_tensor(out).detach().clone())
             if not fisher:
-                raise _StopForward
+                raise StopForward
 
         def pre_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             if "args" not in store:
                 store["args"] = tuple(_clone(a) for a in args)
                 store["kwargs"] = {k: _clone(v) for k, v in kwargs.items()}
             if not fisher:
-                raise _StopForward
+                raise StopForward
 
         def grad_hook(_m: nn.Module, _a: Any, out: Any) -> Any:
             if "leaf" in store:
@@ -755,7 +752,7 @@ class BlockReconstructor:
         fp_logits = None
         try:
             fp_logits = _logits(self.fp_model(x))
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             handle.remove()
@@ -763,7 +760,7 @@ class BlockReconstructor:
         flags = [(m, m.use_weight_quant, m.use_act_quant) for m in later]
         try:
             if not fisher:
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     self.qmodel(x)
                 return store
             # Fisher: quantized up to and including this block, float after it.

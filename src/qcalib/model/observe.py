@@ -15,6 +15,7 @@ from qcalib.config import CalibConfig
 from qcalib.distributed import rank, require_shards, shard
 from qcalib.errors import QCalibError
 from qcalib.model.build import build_quant_model
+from qcalib.model.stop import forward_until_stopped, output_head, stop_before
 from qcalib.model.wrap import QuantModel
 from qcalib.quant.observers import make_observer
 from qcalib.quant.quantizer import UniformQuantizer
@@ -140,13 +141,19 @@ def calibrate_activations(
         params = {**params, "seed": int(params["seed"]) + _RANK_SEED_STRIDE * rank()}
     for q in acts:
         q.observer = make_observer(observer, per_channel=False, ch_axis=q.spec.ch_axis, **params)
+    # No observer reads the logits of a float (or weight-only) output head: the forwards
+    # end at its input (qcalib.model.stop).
+    head = output_head(qmodel.model)
+    if head is not None and any(getattr(head, "act_quantizer", None) is q for q in acts):
+        head = None
     qmodel.set_quant_state(weight=True, act=False)
     qmodel.set_observing(True)
     try:
         chunks = torch.split(shard(calib_data), batch_size)
         for x in tqdm(chunks, desc="observe activations", leave=False, disable=not progress):
             try:
-                qmodel(x)
+                with stop_before(head):
+                    forward_until_stopped(qmodel, x)
             except ValueError as e:
                 if not _is_nonfinite(e):
                     raise

@@ -41,6 +41,7 @@ from torch import nn
 
 from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
+from qcalib.model.stop import forward_until_stopped, output_head, stop_before
 
 __all__ = ["SmoothGroup", "apply_smoothquant", "channel_abs_max", "find_smooth_groups"]
 
@@ -144,12 +145,17 @@ def channel_abs_max(
             out[name] = cur if name not in out else torch.maximum(out[name], cur)
 
         handles.append(mod.register_forward_hook(hook))
+    # Unless the head's own output is wanted, the logits are never read: stop at its input.
+    head = output_head(model)
+    if any(m is head for m in modules.values()):
+        head = None
     was_training = model.training
     model.eval()
     try:
         for chunk in torch.split(calib_data, batch_size):
             state["mask"] = unpack_tokens(chunk)[1] if is_token_batch(chunk) else None
-            model(chunk)
+            with stop_before(head):
+                forward_until_stopped(model, chunk)
     finally:
         for h in handles:
             h.remove()

@@ -77,7 +77,8 @@ from torch import Tensor, nn
 from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
 from qcalib.files import atomic_write_text, write_failed
-from qcalib.model.qmodules import is_conv, run_example
+from qcalib.model.qmodules import is_conv
+from qcalib.model.stop import forward_until_stopped, output_head, stop_before
 from qcalib.model.wrap import probe_mode, quantizable_layers
 from qcalib.select.distance import join_stats
 
@@ -366,6 +367,9 @@ class ActivationTap:
                 "(Conv2d / Linear); activation statistics need at least one"
             )
         self.device = torch.device(device) if device is not None else model_device(model)
+        # The statistics never read the logits: forwards end at the head's input (after
+        # the head's own site, if it is one).
+        self.head = output_head(model)
         self.all_sites: list[str] | None = None  # every site, execution order
         self.sites: list[str] | None = None  # the selected ones
 
@@ -423,8 +427,8 @@ class ActivationTap:
         try:
             for name, m in self.modules.items():
                 handles.append(m.register_forward_pre_hook(make_hook(name, channel_dim_of(m))))
-            with probe_mode(self.model):
-                run_example(self.model, inputs)
+            with probe_mode(self.model), stop_before(self.head):
+                forward_until_stopped(self.model, inputs)
         finally:
             for h in handles:
                 h.remove()
