@@ -249,3 +249,19 @@ def test_properties_nonnegative_and_w2_symmetric(mus, sigmas):
     assert bool((KnowledgeDistance("kl").pairwise(s, s) >= 0).all())
     cos = KnowledgeDistance("cosine").set_scale(t([1.0] * 3), t([1.0] * 3)).pairwise(s, s)
     assert bool(((cos >= 0) & (cos <= 2)).all())
+
+
+def test_reused_weights_and_centroids_follow_a_new_scale_and_in_place_changes():
+    s = random_stats(6, 3)
+    kd = KnowledgeDistance(layer="fc").fit_scale([s])
+    w = kd.feature_weights()
+    w.zero_()  # a caller's copy: the distances keep their weights
+    cents = s[:2].clone()
+    labels, d = kd.nearest(s, cents)
+    assert labels[:2].tolist() == [0, 1] and float(d[2]) > 0
+    kd.fit_scale([s * 2])  # a new scale: weights 1/4 as large, so W2 distances 1/4
+    _, d_new = kd.nearest(s, cents)
+    assert torch.allclose(d_new, d / 4)
+    cents[1, 0] = float("nan")  # the same centroid tensor changed in place: checked again
+    with pytest.raises(ValueError, match="centroids for layer 'fc'"):
+        kd.nearest(s, cents)

@@ -175,7 +175,7 @@ METRICS: Registry[Callable[[KnowledgeDistance, Tensor, Tensor], Tensor]] = Regis
 
 @METRICS.register("w2")
 def _w2(kd: KnowledgeDistance, stats: Tensor, centroids: Tensor) -> Tensor:
-    w = kd.feature_weights()
+    w = kd._weights()
     return pairwise_sq_dists(stats, centroids, w, exact=kd.exact) / kd.n_channels
 
 
@@ -248,6 +248,10 @@ class KnowledgeDistance:
         self.sigma_spread_: Tensor | None = None
         self.pool_mean_: Tensor | None = None  # [2C], known only after fit_scale
         self._moments: RunningMoments | None = None
+        # SelectQ's ranking pass asks for the weights and the same checked centroids once
+        # per layer and batch: kept with the tensors they were computed from.
+        self._weights_of: tuple[Tensor, Tensor, Tensor] | None = None
+        self._centroids_of: tuple[Tensor, int, Tensor] | None = None
 
     def __repr__(self) -> str:
         return f"KnowledgeDistance(metric={self.metric!r}, eps={self.eps}, layer={self.layer!r})"
@@ -316,16 +320,25 @@ class KnowledgeDistance:
         Pass to ``StreamingKMeans(feature_weights=...)`` to cluster raw statistics rows in
         the metric of ``w2``: its squared distance / C is exactly the W2 distance.
         """
-        spread = join_stats(*self._require_scale())
+        return self._weights().clone()
+
+    def _weights(self) -> Tensor:
+        """:meth:`feature_weights` itself, computed once per scale (callers only read it)."""
+        mu_spread, sigma_spread = self._require_scale()
+        cached = self._weights_of
+        if cached is not None and cached[0] is mu_spread and cached[1] is sigma_spread:
+            return cached[2]
+        spread = join_stats(mu_spread, sigma_spread)
         live = spread > self.eps
         w = torch.zeros_like(spread)
         w[live] = spread[live].square().reciprocal()
+        self._weights_of = (mu_spread, sigma_spread, w)
         return w
 
     def normalize(self, stats: Tensor) -> Tensor:
         """Rows in the normalised space ``z = stats / spread`` (constant statistics -> 0)."""
         stats = self._check_stats(stats, "statistics")
-        return stats * self.feature_weights().sqrt()
+        return stats * self._weights().sqrt()
 
     def denormalize(self, z: Tensor) -> Tensor:
         """Inverse of :meth:`normalize` on live statistics.
@@ -362,9 +375,23 @@ class KnowledgeDistance:
             raise ValueError(f"{what}{where} have negative standard deviations")
         return stats
 
+    def _checked_centroids(self, centroids: Tensor) -> Tensor:
+        # The same centroids, unchanged since (autograd's version counter), were checked.
+        cached = self._centroids_of
+        if (
+            cached is not None
+            and cached[0] is centroids
+            and cached[1] == centroids._version
+            and cached[2].shape[1] == 2 * (self.n_channels or 0)
+        ):
+            return cached[2]
+        checked = self._check_stats(centroids, "centroids")
+        self._centroids_of = (centroids, centroids._version, checked)
+        return checked
+
     def _checked_pair(self, stats: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
         stats = self._check_stats(stats, "statistics")
-        centroids = self._check_stats(centroids, "centroids")
+        centroids = self._checked_centroids(centroids)
         if stats.shape[1] != centroids.shape[1]:
             raise ValueError(
                 f"statistics have {stats.shape[1] // 2} channels, centroids "
@@ -385,7 +412,7 @@ class KnowledgeDistance:
         stats, centroids = self._checked_pair(stats, centroids)
         d, labels = self._metric_fn(self, stats, centroids).min(1)
         if self.metric == "w2":
-            w = self.feature_weights()
+            w = self._weights()
             d = rowwise_sq_dists(stats, centroids[labels], w) / self.n_channels
         return labels, d
 
