@@ -450,3 +450,17 @@ def test_smoothquant_maxima_skip_the_head(monkeypatch) -> None:
     ref = smooth.channel_abs_max(model, data, norms, batch_size=2)
     assert calls == [2] and got.keys() == ref.keys()
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_layer_sqnr_skips_a_float_head(monkeypatch) -> None:
+    import qcalib.diagnostics as diagnostics
+    from qcalib.model.observe import calibrate_activations
+
+    q = wrap(HFCausalLM(tiny_llama()))
+    data = tokens(4, 16)
+    calibrate_activations(q, data, "minmax", batch_size=2, progress=False)
+    calls = _count_calls(q.model.get_submodule("model.lm_head"))
+    rows = diagnostics.layer_sqnr(q, data, batch_size=2)
+    assert calls == [0] and len(rows) == 7 * LAYERS
+    monkeypatch.setattr(diagnostics, "output_head", lambda _m: None)
+    assert diagnostics.layer_sqnr(q, data, batch_size=2) == rows and calls == [4]

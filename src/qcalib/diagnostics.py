@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from qcalib.config_file import DiagnosticsConfig
 from qcalib.data.pool import Pool
+from qcalib.model.stop import forward_until_stopped, output_head, stop_before
 from qcalib.model.wrap import QuantModel
 from qcalib.select.quality import calibration_mismatch
 from qcalib.select.stats import ActivationStatsCollector
@@ -72,13 +73,6 @@ def _sqnr_db(signal: float, noise: float) -> float | None:
     if noise <= _EPS:
         return None
     return 10.0 * math.log10(max(signal, _EPS) / noise)
-
-
-def _run_batch(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
 
 
 @torch.no_grad()
@@ -107,6 +101,10 @@ def layer_sqnr(qmodel: QuantModel, calib: Tensor, batch_size: int = 8) -> list[d
 
         return hook
 
+    # Only the quantized layers' outputs are read: the forwards end at a float output head.
+    head = output_head(qmodel.model)
+    if any(m is head for _, m in layers):
+        head = None
     was_training = qmodel.training
     qmodel.eval()
     handles = [m.register_forward_hook(make_hook(n)) for n, m in layers]
@@ -115,11 +113,13 @@ def layer_sqnr(qmodel: QuantModel, calib: Tensor, batch_size: int = 8) -> list[d
             batch = calib[start : start + batch_size]
             mode["quantized"] = False
             qmodel.set_quant_state(False, False)
-            _run_batch(qmodel, batch)
+            with stop_before(head):
+                forward_until_stopped(qmodel, batch)
             mode["quantized"] = True
             for (_, m), (w, a) in zip(layers, saved, strict=True):
                 m.set_quant_state(w, a)
-            _run_batch(qmodel, batch)
+            with stop_before(head):
+                forward_until_stopped(qmodel, batch)
             fp_out.clear()
     finally:
         for h in handles:
