@@ -348,3 +348,21 @@ def test_llm_score_cells_add_a_calibrator_run_for_gptq_only():
     scores = argparse.Namespace(rows={"m": {"cell": by[("minmax-w4a8", "minmax")], "score": 1.0}})
     assert llm.score_twin(scores, by[("gptq-w4a8", "minmax")])["score"] == 1.0
     assert llm.score_twin(scores, by[("gptq-w4a8", "run")]) is None
+
+
+def test_llm_targets_read_the_seeds_not_the_rounded_std():
+    import llm
+    from common import summarize
+
+    def row(selector: str, ppls: list[float]) -> dict:
+        s = summarize(ppls)
+        return {"method": "m", "n": 128, "selector": selector, "ppls": ppls,
+                "n_seeds": len(ppls), **s}  # fmt: skip
+
+    random = [35.49, 34.30, 36.43, 35.38, 33.92]  # std 1.0047, shown as 1.00
+    assert summarize(random)["std"] == 1.0
+    (out,) = llm.selectq_vs_random([row("random", random), row("selectq", [33.8, 35.5])])
+    assert out["worst_ok"] == "no"  # random is unstable (std > 1): 35.5 > its mean 35.10
+    assert out["bound"] == pytest.approx(35.10 + 2 * 1.0047 / 5**0.5, abs=0.01)
+    (out,) = llm.selectq_vs_random([row("random", [30.0, 30.5, 31.0]), row("selectq", [32.0])])
+    assert out["worst_ok"] == "-" and out["mean_ok"] == "no"  # std 0.5; 32 > 30.5 x 1.01
