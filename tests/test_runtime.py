@@ -45,9 +45,13 @@ def test_retained_memory_stops_the_page_faults_of_a_reconstruction_like_loop():
     retained, applied = _faults("retain")
     assert settings == "{}"
     assert applied == str({"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30})
-    # The default thresholds give memory back and fault it in again on every step.
-    assert default >= 20
-    assert retained * 10 <= default
+    one_tensor = 32 * 16 * 28 * 28 * 4 // 4096  # pages of one activation: 392
+    # The default thresholds give memory back and fault it in again, step after step
+    # (glibc's adaptive mmap threshold catches up later than 3 warm-up steps: 1144 to
+    # 15040 faults over 20 runs here).
+    assert default >= 2 * one_tensor
+    # Retained: at most one late growth of the heap (0 or 392 here), never a fault per step.
+    assert retained <= one_tensor
 
 
 def test_retain_freed_cpu_memory_refuses_values_glibc_would_reject():
