@@ -759,7 +759,7 @@ def aware_rows(r: Runner) -> list[dict]:
             row["score_spearman"] = spearman([p[0] for p in pairs], [p[1] for p in pairs])
             # From the seeds, not the rounded std (1.003 shows as 1.00).
             std = statistics.stdev(rnd) if len(rnd) > 1 else 0.0
-            se = std / math.sqrt(len(rnd)) if len(rnd) > 1 else 0.0
+            se = std / math.sqrt(len(rnd))
             tol = max(0.3, 2 * se)
             row["mean_ok"] = "yes" if ns["mean"] >= rs["mean"] - tol else "no"
             unstable = std > 1.0

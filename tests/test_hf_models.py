@@ -395,7 +395,7 @@ def test_observer_pass_skips_a_float_head_and_gets_the_full_forward_ranges(monke
     calls = _count_calls(q.model.get_submodule("model.lm_head"))
     observe.calibrate_activations(q, data, "minmax", batch_size=4, progress=False)
     assert calls == [0]
-    monkeypatch.setattr(observe, "output_head", lambda _m: None)  # the old full forward
+    monkeypatch.setattr(observe, "unread_output_head", lambda *_: None)  # the old full forward
     full_calls = _count_calls(full.model.get_submodule("model.lm_head"))
     observe.calibrate_activations(full, data, "minmax", batch_size=4, progress=False)
     assert full_calls == [2]
@@ -429,7 +429,7 @@ def test_statistics_pass_reads_the_head_input_without_computing_logits(monkeypat
     data = tokens(4, 16, pad=5)
     rows = stats.ActivationStatsCollector(model, extremes=True)(data)
     assert calls == [0]
-    monkeypatch.setattr(stats, "output_head", lambda _m: None)
+    monkeypatch.setattr(stats, "unread_output_head", lambda *_: None)
     ref = stats.ActivationStatsCollector(model, extremes=True)(data)
     assert calls == [2]  # the full path: the probe forward and the batch
     assert list(rows) == list(ref) and "model.lm_head" in rows  # the head's input is a site
@@ -446,7 +446,7 @@ def test_smoothquant_maxima_skip_the_head(monkeypatch) -> None:
     data = tokens(4, 16, pad=2)
     got = smooth.channel_abs_max(model, data, norms, batch_size=2)
     assert calls == [0] and "model.model.norm" in got  # the norm right before the head
-    monkeypatch.setattr(smooth, "output_head", lambda _m: None)
+    monkeypatch.setattr(smooth, "unread_output_head", lambda *_: None)
     ref = smooth.channel_abs_max(model, data, norms, batch_size=2)
     assert calls == [2] and got.keys() == ref.keys()
     assert all(torch.equal(got[k], ref[k]) for k in ref)
@@ -462,5 +462,5 @@ def test_layer_sqnr_skips_a_float_head(monkeypatch) -> None:
     calls = _count_calls(q.model.get_submodule("model.lm_head"))
     rows = diagnostics.layer_sqnr(q, data, batch_size=2)
     assert calls == [0] and len(rows) == 7 * LAYERS
-    monkeypatch.setattr(diagnostics, "output_head", lambda _m: None)
+    monkeypatch.setattr(diagnostics, "unread_output_head", lambda *_: None)
     assert diagnostics.layer_sqnr(q, data, batch_size=2) == rows and calls == [4]

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from qcalib.config_file import DiagnosticsConfig
 from qcalib.data.pool import Pool
-from qcalib.model.stop import forward_until_stopped, output_head, stop_before
+from qcalib.model.stop import forward_until_stopped, stop_before, unread_output_head
 from qcalib.model.wrap import QuantModel
 from qcalib.select.quality import calibration_mismatch
 from qcalib.select.stats import ActivationStatsCollector
@@ -102,9 +102,7 @@ def layer_sqnr(qmodel: QuantModel, calib: Tensor, batch_size: int = 8) -> list[d
         return hook
 
     # Only the quantized layers' outputs are read: the forwards end at a float output head.
-    head = output_head(qmodel.model)
-    if any(m is head for _, m in layers):
-        head = None
+    head = unread_output_head(qmodel.model, (m for _, m in layers))
     was_training = qmodel.training
     qmodel.eval()
     handles = [m.register_forward_hook(make_hook(n)) for n, m in layers]

@@ -15,7 +15,7 @@ from qcalib.config import CalibConfig
 from qcalib.distributed import rank, require_shards, shard
 from qcalib.errors import QCalibError
 from qcalib.model.build import build_quant_model
-from qcalib.model.stop import forward_until_stopped, output_head, stop_before
+from qcalib.model.stop import forward_until_stopped, stop_before, unread_output_head
 from qcalib.model.wrap import QuantModel
 from qcalib.quant.observers import make_observer
 from qcalib.quant.quantizer import UniformQuantizer
@@ -143,9 +143,10 @@ def calibrate_activations(
         q.observer = make_observer(observer, per_channel=False, ch_axis=q.spec.ch_axis, **params)
     # No observer reads the logits of a float (or weight-only) output head: the forwards
     # end at its input (qcalib.model.stop).
-    head = output_head(qmodel.model)
-    if head is not None and any(getattr(head, "act_quantizer", None) is q for q in acts):
-        head = None
+    observed = {id(q) for q in acts}
+    head = unread_output_head(
+        qmodel.model, (m for _, m in qmodel.quant_modules() if id(m.act_quantizer) in observed)
+    )
     qmodel.set_quant_state(weight=True, act=False)
     qmodel.set_observing(True)
     try:

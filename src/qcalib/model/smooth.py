@@ -41,7 +41,7 @@ from torch import nn
 
 from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
-from qcalib.model.stop import forward_until_stopped, output_head, stop_before
+from qcalib.model.stop import forward_until_stopped, stop_before, unread_output_head
 
 __all__ = ["SmoothGroup", "apply_smoothquant", "channel_abs_max", "find_smooth_groups"]
 
@@ -146,9 +146,7 @@ def channel_abs_max(
 
         handles.append(mod.register_forward_hook(hook))
     # Unless the head's own output is wanted, the logits are never read: stop at its input.
-    head = output_head(model)
-    if any(m is head for m in modules.values()):
-        head = None
+    head = unread_output_head(model, modules.values())
     was_training = model.training
     model.eval()
     try:

@@ -13,7 +13,7 @@ forward, so the results are the same, bit for bit.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from qcalib.model.qmodules import run_example
 from qcalib.model.wrap import output_head_name
 
-__all__ = ["StopForward", "forward_until_stopped", "output_head", "stop_before"]
+__all__ = ["StopForward", "forward_until_stopped", "stop_before", "unread_output_head"]
 
 
 class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -53,8 +53,9 @@ def forward_until_stopped(model: nn.Module, inputs: Any) -> Any | None:
         return None
 
 
-def output_head(model: nn.Module) -> nn.Module | None:
-    """A text model's output head module (:func:`~qcalib.model.wrap.output_head_name`),
-    else None: the layer a pass that reads no logits stops before."""
+def unread_output_head(model: nn.Module, read: Iterable[nn.Module] = ()) -> nn.Module | None:
+    """A text model's output head (:func:`~qcalib.model.wrap.output_head_name`) for a pass
+    to stop before, unless the pass reads it (it is one of ``read``); else None."""
     name = output_head_name(model)
-    return model.get_submodule(name) if name is not None else None
+    head = model.get_submodule(name) if name is not None else None
+    return None if any(m is head for m in read) else head

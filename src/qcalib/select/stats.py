@@ -78,7 +78,7 @@ from qcalib.data.tokens import is_token_batch, unpack_tokens
 from qcalib.errors import QCalibError
 from qcalib.files import atomic_write_text, write_failed
 from qcalib.model.qmodules import is_conv
-from qcalib.model.stop import forward_until_stopped, output_head, stop_before
+from qcalib.model.stop import forward_until_stopped, stop_before, unread_output_head
 from qcalib.model.wrap import probe_mode, quantizable_layers
 from qcalib.select.distance import join_stats
 
@@ -369,7 +369,7 @@ class ActivationTap:
         self.device = torch.device(device) if device is not None else model_device(model)
         # The statistics never read the logits: forwards end at the head's input (after
         # the head's own site, if it is one).
-        self.head = output_head(model)
+        self.head = unread_output_head(model)
         self.all_sites: list[str] | None = None  # every site, execution order
         self.sites: list[str] | None = None  # the selected ones
 
