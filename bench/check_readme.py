@@ -150,13 +150,17 @@ CL_METHODS = {"QDrop": "qdrop", "BRECQ": "brecq"}
 # README label of an ablation row -> the runner's variant names (several: "a / b / c").
 ABLATION_LABELS = {
     "base (no CL)": ["base (no CL)"],
-    "default (λ 1, τ 0.1, NCE, truncated, centered)": ["default"],
+    "λ = 1 (issue 5's default: τ 0.1, NCE, truncated, centered)": ["default"],
     "critic = full FP tail": ["critic=full"],
     "critic = trained projection head": ["critic=projection"],
     "loss = InfoNCE": ["loss=infonce"],
     "λ = 0.1 / 0.5 / 2": ["lambda=0.1", "lambda=0.5", "lambda=2"],
     "τ = 0.05 / 0.5": ["tau=0.05", "tau=0.5"],
     "no centering": ["center=False"],
+    "λ fades out over each stage (`--cl-schedule fade`)": ["schedule=fade"],
+    "full tail + fade": ["critic=full+fade"],
+    "full tail, λ = 0.5": ["critic=full+lambda=0.5"],
+    "full tail + fade, λ = 2": ["critic=full+fade+lambda=2"],
 }
 
 

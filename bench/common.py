@@ -124,6 +124,12 @@ class Claims:
 
 
 DEFAULT_THREADS = 1  # what the committed timing, cost and published-profile cells ran with
+# The CL-Calib configuration that issue 5's paired, ablation and timing cells ran with (the
+# library default until issue 16 chose lambda = 0.1 on the validation split). Their cell
+# keys hold it, so it is pinned here rather than read from ContrastiveConfig().
+ISSUE5_CONTRASTIVE = {"weight": 1.0, "temperature": 0.1, "loss": "nce", "critic": "truncated",
+                      "tail_blocks": 1, "center": True, "proj_dim": 128, "proj_lr": 1e-3,
+                      "schedule": "constant"}  # fmt: skip
 
 
 def positive_int(text: str) -> int:

@@ -41,13 +41,14 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import (
+    ISSUE5_CONTRASTIVE,
     NA,
     CellStamp,
     CellStore,
@@ -70,7 +71,6 @@ from qcalib.calibrate import CALIBRATORS
 from qcalib.config import (
     RECON_PROFILES,
     CalibConfig,
-    ContrastiveConfig,
     QuantConfig,
     ReconConfig,
     RunConfig,
@@ -486,14 +486,14 @@ def run_timing(c: dict, bench: Workbench) -> dict:
 
 def timing_cells(models, methods, warmup: int, iters: int, n: int, rounds: int,
                  host: str, allocator: str = "retain") -> list[dict]:  # fmt: skip
-    """Each method on the timing blocks, plus QDrop with the CL-Calib term (its default
+    """Each method on the timing blocks, plus QDrop with the CL-Calib term (issue 5's
     configuration) for the add-on's overhead on an otherwise idle machine; ``host``
     (:func:`common.host_id`) is part of every cell, and ``allocator`` (``--cpu-allocator``)
     when it is not the runners' default."""
     w, a = parse_bits(TIMING_BITS)
     variants = [(m, None) for m in methods]
     if CL_TIMING_METHOD in methods:
-        variants.append((CL_TIMING_METHOD, asdict(ContrastiveConfig())))
+        variants.append((CL_TIMING_METHOD, dict(ISSUE5_CONTRASTIVE)))
     return [
         {
             "model": model,

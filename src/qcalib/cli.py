@@ -398,7 +398,7 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--contrastive", action="store_true",
                    help="add the contrastive FP/quantized mutual-information loss")  # fmt: skip
     g.add_argument(
-        "--cl-weight", type=argtypes.nonnegative_float, default=None, help="lambda (default 1)"
+        "--cl-weight", type=argtypes.nonnegative_float, default=None, help="lambda (default 0.1)"
     )
     g.add_argument(
         "--cl-temperature", type=argtypes.positive_float, default=None, help="tau (default 0.1)"
