@@ -366,3 +366,24 @@ def test_llm_targets_read_the_seeds_not_the_rounded_std():
     assert out["bound"] == pytest.approx(35.10 + 2 * 1.0047 / 5**0.5, abs=0.01)
     (out,) = llm.selectq_vs_random([row("random", [30.0, 30.5, 31.0]), row("selectq", [32.0])])
     assert out["worst_ok"] == "-" and out["mean_ok"] == "no"  # std 0.5; 32 > 30.5 x 1.01
+
+
+def test_selection_targets_read_the_seeds_not_the_rounded_summaries():
+    import selection
+    from common import summarize
+
+    def row(selector: str, accs: list[float]) -> dict:
+        return {"model": "m", "calibrator": "minmax", "wbits": 3, "abits": 3, "n": 64,
+                "selector": selector, "accs": accs, "mismatch": 1.0, **summarize(accs)}  # fmt: skip
+
+    sq, rnd = [90.0, 90.0069], [80.0, 80.021]  # stds 0.0049 and 0.0148: shown 0.00 and 0.01
+    assert (summarize(sq)["std"], summarize(rnd)["std"]) == (0.0, 0.01)
+    runner = argparse.Namespace(blocks=lambda: [((3, 3), 64, "minmax")],
+                                args=argparse.Namespace(models=["m"]))  # fmt: skip
+    targets, shortfalls = selection.target_rows(runner, [row("selectq", sq), row("random", rnd)])
+    by = {t["target"]: t for t in targets}
+    ratio = by["selectq std / random std"]
+    assert ratio["value"] == pytest.approx(0.329, abs=0.001) and ratio["met"] == "no"
+    assert by["selectq mean - random mean"]["value"] == pytest.approx(9.993, abs=0.001)
+    assert by["selectq mean - random mean"]["met"] == "no"
+    assert shortfalls == []
