@@ -37,6 +37,7 @@ gaps      Issue 16, where the base leaves a large gap, paired base vs base + CL:
 
           cd bench && ../.venv/bin/python contrastive.py --parts gaps --max-minutes 600
           cd bench && ../.venv/bin/python contrastive.py --parts gaps --smoke   # 2 iters
+          cd bench && ../.venv/bin/python contrastive.py --parts gaps --gap-rows image
 
 The overhead is ``iter_ms`` of the +CL run over the base run (optimization time per
 iteration, measured by ``recon.run_cell``), paired by seed.
@@ -120,6 +121,7 @@ GAPS = (
     (MOBILENET, "qdrop", "W2A2", 1024, 1, "paper"),
 )
 TEXT_MODELS = {SMOLLM2: WIKI}
+GAP_KINDS = ("image", "text", "paper")
 GRID = "contrastive"
 
 
@@ -181,6 +183,14 @@ def gap_cells(seeds_cap: int | None = None, iters=None, smoke: bool = False) -> 
                 base = make_cell(model, method, bits, n, 0, profile="paper")
                 out.append((base, with_cl(base, {}, GAPS_DEFAULT)))
     return out
+
+
+def gap_kind(base: dict) -> str:
+    """``text`` (SmolLM2), ``paper`` (the published-profile cell) or ``image``: what
+    ``--gap-rows`` picks, e.g. the image rows alone on a CPU, where a text row takes hours."""
+    if "text" in base:
+        return "text"
+    return "paper" if base["profile"] == "paper" else "image"
 
 
 def gap_rows(base_store: CellStore, gap_store: CellStore, pairs_plan: list[tuple]) -> list[dict]:
@@ -443,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--seeds", type=int, default=None, help="cap on the seeds per row")
+    p.add_argument("--gap-rows", nargs="+", default=list(GAP_KINDS), choices=GAP_KINDS,
+                   help="which gaps rows run (all are reported)")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
     p.add_argument("--smoke", action="store_true",
@@ -471,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                 todo.append((ab_store, c, "val"))
         if "gaps" in args.parts:
             for base, cl in gap_plan:
+                if gap_kind(base) not in args.gap_rows:
+                    continue
                 # Fast-profile image bases are the reconstruction grid's own cells.
                 reuse = "text" not in base and base["profile"] == "fast"
                 todo += [(base_store if reuse else gap_store, base, "test"),

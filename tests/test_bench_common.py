@@ -387,3 +387,23 @@ def test_selection_targets_read_the_seeds_not_the_rounded_summaries():
     assert by["selectq mean - random mean"]["value"] == pytest.approx(9.993, abs=0.001)
     assert by["selectq mean - random mean"]["met"] == "no"
     assert shortfalls == []
+
+
+def test_contrastive_gaps_run_the_library_default_and_paired_cells_keep_issue5s():
+    import collections
+
+    import contrastive
+    from common import ISSUE5_CONTRASTIVE
+    from qcalib.config import ContrastiveConfig
+
+    plan = contrastive.gap_cells()
+    kinds = collections.Counter(contrastive.gap_kind(base) for base, _ in plan)
+    assert kinds == {"image": 20, "text": 6, "paper": 1}  # 2 rows x 10 seeds, 2 x 3, 1
+    assert all(cl["contrastive"]["weight"] == ContrastiveConfig().weight for _, cl in plan)
+    # Committed paired and ablation cells hold issue 5's configuration in their keys.
+    (_, cl), *_ = contrastive.paired_cells(contrastive.MODELS)
+    assert cl["contrastive"]["weight"] == ISSUE5_CONTRASTIVE["weight"] == 1.0
+    assert "schedule" not in cl["contrastive"]  # left out at its default: old keys hold
+    ablation = {c["variant"]: c for c in contrastive.ablation_cells(1)}
+    assert ablation["default"]["contrastive"]["weight"] == 1.0
+    assert ablation["lambda=0.1"]["contrastive"]["weight"] == 0.1
