@@ -334,13 +334,21 @@ def main_device(rows: Iterable[dict]) -> str:
     return collections.Counter(row_device(r) for r in rows).most_common(1)[0][0]
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value), unrounded: what a target is decided on, where
+    :func:`summarize`'s rounded figures are for the tables (a std of 1.0047 shows as 1.00)."""
+    vals = list(values)
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
 def summarize(values: Sequence[float], digits: int = 2) -> dict:
     """Mean, sample std, min and max rounded to ``digits`` (2 suits points of top-1 and
     perplexities; cosines near 1 need more)."""
     vals = list(values)
+    mean, std = mean_std(vals)
     return {
-        "mean": round(statistics.fmean(vals), digits),
-        "std": round(statistics.stdev(vals), digits) if len(vals) > 1 else 0.0,
+        "mean": round(mean, digits),
+        "std": round(std, digits),
         "min": round(min(vals), digits),
         "max": round(max(vals), digits),
     }

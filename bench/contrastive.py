@@ -65,6 +65,7 @@ from common import (
     cell_key,
     group_rows,
     main_device,
+    mean_std,
     resolve_spec,
     row_device,
     stated_command,
@@ -134,8 +135,8 @@ def with_cl(cell: dict, overrides: dict | None, default: dict = DEFAULT) -> dict
     if overrides is None:
         return cell
     cl = {**default, **overrides}
-    for key, default in LATER_DEFAULTS.items():
-        if cl.get(key) == default:
+    for key, later_default in LATER_DEFAULTS.items():
+        if cl.get(key) == later_default:
             del cl[key]
     return {**cell, "contrastive": cl}
 
@@ -218,7 +219,7 @@ def gap_rows(base_store: CellStore, gap_store: CellStore, pairs_plan: list[tuple
         # gain > 0: the term helped (higher accuracy, lower perplexity)
         gains = [(b - c) if lower_better else (c - b) for b, c in zip(vb, vc, strict=True)]
         fp = pairs[0][0].get("fp_metric", pairs[0][0].get("fp_top1"))
-        (mb, sb), (mc, sc), (mg, sg) = _stats(vb), _stats(vc), _stats(gains)
+        (mb, sb), (mc, sc), (mg, sg) = mean_std(vb), mean_std(vc), mean_std(gains)
         se = sg / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
         gap = (mb - fp) if lower_better else (fp - mb)
         bar = min(0.25 * gap, 0.3) if gap > 0 else 0.0
@@ -290,10 +291,6 @@ def validation_workbench(model: str, **kwargs) -> Workbench:
 # -- tables ----------------------------------------------------------------------------
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _mean_ms(pairs: list[tuple[dict, dict]], side: int) -> float:
     """Mean ms per iteration of one side over the pairs of the most common device."""
     if not pairs:
@@ -315,7 +312,7 @@ def paired_rows(base_store: CellStore, cl_store: CellStore, models, iters=None) 
         accs_c = [c["quant_top1"] for _, c in pairs]
         diffs = [c - b for b, c in zip(accs_b, accs_c, strict=True)]
         fp = pairs[0][0]["fp_top1"]
-        (mb, sb), (mc, sc), (md, sd) = _stats(accs_b), _stats(accs_c), _stats(diffs)
+        (mb, sb), (mc, sc), (md, sd) = mean_std(accs_b), mean_std(accs_c), mean_std(diffs)
         gap = fp - mb
         target = min(0.25 * gap, 0.3) if gap > 0 else 0.0
         # A time ratio means something only when both runs of a pair ran on one device.
@@ -375,7 +372,7 @@ def ablation_rows(store: CellStore) -> list[dict]:
         ratio = [r["iter_ms"] / b["iter_ms"] for r, b in timed]
         devices = collections.Counter("+".join(sorted({row_device(r), row_device(b)}))
                                       for r, b in pairs)  # fmt: skip
-        md, sd = _stats(diffs) if diffs else (float("nan"), float("nan"))
+        md, sd = mean_std(diffs) if diffs else (float("nan"), float("nan"))
         rows.append(
             {
                 "variant": name,
@@ -486,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 if gap_kind(base) not in args.gap_rows:
                     continue
                 # Fast-profile image bases are the reconstruction grid's own cells.
-                reuse = "text" not in base and base["profile"] == "fast"
+                reuse = gap_kind(base) == "image"
                 todo += [(base_store if reuse else gap_store, base, "test"),
                          (gap_store, cl, "test")]  # fmt: skip
         todo = [t for t in todo if not t[0].done(t[1])]

@@ -78,6 +78,7 @@ from common import (
     cell_key,
     group_rows,
     interleaved_timing,
+    mean_std,
     package_file,
     stated_command,
     summarize,
@@ -972,7 +973,7 @@ def write_scores(store: CellStore, scores: CellStore) -> None:
                       key=lambda kg: (kg[0][3] == RUN_HOW, kg[0][:3], kg[0][3]))  # fmt: skip
         # The random sets' perplexities, by seed (each scoring of a set has the same one).
         rnd = {x[0]: x[2] for k, g in mine if k[1] == "random" for x in g}
-        random_std = statistics.stdev(rnd.values()) if len(rnd) > 1 else 0.0
+        random_std = mean_std(rnd.values())[1]
         rows += [row(*k, g, random_std) for k, g in mine]
         for how in ("", RUN_HOW):
             current = [(k, g) for k, g in mine if k[3] == how]

@@ -76,6 +76,7 @@ from common import (
     group_rows,
     host_id,
     interleaved_timing,
+    mean_std,
     positive_int,
     summarize,
     target_claim,
@@ -654,13 +655,11 @@ def target_rows(r: Runner, rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
         # Decided on the seeds' values, not the table's 2-decimal summaries (a std of
         # 0.004 shows as 0.00).
-        sq_mean, rnd_mean = statistics.fmean(sq["accs"]), statistics.fmean(rnd["accs"])
+        (sq_mean, sq_std), (rnd_mean, rnd_std) = mean_std(sq["accs"]), mean_std(rnd["accs"])
         gain = sq_mean - rnd_mean
         add("selectq mean - random mean", gain, ">= +10", gain >= 10)
         best = sq_mean - max(rnd["accs"])
         add("selectq mean - random best seed", best, ">= 0", best >= 0)
-        sq_std, rnd_std = (statistics.stdev(x["accs"]) if len(x["accs"]) > 1 else 0.0
-                           for x in (sq, rnd))  # fmt: skip
         ratio = sq_std / rnd_std if rnd_std > 0 else float("inf")
         add("selectq std / random std", ratio, "<= 0.2", ratio <= 0.2)
         mm = sq["mismatch"] / rnd["mismatch"] if rnd["mismatch"] > 0 else float("nan")
@@ -670,7 +669,7 @@ def target_rows(r: Runner, rows: list[dict]) -> tuple[list[dict], list[dict]]:
         if x["selector"] != "selectq":
             continue
         rnd = idx.get((x["model"], x["calibrator"], x["wbits"], x["abits"], x["n"], "random"))
-        if rnd and statistics.fmean(x["accs"]) < statistics.fmean(rnd["accs"]) - 0.5:
+        if rnd and mean_std(x["accs"])[0] < mean_std(rnd["accs"])[0] - 0.5:
             shortfalls.append({
                 "model": x["model"], "calibrator": x["calibrator"], "bits": x["bits"],
                 "n": x["n"], "selectq_mean": x["mean"], "random_mean": rnd["mean"],
@@ -763,7 +762,7 @@ def aware_rows(r: Runner) -> list[dict]:
             # Lower score is better: the rank correlation of -score with accuracy.
             row["score_spearman"] = spearman([p[0] for p in pairs], [p[1] for p in pairs])
             # From the seeds, not the rounded std (1.003 shows as 1.00).
-            std = statistics.stdev(rnd) if len(rnd) > 1 else 0.0
+            std = mean_std(rnd)[1]
             se = std / math.sqrt(len(rnd))
             tol = max(0.3, 2 * se)
             row["mean_ok"] = "yes" if ns["mean"] >= rs["mean"] - tol else "no"
