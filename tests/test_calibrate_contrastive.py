@@ -280,13 +280,18 @@ def test_config_validation_and_round_trip():
     assert (d.weight, d.temperature, d.loss, d.critic, d.tail_blocks, d.center) == (
         0.1, 0.1, "nce", "truncated", 1, True
     )  # fmt: skip
-    for bad in ({"temperature": 0.0}, {"weight": -1.0}, {"loss": "triplet"},
-                {"critic": "mlp"}, {"tail_blocks": -1}):  # fmt: skip
-        with pytest.raises(QCalibError):
+    for bad, message in (
+        ({"temperature": 0.0}, r"--cl-temperature must be positive, got 0.0"),
+        ({"weight": -1.0}, r"--cl-weight must be at least 0, got -1.0"),
+        ({"loss": "triplet"}, r"--cl-loss must be one of .*nce.*, got 'triplet'"),
+        ({"critic": "mlp"}, r"--cl-critic must be one of .*truncated.*, got 'mlp'"),
+        ({"tail_blocks": -1}, r"--cl-tail-blocks must be at least 0, got -1"),
+    ):
+        with pytest.raises(QCalibError, match=message):
             ContrastiveConfig(**bad)
 
 
-def test_cli_flags():
+def test_cli_flags(capsys):
     def recon(*flags):
         return config_from_args(build_parser().parse_args(["quantize", *flags])).calib.recon
 
@@ -295,8 +300,13 @@ def test_cli_flags():
     cl = recon("--contrastive", "--cl-weight", "0.5", "--cl-loss", "infonce",
                "--cl-critic", "full", "--cl-temperature", "0.05").contrastive  # fmt: skip
     assert cl == ContrastiveConfig(weight=0.5, temperature=0.05, loss="infonce", critic="full")
-    assert main(["quantize", "--no-progress", "--cl-weight", "2"]) == 2  # needs --contrastive
-    assert main(["quantize", "--no-progress", "--contrastive"]) == 2  # minmax refuses it
+    capsys.readouterr()
+    assert main(["quantize", "--no-progress", "--cl-weight", "2"]) == 2
+    assert "--cl-weight only apply with --contrastive" in capsys.readouterr().err
+    assert main(["quantize", "--no-progress", "--contrastive"]) == 2
+    err = capsys.readouterr().err
+    assert "--contrastive is an add-on to the reconstruction calibrators" in err
+    assert "not to 'minmax'" in err
 
 
 def test_end_to_end_on_digits_with_artifact(trained_tiny, tmp_path):
@@ -426,7 +436,7 @@ def test_centering_removes_the_shared_direction_that_makes_negatives_look_positi
     assert all(c < p for c, p in zip(centered, plain, strict=True))
 
 
-def test_critic_options_build_the_tail_they_name(x):
+def test_critic_options_build_the_tail_they_name(x, monkeypatch):
     # truncated with tail_blocks=k follows at most k blocks; full follows the whole chain;
     # projection has no tail and trains a head of proj_dim outputs.
     def tails(cfg):
@@ -443,8 +453,24 @@ def test_critic_options_build_the_tail_they_name(x):
     assert any(sum(n in block_names for n in t) == 1 for t in t1)
     assert any(sum(n in block_names for n in t) > 1 for t in full)  # goes further than one
     assert all(len(f) >= len(a) for f, a in zip(full, t1, strict=True))
+    heads = []  # per block: (head, its weight at the start, at the end)
+    begin, end = ContrastiveLoss.begin_block, ContrastiveLoss.end_block
+
+    def spy_begin(self, info):  # noqa: ANN001, ANN202
+        begin(self, info)
+        heads.append([self._head, self._head.weight.detach().clone()])
+
+    def spy_end(self, info):  # noqa: ANN001, ANN202
+        heads[-1].append(self._head.weight.detach().clone())
+        end(self, info)
+
+    monkeypatch.setattr(ContrastiveLoss, "begin_block", spy_begin)
+    monkeypatch.setattr(ContrastiveLoss, "end_block", spy_end)
     proj, _ = tails(ContrastiveConfig(critic="projection", proj_dim=7))
-    assert all(t == [] for t in proj)
+    assert all(t == [] for t in proj) and len(heads) == len(proj) > 0
+    for head, start, stop in heads:
+        assert head.out_features == 7
+        assert not torch.equal(start, stop)  # the head is what this critic trains
 
 
 def test_loss_option_selects_the_formula():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qcalib.calibrate import CALIBRATORS
+from qcalib.calibrate.base import calibrate_activations
 from qcalib.calibrate.gptq import collect_hessians, gptq_quantize, rtn_column_quantizer
 from qcalib.config import CalibConfig, GPTQConfig, QuantConfig
 from qcalib.data.tokens import pack_tokens
@@ -279,14 +280,33 @@ def test_first_token_weight_reaches_the_calibrator_and_changes_the_rounding():
 def test_gptq_w4a8_calibrates_activations_after_the_weights():
     model = _tiny_llama()
     x = _tokens(n=8)
-    qm = build_quant_model(model, QuantConfig(wbits=4, abits=8), x[:1])
+    qcfg = QuantConfig(wbits=4, abits=8)
+    qm = build_quant_model(model, qcfg, x[:1])
     cfg = CalibConfig(calibrator="gptq", gptq=GPTQConfig(act_order=True, block_size=8))
-    CALIBRATORS.get("gptq")(cfg).calibrate(qm, x, progress=False)
-    for _, m in qm.quant_modules():
+    calib = CALIBRATORS.get("gptq")(cfg)
+    calib.calibrate(qm, x, progress=False)
+    assert calib.report()["act_order"] is True and calib.report()["block_size"] == 8
+    scales = {}
+    for name, m in qm.quant_modules():
         assert bool(m.act_quantizer.initialized) and m.act_quantizer.observer is None
         assert torch.equal(m.weight_quantizer(m.weight), m.weight)
+        scales[name] = m.act_quantizer.scale.detach().clone()
     with torch.no_grad():
         assert torch.isfinite(qm(x)).all()
+    # The ranges are those of the GPTQ-rounded network: observing the same data again
+    # through these weights gives them back bit for bit...
+    calibrate_activations(qm, x, calib.act_observer, cfg.batch_size, progress=False)
+    for name, m in qm.quant_modules():
+        assert torch.equal(m.act_quantizer.scale, scales[name]), name
+    # ...and not those of round-to-nearest weights, except where no quantized layer is
+    # upstream (the first layer's input is the normed embedding either way).
+    rtn = build_quant_model(model, qcfg, x[:1])
+    CALIBRATORS.get("minmax")(CalibConfig(calibrator="minmax")).calibrate(rtn, x, progress=False)
+    rtn_scales = {name: m.act_quantizer.scale for name, m in rtn.quant_modules()}
+    first = next(iter(scales))
+    assert torch.equal(rtn_scales[first], scales[first])
+    differ = [n for n in scales if not torch.allclose(rtn_scales[n], scales[n], rtol=1e-4)]
+    assert len(differ) >= len(scales) // 2, differ
 
 
 def test_gptq_on_a_conv_net_beats_rtn():

@@ -112,7 +112,7 @@ def test_cli_flags_run_and_eval(tmp_path, capsys, monkeypatch, trained_tiny):
     assert top1 == recorded
 
 
-def test_cli_defaults_and_profile():
+def test_cli_defaults_and_profile(capsys):
     def recon(*flags):
         return config_from_args(build_parser().parse_args(["quantize", *flags])).calib.recon
 
@@ -121,7 +121,9 @@ def test_cli_defaults_and_profile():
     paper = recon("--profile", "paper")
     assert (paper.iters, paper.act_iters, paper.batch_size) == (20000, 5000, 32)
     assert recon("--profile", "paper", "--iters", "7").iters == 7
+    capsys.readouterr()
     assert main(["quantize", "--no-progress", "--drop-prob", "1.5"]) == 2
+    assert "argument --drop-prob: must be in [0.0, 1.0], got 1.5" in capsys.readouterr().err
 
 
 def test_recon_config_validation_and_dict_round_trip():
@@ -132,9 +134,17 @@ def test_recon_config_validation_and_dict_round_trip():
     assert (d.w_lr, d.a_lr, d.reg_weight, d.b_start, d.b_end, d.warmup, d.drop_prob) == (
         1e-3, 4e-5, 0.01, 20.0, 2.0, 0.2, 0.5
     )  # fmt: skip
-    for bad in ({"profile": "slow"}, {"iters": -1}, {"drop_prob": 2.0}, {"warmup": 1.0},
-                {"batch_size": 0}, {"a_lr": 0.0}, {"w_observer": "nope"}):  # fmt: skip
-        with pytest.raises(QCalibError):
+    # Each bad value fails on its own check, and the message names the flag that sets it.
+    for bad, message in (
+        ({"profile": "slow"}, r"--profile must be one of fast, paper, got 'slow'"),
+        ({"iters": -1}, r"--iters must be at least 0, got -1"),
+        ({"drop_prob": 2.0}, r"--drop-prob must be in \[0, 1\], got 2.0"),
+        ({"warmup": 1.0}, r"--warmup must be in \[0, 1\), got 1.0"),
+        ({"batch_size": 0}, r"--recon-batch-size must be at least 1, got 0"),
+        ({"a_lr": 0.0}, r"--a-lr must be positive, got 0.0"),
+        ({"w_observer": "nope"}, r"unknown observer 'nope'; choose one of: .*minmax"),
+    ):
+        with pytest.raises(QCalibError, match=message):
             ReconConfig(**bad)
 
 

@@ -163,11 +163,24 @@ def test_fused_fake_quantize_gradient_only_where_needed():
 
 
 def test_fused_fake_quantize_trainable_zero_point_uses_reference():
-    x = torch.randn(20)
-    z = torch.tensor(2.0, requires_grad=True)
-    out = fake_quantize_learnable(x, torch.tensor(0.2, requires_grad=True), z, 0, 15)
-    out.sum().backward()
-    assert z.grad is not None  # the reference formulation's zero-point gradient
+    # Inputs on both sides of the grid [0, 15] (step 0.2, zero point 2): x / s + z spans -3
+    # to 19.5. The output is s * (clamp(round(x / s) + z) - z), so the zero point's
+    # gradient is 0 inside the range and -s for every clipped element.
+    x = torch.linspace(-1.0, 3.5, 20)
+    grads = {}
+    for name, fn in (("fused", fake_quantize_learnable), ("reference", fake_quantize)):
+        xi = x.clone().requires_grad_(True)
+        s = torch.tensor(0.2, requires_grad=True)
+        z = torch.tensor(2.0, requires_grad=True)
+        out = fn(xi, s, z, 0, 15)
+        out.sum().backward()
+        grads[name] = (out.detach(), xi.grad, s.grad, z.grad)
+    q = torch.round(x / 0.2) + 2
+    clipped = int(((q < 0) | (q > 15)).sum())
+    assert 0 < clipped < x.numel()
+    assert float(grads["fused"][3]) == pytest.approx(-0.2 * clipped, rel=1e-6)
+    for got, want in zip(grads["fused"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want)
 
 
 # -- the drop ------------------------------------------------------------------------------

@@ -201,18 +201,24 @@ def test_cli_calib_files_in_and_outside_the_pool(monkeypatch, tmp_path, capsys):
     inside.write_text("pool/img1.png\npool/img3.png\n")
     outside = tmp_path / "outside.txt"
     outside.write_text("other/img0.png\nother/img1.png\n")
+    outs = {}
     for lst in (inside, outside):
         code, out, err = _run_cli(
             capsys,
             ["--data", f"imagefolder:{pool_dir}", "--calib-files", str(lst), "--json",
-             str(tmp_path / f"{lst.stem}.json")],
+             str(tmp_path / f"{lst.stem}.json"), "--score-samples", "4"],
         )  # fmt: skip
         assert code == 0, err
         assert "2 samples vs pool" in out
+        outs[lst.stem] = out
     r_in = json.loads((tmp_path / "inside.json").read_text())
     r_out = json.loads((tmp_path / "outside.json").read_text())
     assert r_in["layers"][0]["set_max"] <= r_in["layers"][0]["pool_max"]
-    assert r_out["n_set"] == 2 and r_out["n_pool"] == 5
+    assert r_in["n_set"] == 2 and r_out["n_set"] == 2 and r_out["n_pool"] == 5
+    # Files of the pool are mapped to its indices, so the set can be scored (calibrate on
+    # it, compare outputs on the pool); a separate set is only compared, never scored.
+    assert "quality score" in outs["inside"] and "score" in r_in["info"]
+    assert "quality score" not in outs["outside"] and "score" not in r_out["info"]
 
 
 def test_pool_reference_reused_for_many_sets(trained_tiny, planted):

@@ -36,8 +36,10 @@ def test_median_draw_rank_hand_cases():
     # One draw of 10: the median is the 5th largest (P(top 5) = 5/10).
     assert median_draw_rank(10, 1) == 5
     assert median_draw_rank(7, 7) == 1  # the whole pool: its own maximum
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need 1 <= n <= pool size, got n=6, pool 5"):
         median_draw_rank(5, 6)
+    with pytest.raises(ValueError, match=r"got n=0, pool 5"):
+        median_draw_rank(5, 0)
 
 
 @pytest.mark.parametrize(("pool_size", "n"), [(8, 3), (9, 2), (12, 5), (10, 1)])

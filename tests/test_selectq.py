@@ -180,6 +180,62 @@ def test_variants_run(trained_tiny, digits_pool, params):
     assert idx.numel() == 24 and idx.unique().numel() == 24
 
 
+def test_variant_options_take_effect(trained_tiny, digits_pool, monkeypatch):
+    # Each option of test_variants_run reaches the part of the method it names (a selector
+    # that accepted and ignored one would still return 24 distinct indices).
+    import qcalib.select.selectq as selectq
+
+    orders, shares = [], []
+    real_batches, real_quotas = selectq.stat_batches, selectq.allocate_quotas
+
+    def batches_spy(pool, collector, batch_size, order=None, cache=None):
+        orders.append(order)
+        return real_batches(pool, collector, batch_size, order, cache)
+
+    def quotas_spy(masses, n, share):
+        shares.append(share)
+        return real_quotas(masses, n, share)
+
+    monkeypatch.setattr(selectq, "stat_batches", batches_spy)
+    monkeypatch.setattr(selectq, "allocate_quotas", quotas_spy)
+
+    def fitted(**params):
+        orders.clear(), shares.clear()
+        sel = SelectQSelector(num_clusters=4, **params).fit(digits_pool, model=trained_tiny)
+        return sel, sel.select(24)
+
+    default, default_idx = fitted()
+    assert default.active_sites_ == ["conv1", "conv2", "fc"]
+    assert default.partition_site_ == "fc" and default._combine_idx == "mean"
+    assert torch.equal(orders[0].sort().values, torch.arange(len(digits_pool)))  # shuffled
+    assert not torch.equal(orders[0], torch.arange(len(digits_pool)))
+    assert orders[1] is None and shares == [default.min_cluster_share]
+    assert {kd.metric for kd in default.kd_.values()} == {"w2"}
+
+    sel, idx = fitted(metric="kl")
+    assert {kd.metric for kd in sel.kd_.values()} == {"kl"}
+    assert not torch.equal(idx, default_idx)
+
+    sel, _ = fitted(combine="0,-1", partition_layer="conv2")
+    assert sel.partition_site_ == "conv2" and sel._combine_idx == [0, 2]
+
+    sel, _ = fitted(stats="mean", layers="conv2,fc", shuffle=False)
+    assert sel.active_sites_ == ["conv2", "fc"] and sel._collector.stats == "mean"
+    assert orders == [None, None]  # pass 1 in pool order
+    # mean-only rows: the sigma half of every row is zero
+    assert all(float(km.cluster_centers_[:, km.cluster_centers_.shape[1] // 2 :].abs().max()) == 0
+               for km in sel.kmeans_.values())  # fmt: skip
+
+    sel, _ = fitted(min_cluster_share=0.0, decay=0.9, n_init=1)
+    assert shares == [0.0]
+    assert {(km.decay, km.n_init) for km in sel.kmeans_.values()} == {(0.9, 1)}
+    assert {(km.decay, km.n_init) for km in default.kmeans_.values()} != {(0.9, 1)}
+
+    sel, idx = fitted(within="stratified", trim=0.2)
+    assert sel.selection_["within"] == "stratified" and sel.trim == 0.2
+    assert not torch.equal(idx, default_idx)
+
+
 def test_planted_outliers_are_never_selected():
     g = torch.Generator().manual_seed(0)
     n_pool, n = 400, 40

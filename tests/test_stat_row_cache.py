@@ -89,12 +89,23 @@ def test_token_pool_cached_selection_equals_uncached(tmp_path):
     model = tiny_llama(tok)
     path = write_lines(tmp_path / "d.txt", sentences(40, seed=2))
     text_pool = load_text_pool(path, tok, TextConfig(seq_len=8, mode="doc", eval_fraction=0.0))
+    embed = next(m for m in model.modules() if isinstance(m, nn.Embedding))
+    counted: list[int] = []
+    embed.register_forward_pre_hook(lambda _m, a: counted.append(a[0].shape[0]))
     cache = StatRowCache()
     params = {"num_clusters": 2, "batch_size": 8, "init_size": 8}
+    uncached = cached = 0
     for seed in (0, 1):
+        counted.clear()
         a = _select(model, text_pool, "selectq", params, seed, 6, None)
+        uncached += sum(counted)
+        counted.clear()
         b = _select(model, text_pool, "selectq", params, seed, 6, cache)
+        cached += sum(counted)
         assert torch.equal(a, b)
+    # Uncached: two passes per selection; cached: the pool once (plus one-sample probes).
+    assert uncached >= 4 * len(text_pool)
+    assert len(text_pool) <= cached <= len(text_pool) + 4
 
 
 def test_rows_on_disk_serve_a_new_process_and_survive_a_crashed_pass(pool, tmp_path):
