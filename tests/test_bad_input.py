@@ -134,7 +134,9 @@ def test_unreadable_images_are_skipped_with_a_count(folder_with_bad_files, caplo
     assert pool.get(list(range(4))).shape == (4, 3, 224, 224)
 
 
-def test_unreadable_images_flag_is_typed_and_reaches_the_run(folder_with_bad_files, capsys):
+def test_unreadable_images_flag_is_typed_and_reaches_the_run(
+    folder_with_bad_files, capsys, monkeypatch
+):
     err = _one_line_error(capsys, "quantize", "--unreadable-images", "ignore")
     assert "--unreadable-images" in err and "'error', 'skip'" in err
     with pytest.raises(QCalibError, match="--unreadable-images must be one of error, skip"):
@@ -148,6 +150,16 @@ def test_unreadable_images_flag_is_typed_and_reaches_the_run(folder_with_bad_fil
     bench = Workbench(model, spec, eval_data="none", unreadable_images="skip")
     _, result = quantize(cfg, bench, progress=False)
     assert result.calib_indices == [0, 1, 2, 3]
+    # From the config alone (the CLI's path): "skip" leaves the 4 readable images in the
+    # pool, the default "error" stops at the first unreadable one a full pass reads.
+    import qcalib.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *_a, **_k: model)
+    _, result = quantize(cfg, progress=False)
+    assert result.calib_indices == [0, 1, 2, 3]
+    strict = RunConfig(model="api", data=spec, eval_data="none", calib=CalibConfig(num_calib=6))
+    with pytest.raises(QCalibError, match=r"cannot read image .*--unreadable-images"):
+        quantize(strict, progress=False)
 
 
 def test_a_folder_of_only_unreadable_images_is_an_error(tmp_path):

@@ -79,7 +79,12 @@ FLAG_EXAMPLES = {
     "--cl-loss": (["--contrastive"], "infonce", "infonce"),
     "--cl-critic": (["--contrastive"], "full", "full"),
     "--cl-tail-blocks": (["--contrastive"], "2", 2),
+    "--cl-schedule": (["--contrastive"], "fade", "fade"),
+    "--preprocess": ([], "imagenet", "imagenet"),
+    "--unreadable-images": ([], "skip", "skip"),
 }
+# Checked by their own tests (a key=value list; the run directory, not a RunConfig field).
+OWN_TESTS = {"--selector-param", "--out"}
 NOT_CONFIG = {"--no-progress", "--overwrite", "-h"}  # properties of the invocation
 
 
@@ -97,6 +102,9 @@ def _quantize_flags() -> set[str]:
 
 def test_every_quantize_flag_has_a_key_and_is_documented():
     assert _quantize_flags() - NOT_CONFIG == set(FLAG_KEYS)
+    # ...and an example that shows flag and key give the same config (a new flag added
+    # without one fails here, not silently)
+    assert set(FLAG_EXAMPLES) | OWN_TESTS == set(FLAG_KEYS)
     for flag, key in FLAG_KEYS.items():
         assert f"``{flag}" in config_file.__doc__ and f"``{key}" in config_file.__doc__, flag
 

@@ -217,3 +217,44 @@ def test_cli_file_pool_without_eval_data_is_one_line_error(image_data, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("qcalib: error:") and "--eval-data none" in err and "\n" not in err
+
+
+def test_grid_options_reach_the_quantizers_and_the_model(trained_tiny):
+    # Each QuantConfig / CalibConfig option changes what is built, not only the config:
+    # symmetric grids, per-tensor weights, BN left unfolded, the percentile.
+    from torch import nn
+
+    from qcalib.calibrate import CALIBRATORS
+    from qcalib.pipeline import build_quant_model
+
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    default = build_quant_model(trained_tiny, QuantConfig(4, 4, first_last_bits=None), x[:1])
+    changed = build_quant_model(
+        trained_tiny,
+        QuantConfig(
+            4,
+            4,
+            w_symmetric=True,
+            a_symmetric=True,
+            w_per_channel=False,
+            fold_bn=False,
+            first_last_bits=None,
+        ),  # fmt: skip
+        x[:1],
+    )
+    for q, on in ((default, False), (changed, True)):
+        mods = dict(q.quant_modules())
+        assert len(mods) == 3
+        for m in mods.values():
+            assert m.weight_quantizer.spec.symmetric is on and m.act_quantizer.spec.symmetric is on
+            assert m.weight_quantizer.spec.per_channel is not on
+        assert any(isinstance(m, nn.BatchNorm2d) for m in q.model.modules()) is on
+    scales = {}
+    for pct in (90.0, 100.0):
+        q = build_quant_model(trained_tiny, QuantConfig(8, 8, first_last_bits=None), x[:1])
+        cfg = CalibConfig(calibrator="percentile", percentile=pct)
+        CALIBRATORS.get("percentile")(cfg).calibrate(q, x, progress=False)
+        scales[pct] = [float(m.act_quantizer.scale) for _, m in q.quant_modules()]
+    # A lower percentile clips more: no range wider, and the wide-tailed inputs narrower.
+    assert all(a <= b for a, b in zip(scales[90.0], scales[100.0], strict=True))
+    assert any(a < 0.9 * b for a, b in zip(scales[90.0], scales[100.0], strict=True))

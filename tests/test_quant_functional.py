@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -38,9 +40,10 @@ def test_qrange(bits, symmetric, expected):
 
 @pytest.mark.parametrize("bits", [0, 1, 9, 16, -4, 4.0, "8", None])
 def test_bits_outside_2_to_8_raise(bits):
-    with pytest.raises(QCalibError, match="bits"):
+    message = rf"bits must be an integer from 2 to 8, got {re.escape(repr(bits))}"
+    with pytest.raises(QCalibError, match=message):
         check_bits(bits)
-    with pytest.raises(QCalibError):
+    with pytest.raises(QCalibError, match=message):
         QuantSpec(bits=bits)
 
 

@@ -130,6 +130,13 @@ def test_half_precision_input(name):
     scale, zp = feed(make_observer(name), x).calculate_qparams(A8)
     assert scale.dtype == torch.float32 and scale.dim() == 0
     assert 0 < scale.item() <= 4 / 255 + 1e-6
+    # not collapsed by the half input: the range [-2, 2] is read (min-max exactly: step
+    # 4/255, zero point round(2 / step) = 127, as float32's step makes that 127.49999;
+    # the clipping observers keep most of the range)
+    if name == "minmax":
+        assert scale.item() == pytest.approx(4 / 255, rel=1e-6) and int(zp) == 127
+    else:
+        assert scale.item() >= 0.5 * 4 / 255
 
 
 @pytest.mark.parametrize("name", ALL)

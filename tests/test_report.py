@@ -109,6 +109,11 @@ def test_run_writes_one_directory_per_seed_with_config_and_log(experiment):
         assert saved["seed"] == seed and "seeds" not in saved and "out" not in saved
         stats = json.loads((run / "layer_stats.json").read_text())["layers"]
         assert len(stats) == 22 and all(r["output_sqnr_db"] is not None for r in stats)
+        # diagnostics.samples = 48 reached the projection: 48 pool samples plus the set
+        proj = json.loads((run / "pool_projection.json").read_text())
+        assert 48 <= len(proj["indices"]) <= 48 + 8 and sum(proj["selected"]) == 8
+        assert set(result["calib_indices"]) <= set(proj["indices"])
+        assert proj["pool_size"] > 1000  # the digits pool, far more than was projected
     indices = [json.loads((out / f"seed-{s}" / "calib_indices.json").read_text()) for s in (0, 1)]
     assert indices[0] != indices[1]
     log = (out / "qcalib.log").read_text()
