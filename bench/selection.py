@@ -669,7 +669,7 @@ def target_rows(r: Runner, rows: list[dict]) -> tuple[list[dict], list[dict]]:
         if x["selector"] != "selectq":
             continue
         rnd = idx.get((x["model"], x["calibrator"], x["wbits"], x["abits"], x["n"], "random"))
-        if rnd and mean_std(x["accs"])[0] < mean_std(rnd["accs"])[0] - 0.5:
+        if rnd and statistics.fmean(x["accs"]) < statistics.fmean(rnd["accs"]) - 0.5:
             shortfalls.append({
                 "model": x["model"], "calibrator": x["calibrator"], "bits": x["bits"],
                 "n": x["n"], "selectq_mean": x["mean"], "random_mean": rnd["mean"],

@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from qcalib.artifact import load_run
+from qcalib.calibrate import CALIBRATORS
 from qcalib.cli import main
 from qcalib.config import CalibConfig, QuantConfig, RunConfig, SelectConfig
 from qcalib.errors import QCalibError
-from qcalib.pipeline import Workbench, quantize
+from qcalib.pipeline import Workbench, build_quant_model, quantize
 from qcalib.select import SELECTORS
 
 
@@ -222,11 +224,6 @@ def test_cli_file_pool_without_eval_data_is_one_line_error(image_data, capsys):
 def test_grid_options_reach_the_quantizers_and_the_model(trained_tiny):
     # Each QuantConfig / CalibConfig option changes what is built, not only the config:
     # symmetric grids, per-tensor weights, BN left unfolded, the percentile.
-    from torch import nn
-
-    from qcalib.calibrate import CALIBRATORS
-    from qcalib.pipeline import build_quant_model
-
     x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     default = build_quant_model(trained_tiny, QuantConfig(4, 4, first_last_bits=None), x[:1])
     changed = build_quant_model(

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from qcalib.artifact import layer_table
 from qcalib.calibrate import CALIBRATORS
 from qcalib.config import CalibConfig, QuantConfig, ReconConfig
 from qcalib.errors import QCalibError
@@ -90,8 +91,6 @@ def test_grouped_model_calibrates_and_reloads_exactly(calibrator):
     fresh = build_quant_model(model, cfg, x[:1])
     fresh.load_state_dict(qm.state_dict())
     assert torch.equal(fresh(x), qm(x))
-    from qcalib.artifact import layer_table
-
     assert [r["w_group_size"] for r in layer_table(qm)] == [4, 4]
 
 
@@ -138,8 +137,6 @@ def test_dynamic_model_needs_no_activation_calibration_and_is_recorded():
     qm.set_quant_state(weight=True, act=True)
     assert not torch.equal(no_act, qm(x))
     # "recorded": the artifact's layer table says the activations are per-token dynamic.
-    from qcalib.artifact import layer_table
-
     rows = layer_table(qm)
     assert len(rows) == 2 and all(r["a_dynamic"] is True and r["abits"] == 8 for r in rows)
     with pytest.raises(QCalibError, match="--a-dynamic"):

@@ -200,7 +200,8 @@ def test_variant_options_take_effect(trained_tiny, digits_pool, monkeypatch):
     monkeypatch.setattr(selectq, "allocate_quotas", quotas_spy)
 
     def fitted(**params):
-        orders.clear(), shares.clear()
+        orders.clear()
+        shares.clear()
         sel = SelectQSelector(num_clusters=4, **params).fit(digits_pool, model=trained_tiny)
         return sel, sel.select(24)
 
