@@ -38,8 +38,11 @@ activations - not on the calibrator or the bits, so every selected set is comput
 and cached with its selection time, peak RSS and mismatch score in
 ``results/<grid>.indices.jsonl``; quantization cells get the indices from there. One
 fitted selector serves every n in a process (SelectQ's pass 1 is shared, pass 2 runs
-per n). Random rows come from ``results/baseline.cells.jsonl`` (same cell keys); only
-random cells missing there run here.
+per n; with ``--row-cache``, on under ``--check``, pass 1's statistic rows stay in memory,
+so pass 2 and the other rules' passes forward nothing: the same sets up to the float
+rounding of rows computed in other batches, but their recorded times are then no
+selection costs). Random rows come from ``results/baseline.cells.jsonl`` (same cell
+keys); only random cells missing there run here.
 
 Outputs in ``results/``: ``selection.{json,md}`` (the grid), ``selection-targets``
 (the issue's targets), ``selection-cost``, ``selection-ablation``; the JSONL stores
@@ -97,6 +100,7 @@ from qcalib.select.quality import (
     pool_reference,
 )
 from qcalib.select.selectq import AUTO_WITHIN
+from qcalib.select.stats import StatRowCache
 from qcalib.zoo.external import load_model
 
 MODELS = ("zoo:fmnist-resnet20", "zoo:fmnist-mobilenetv2")
@@ -228,6 +232,8 @@ class Runner:
                 b.pool, b.test_set = carve_validation(b.pool, self.args.val_split)
             if self.args.pool_size:
                 b.pool = subset_pool(b.pool, self.args.pool_size)
+            if self.args.row_cache:
+                b.stat_rows = StatRowCache()
             if self.args.test_size and self.args.test_size < len(b.test_set):
                 assert not self.args.val_split, "--test-size and --val-split exclude each other"
                 ts = b.test_set
@@ -276,6 +282,7 @@ class Runner:
             # Issue-3 sections name no rule: theirs is the old default, nearest.
             build = {"within": "nearest", **params} if selector == "selectq" else params
             sel = SELECTORS.get(selector)(seed=seed, **build)
+            sel.row_cache = b.stat_rows
             with Measure() as m:
                 sel.fit(b.pool, model=b.model)
             self.fitted[fkey] = (sel, m.seconds, m.peak_rss_mb)
@@ -293,6 +300,9 @@ class Runner:
             "select_s": round(m.seconds, 3),
             "total_s": round(fit_s + m.seconds, 3),
             "fit_reused": not fresh,
+            # Cached statistic rows make fit_s / select_s the cost of the passes that
+            # still forwarded: not a selection cost to quote.
+            "row_cache": b.stat_rows is not None,
             "peak_rss_mb": round(max(fit_rss, m.peak_rss_mb), 1),
             "pool": len(b.pool),
             "mismatch": report.average,
@@ -1070,6 +1080,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-split", type=int, default=0,
                    help="evaluate on this many training images carved out of the pool "
                         "(issue 12's validation split; 0: the test set)")  # fmt: skip
+    p.add_argument("--row-cache", action="store_true",
+                   help="keep each model's SelectQ statistic rows in memory "
+                        "(StatRowCache, N x sum 2C floats): pass 2 and a second rule or n "
+                        "forward nothing. Same sets; their fit/select times are then not "
+                        "selection costs (on with --check; never for --sections cost)")  # fmt: skip
     p.add_argument("--score-samples", type=int, default=512,
                    help="pool samples of the aware section's calibration_score")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
@@ -1107,6 +1122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "and --val-split"
             )
         args.grid, args.models, args.sections = f"{GRID}-check", [CHECK_MODEL], ["aware"]
+        args.row_cache = True  # an accuracy check: its selection times are not quoted
         args.no_baseline = True  # the baseline store has no random cells of this model
     if args.smoke:
         args.grid, args.bits, args.ns = f"{GRID}-smoke", [[4, 4]], [32]
