@@ -1136,7 +1136,10 @@ def main(argv: list[str] | None = None) -> int:
             "better); `ppls`: the per-seed perplexities in seed order (seeds in the JSON). "
             "wall_s = calibrate + evaluate per cell (selection is cached per "
             "selector/seed/n and timed in `llm.indices.jsonl`); cells ran on a shared "
-            "2-core CPU (load averages in the cells). Protocol: see the runner's docstring."
+            "2-core CPU (load averages in the cells). Protocol: see the runner's docstring. "
+            "The selection pass's cost as a ratio to one plain FP forward over the pool, "
+            "and GPTQ's against one over its calibration set (per layer type): "
+            f"`{GRID}-selection-cost.md` (`--section selection-cost`)."
         ),
         extra=[
             (SELECTQ_HEADING, selectq_vs_random(rows), SELECTQ_COLUMNS),

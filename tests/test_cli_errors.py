@@ -19,6 +19,7 @@ from qcalib.cli import build_parser, main
 FREE_FORM = {
     "--model", "--weights", "--data", "--data-root", "--eval-data", "--out", "--work-dir",
     "--run", "--indices", "--calib-files", "--layers", "--json", "run", "--text-field",
+    "--token-dir",
     "config", "runs",
 }  # fmt: skip
 BUILTIN_BAD = {int: ("x", "1.5"), float: ("x",)}

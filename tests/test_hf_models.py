@@ -23,7 +23,7 @@ from qcalib.data.tokens import pack_tokens  # noqa: E402
 from qcalib.errors import QCalibError  # noqa: E402
 from qcalib.model import QuantModel, partition_blocks, quantize_model  # noqa: E402
 from qcalib.model.qmodules import QuantConv1D, QuantCustomForward, QuantLinear  # noqa: E402
-from qcalib.model.wrap import quant_coverage  # noqa: E402
+from qcalib.model.wrap import quant_coverage, quantize_embeddings  # noqa: E402
 from qcalib.pipeline import build_quant_model  # noqa: E402
 from qcalib.quant import QuantSpec  # noqa: E402
 from qcalib.quant.functional import fake_quantize  # noqa: E402
@@ -144,6 +144,17 @@ def test_loader_errors(tmp_path, monkeypatch) -> None:
     (bad / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
     with pytest.raises(QCalibError, match="cannot read the config of"):
         load_hf_text_model(bad)
+    # Through `--model hf:DIR` (load_model): a local folder is never sent to the hub advice.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(QCalibError, match=r"no config\.json.*save_pretrained") as info:
+        load_model(f"hf:{empty}")
+    assert "\n" not in str(info.value)
+    with pytest.raises(QCalibError, match=r"cannot load .*bad.*save_pretrained") as info:
+        load_model(f"hf:{bad}")
+    assert "huggingface-cli" not in str(info.value)
+    with pytest.raises(QCalibError, match=r"huggingface-cli download no-such/model"):
+        load_model("hf:no-such/model")
     gguf_file = tmp_path / "m.gguf"
     gguf_file.write_bytes(b"GGUF")
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
@@ -218,6 +229,54 @@ def test_lm_head_bits_quantizes_the_head_only() -> None:
     )
     with pytest.raises(QCalibError, match="--lm-head-bits"):
         QuantConfig(lm_head_bits=1)
+
+
+def test_embedding_bits_rounds_each_row_on_its_own_grid_by_hand() -> None:
+    table = nn.Embedding(2, 4)
+    with torch.no_grad():
+        table.weight.copy_(torch.tensor([[-1.0, 0.0, 0.5, 3.0], [0.1, 0.2, 0.3, 0.4]]))
+    holder = nn.Sequential(table)
+    assert quantize_embeddings(holder, 2) == ("0",)
+    # Row 0 at 2 bits: range [-1, 3], step 4/3, zero point 1: grid {-4/3, 0, 4/3, 8/3}.
+    # Row 1: range widened to [0, 0.4] (zero stays exact), step 0.4/3.
+    step = 0.4 / 3
+    want = torch.tensor([[-4 / 3, 0.0, 0.0, 8 / 3], [step, 2 * step, 2 * step, 3 * step]])
+    torch.testing.assert_close(table.weight, want)
+    assert not table.weight.requires_grad
+
+
+def test_embedding_bits_rounds_the_tables_and_unties_a_float_head() -> None:
+    lm = tiny_llama()
+    lm.lm_head.weight = lm.model.embed_tokens.weight  # tied, as in SmolLM2
+    model = HFCausalLM(lm)
+    fp_table = lm.model.embed_tokens.weight.detach().clone()
+    x = tokens(2, 8)
+    with torch.no_grad():
+        fp = model(x)
+    q = wrap(model, embedding_bits=4)
+    table = q.model.get_submodule("model.model.embed_tokens").weight
+    head = q.model.get_submodule("model.lm_head")
+    assert q.quantized_embeddings == {"model.model.embed_tokens": 4}
+    assert quant_coverage(q)["quantized_embeddings"] == {"model.model.embed_tokens": 4}
+    assert torch.equal(head.weight, fp_table)  # the float head kept the float weights
+    assert torch.equal(lm.model.embed_tokens.weight, fp_table)  # the input model untouched
+    assert not torch.equal(table, fp_table)
+    assert max(len(torch.unique(row)) for row in table) <= 16
+    step = (fp_table.amax(1).clamp_min(0) - fp_table.amin(1).clamp_max(0)) / 15
+    assert ((table - fp_table).abs() <= step[:, None] / 2 + 1e-6).all()
+    with torch.no_grad():
+        q.set_quant_state(False, False)  # the rounding is part of the model, not a switch
+        out = q(x)
+    assert not torch.equal(out, fp) and cosine(out, fp) > 0.98
+    bert = wrap(HFEncoder(tiny_bert()), embedding_bits=8)
+    assert sorted(bert.quantized_embeddings) == [
+        "model.embeddings.position_embeddings", "model.embeddings.token_type_embeddings",
+        "model.embeddings.word_embeddings",
+    ]  # fmt: skip
+    with pytest.raises(QCalibError, match="--embedding-bits applies to text models"):
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), W8, A8, embedding_bits=8)
+    with pytest.raises(QCalibError, match="--embedding-bits"):
+        QuantConfig(embedding_bits=1)
 
 
 def test_quant_conv1d_matches_gpt2_conv1d_per_output_channel() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qcalib.artifact import load_run
 from qcalib.cli import build_parser, config_from_args
@@ -57,6 +58,37 @@ def test_causal_lm_run_reports_perplexity_and_saves(corpus, tmp_path):
     cfg2, qmodel2, _ = load_run(tmp_path / "run", model=tiny_llama(tok))
     assert cfg2 == cfg
     assert perplexity(qmodel2, bench.test_set, 4)[0] == pytest.approx(res.quant_metric)
+
+
+def tied_llama(tok):  # noqa: ANN001, ANN201
+    model = tiny_llama(tok)
+    model.model.lm_head.weight = model.model.model.embed_tokens.weight  # as in SmolLM2
+    return model
+
+
+def test_embedding_bits_and_token_dir_run_saves_and_reloads(corpus, tmp_path):
+    from dataclasses import replace
+
+    import numpy as np
+
+    tok = tiny_tokenizer(bos=True)
+    text = replace(TEXT, token_dir=str(tmp_path / "tokens"))
+    bench = Workbench(tied_llama(tok), f"text:{corpus}", eval_batch_size=4, text=text)
+    assert isinstance(bench.pool.dataset.tokens, np.memmap)
+    plain = Workbench(tied_llama(tok), f"text:{corpus}", eval_batch_size=4, text=TEXT)
+    assert torch.equal(bench.pool.get(list(range(len(plain.pool)))),
+                       plain.pool.get(list(range(len(plain.pool)))))  # fmt: skip
+    cfg = replace(run_config(corpus), quant=QuantConfig(wbits=8, abits=8, embedding_bits=4),
+                  text=text)  # fmt: skip
+    qmodel, res = quantize(cfg, bench=bench, out=tmp_path / "run", progress=False)
+    assert qmodel.quantized_embeddings == {"model.model.embed_tokens": 4}
+    base, base_res = quantize(run_config(corpus), bench=plain, progress=False)
+    assert res.quant_metric != base_res.quant_metric  # the 4-bit table changes the model
+    cfg2, qmodel2, _ = load_run(tmp_path / "run", model=tied_llama(tok))
+    assert cfg2 == cfg and cfg2.quant.embedding_bits == 4
+    assert perplexity(qmodel2, bench.test_set, 4)[0] == pytest.approx(res.quant_metric)
+    assert torch.equal(qmodel2.model.get_submodule("model.model.embed_tokens").weight,
+                       qmodel.model.get_submodule("model.model.embed_tokens").weight)  # fmt: skip
 
 
 def test_selectq_on_a_text_pool(corpus):

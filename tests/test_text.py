@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -90,6 +91,113 @@ def test_jsonl_json_and_folder_documents(tmp_path):
     (folder / "sub" / "a.txt").write_text("fish swam")
     (folder / "c.md").write_text("ignored")
     assert list(iter_documents(folder)) == ["bird sang\nin tree", "fish swam"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json-dict", "json-list", "folder"])
+def test_every_format_tokenizes_to_the_pool_of_the_same_text_file(tmp_path, fmt):
+    docs = ["the cat sat", "on the mat", "dog ran to the park", "bird sang"]
+    reference = write_lines(tmp_path / "ref.txt", docs)
+    if fmt == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    elif fmt == "json-dict":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps({f"k{i}": {"body": d} for i, d in enumerate(docs)}))
+    elif fmt == "json-list":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps([{"body": d} for d in docs]))
+    else:
+        path = tmp_path / "docs"
+        path.mkdir()
+        for i, d in enumerate(docs):
+            (path / f"{i:02d}.txt").write_text(d)
+    tok = tiny_tokenizer(bos=True)
+    for mode in ("chunk", "doc"):
+        cfg = TextConfig(seq_len=3, mode=mode, field="body", eval_fraction=0.25)
+        for split in ("train", "test"):
+            want = all_samples(load_text_pool(reference, tok, cfg, split))
+            assert torch.equal(all_samples(load_text_pool(path, tok, cfg, split)), want)
+
+
+class CountingTokenizer:
+    """A tokenizer that counts its calls (and can fail after ``fail_after`` of them)."""
+
+    def __init__(self, inner, fail_after: int | None = None) -> None:  # noqa: ANN001
+        self.inner, self.calls, self.fail_after = inner, 0, fail_after
+        for name in ("eos_token_id", "sep_token_id", "pad_token_id", "name_or_path"):
+            setattr(self, name, getattr(inner, name))
+
+    def get_vocab(self) -> dict:
+        return self.inner.get_vocab()
+
+    def __call__(self, text, **kwargs):  # noqa: ANN001, ANN003, ANN204
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise OSError(28, "No space left on device")
+        self.calls += 1
+        return self.inner(text, **kwargs)
+
+
+def test_token_dir_memory_maps_the_same_samples_in_chunks_and_a_rerun_reuses_them(
+    tmp_path, monkeypatch
+):
+    import numpy as np
+
+    from qcalib.data import text as text_module
+
+    monkeypatch.setattr(text_module, "FLUSH_TOKENS", 4)  # many chunks from a small text
+    docs = [
+        "the cat sat on the mat",
+        "dog ran",
+        "bird sang in the tree",
+        "fish swam",
+        "sun rose over the hill",
+    ]
+    path = write_lines(tmp_path / "d.txt", docs)
+    store = tmp_path / "tokens"
+    for mode in ("chunk", "doc"):
+        plain = TextConfig(seq_len=3, mode=mode, eval_fraction=0.4)
+        mapped = TextConfig(seq_len=3, mode=mode, eval_fraction=0.4, token_dir=str(store))
+        for split in ("train", "test"):
+            tok = CountingTokenizer(tiny_tokenizer(bos=True))
+            want = load_text_pool(path, tok, plain, split).dataset
+            first = load_text_pool(path, tok, mapped, split).dataset
+            assert isinstance(first.tokens, np.memmap)
+            assert first.tokens.tolist() == want.tokens.tolist()
+            assert first.offsets.tolist() == want.offsets.tolist()
+            assert torch.equal(all_samples(load_text_pool(path, tok, mapped, split)),
+                               torch.stack([want[i] for i in range(len(want))]))  # fmt: skip
+            calls = tok.calls
+            again = CountingTokenizer(tiny_tokenizer(bos=True))
+            reused = load_text_pool(path, again, mapped, split).dataset
+            assert again.calls == 0 and reused.tokens.tolist() == want.tokens.tolist()
+            assert calls == 2 * len(want.offsets) - 2  # plain + first mapped load only
+    files = sorted(p.name for p in store.rglob("*") if p.is_file())
+    assert files == sorted(["key.json", "offsets.npy", "tokens.int32"] * 4)  # 2 modes x 2 splits
+    # The text changes: its size and time are in the key, so it is tokenized again.
+    write_lines(path, [*docs, "rain fell on the park"])
+    tok = CountingTokenizer(tiny_tokenizer(bos=True))
+    cfg = TextConfig(seq_len=3, eval_fraction=0.2, token_dir=str(store))
+    fresh = load_text_pool(path, tok, cfg, "train").dataset
+    assert tok.calls > 0
+    assert fresh.tokens.tolist() == load_text_pool(path, tok, replace(cfg, token_dir=None),
+                                                   "train").dataset.tokens.tolist()  # fmt: skip
+
+
+def test_token_dir_failure_leaves_no_half_file_and_names_the_fix(tmp_path):
+    path = write_lines(tmp_path / "d.txt", ["the cat sat", "dog ran", "bird sang", "fish swam"])
+    store = tmp_path / "tokens"
+    cfg = TextConfig(seq_len=2, eval_fraction=0.0, token_dir=str(store))
+    failing = CountingTokenizer(tiny_tokenizer(), fail_after=2)
+    with pytest.raises(QCalibError, match=r"cannot write the token file .*--token-dir"):
+        load_text_pool(path, failing, cfg)
+    assert [p.name for p in store.rglob("*") if p.is_file()] == []
+    pool = load_text_pool(path, tiny_tokenizer(), cfg)  # the rerun starts clean
+    assert (
+        pool.dataset.tokens.tolist()
+        == load_text_pool(
+            path, tiny_tokenizer(), replace(cfg, token_dir=None)
+        ).dataset.tokens.tolist()
+    )
 
 
 def test_reader_errors_name_the_fix(tmp_path):

@@ -138,6 +138,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
             a_symmetric=args.a_symmetric,
             first_last_bits=flb,
             lm_head_bits=args.lm_head_bits,
+            embedding_bits=args.embedding_bits,
             fold_bn=not args.no_fold_bn,
             allow_float_layers=args.allow_float_layers,
             group_size=args.group_size,
@@ -165,7 +166,12 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
         eval_batch_size=args.eval_batch_size,
         device=args.device,
         eval_data=args.eval_data,
-        text=TextConfig(seq_len=args.seq_len, mode=args.text_mode, field=args.text_field),
+        text=TextConfig(
+            seq_len=args.seq_len,
+            mode=args.text_mode,
+            field=args.text_field,
+            token_dir=args.token_dir,
+        ),  # fmt: skip
         preprocess=getattr(args, "preprocess", "auto"),
         unreadable_images=getattr(args, "unreadable_images", "error"),
     )
@@ -324,6 +330,10 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
                         "one padded sample per document")  # fmt: skip
     g.add_argument("--text-field", default="text",
                    help="text field of .json/.jsonl documents (e.g. extract)")  # fmt: skip
+    g.add_argument("--token-dir", default=None, metavar="DIR",
+                   help="write the token ids to a memory-mapped file under DIR instead of "
+                        "RAM (a pool larger than memory); a rerun on the same text reuses "
+                        "it")  # fmt: skip
     g = q.add_argument_group("quantization")
     g.add_argument("--wbits", type=argtypes.bits, default=4)
     g.add_argument("--abits", type=argtypes.act_bits, default=4,
@@ -345,6 +355,9 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
                         "like the rest (default 8); text models ignore it")  # fmt: skip
     g.add_argument("--lm-head-bits", type=argtypes.bits, default=None,
                    help="text models: bits of lm_head (default: float)")  # fmt: skip
+    g.add_argument("--embedding-bits", type=argtypes.bits, default=None,
+                   help="text models: bits of the embedding tables, per row, round to "
+                        "nearest (default: float)")  # fmt: skip
     g.add_argument("--allow-float-layers", action="store_true",
                    help="quantize the rest when over 5%% of the conv/linear-like weights "
                         "have no quantized twin (default: refuse)")  # fmt: skip

@@ -42,9 +42,11 @@ class QuantConfig:
     # None quantizes them like every other layer.
     # Text models (HF causal LMs / encoders) ignore first_last_bits: their attention and MLP
     # linears are all quantized alike and the output head (lm_head) stays float unless
-    # lm_head_bits gives its width (weights and input); token embeddings stay float.
+    # lm_head_bits gives its width (weights and input); the embedding tables stay float
+    # unless embedding_bits rounds them (per row, weight only; model/wrap.py).
     first_last_bits: int | None = 8
     lm_head_bits: int | None = None
+    embedding_bits: int | None = None
     fold_bn: bool = True
     # quantize_model refuses a model whose conv/linear-like weights stay float beyond 5%
     # (no quantized twin: Conv1d, MultiheadAttention, ...); True quantizes the rest anyway.
@@ -67,7 +69,7 @@ class QuantConfig:
                     if name == "abits"
                     else f"--{name}: {e}"
                 ) from None
-        for name in ("first_last_bits", "lm_head_bits"):
+        for name in ("first_last_bits", "lm_head_bits", "embedding_bits"):
             if getattr(self, name) is not None:
                 try:
                     check_bits(getattr(self, name))
@@ -315,6 +317,8 @@ class TextConfig:
     text entry of JSON / JSONL documents. The held-out split (perplexity / embedding
     evaluation) is ``eval_fraction`` of the documents, at most ``eval_max_docs``, drawn
     with ``split_seed``; ``eval_max_tokens`` caps the tokens scored (None: all windows).
+    ``token_dir`` (optional) keeps the token ids in a memory-mapped file there instead of
+    RAM, reused by later runs on the same text (a pool larger than memory).
     """
 
     seq_len: int = 512
@@ -324,6 +328,7 @@ class TextConfig:
     eval_max_docs: int | None = 1000
     eval_max_tokens: int | None = None
     split_seed: int = 0
+    token_dir: str | None = None
 
     def __post_init__(self) -> None:
         checks = (

@@ -39,6 +39,7 @@ flag                        YAML key
 ``--seq-len``               ``text.seq_len``
 ``--text-mode``             ``text.mode``
 ``--text-field``            ``text.field``
+``--token-dir``             ``text.token_dir``
 ``--wbits``                 ``quant.wbits``
 ``--abits``                 ``quant.abits`` (``null`` or 16: float activations)
 ``--group-size``            ``quant.group_size``
@@ -49,6 +50,7 @@ flag                        YAML key
 ``--per-tensor-weights``    ``quant.w_per_channel: false``
 ``--first-last-bits``       ``quant.first_last_bits`` (``null`` for ``same``)
 ``--lm-head-bits``          ``quant.lm_head_bits``
+``--embedding-bits``        ``quant.embedding_bits``
 ``--allow-float-layers``    ``quant.allow_float_layers: true``
 ``--no-fold-bn``            ``quant.fold_bn: false``
 ``--calibrator``            ``calib.calibrator``
@@ -127,6 +129,7 @@ FLAG_KEYS: dict[str, str] = {
     "--seq-len": "text.seq_len",
     "--text-mode": "text.mode",
     "--text-field": "text.field",
+    "--token-dir": "text.token_dir",
     "--wbits": "quant.wbits",
     "--abits": "quant.abits",
     "--group-size": "quant.group_size",
@@ -137,6 +140,7 @@ FLAG_KEYS: dict[str, str] = {
     "--per-tensor-weights": "quant.w_per_channel",
     "--first-last-bits": "quant.first_last_bits",
     "--lm-head-bits": "quant.lm_head_bits",
+    "--embedding-bits": "quant.embedding_bits",
     "--allow-float-layers": "quant.allow_float_layers",
     "--no-fold-bn": "quant.fold_bn",
     "--calibrator": "calib.calibrator",

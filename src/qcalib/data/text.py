@@ -24,9 +24,15 @@ Tokenization (the model's own tokenizer) and the two sample layouts (``--text-mo
 
 Memory (our choice): documents are read and tokenized one at a time; only their ids are
 kept, in one compact int32 array (4 bytes a token, e.g. 4 GB for 10^9 tokens) plus an int64
-offset per document; the ``[2, seq_len]`` samples are cut from it on access. The JSON
-formats are parsed whole by :mod:`json` (their structure needs it); ``.txt``, ``.jsonl``
-and folders stream. A memory-mapped token file would lift the RAM bound; not done yet.
+offset per document; the ``[2, seq_len]`` samples are cut from it on access. With
+``TextConfig.token_dir`` (``--token-dir DIR``) the ids go to a file under ``DIR`` in
+chunks of about a million tokens as they are made, and the pool memory-maps it, so a
+pool larger than RAM works: only the offsets (8 bytes a document) stay in memory. The
+file is keyed by the text (path, size, modification time), the split, the layout and
+the tokenizer's vocabulary, and written under a temporary name first, so a rerun on the
+same text reuses it without tokenizing again and a crash never leaves a half file to be
+read. The JSON formats are parsed whole by :mod:`json` (their structure needs it; give a
+very large pool as ``.jsonl``, ``.txt`` or a folder, which stream).
 
 Held-out split (our choice): documents, never windows, are split, so no text of the
 evaluation split is seen during calibration. With ``n`` documents, ``round(eval_fraction
@@ -38,7 +44,9 @@ and the seed, not on the tokenizer or the sample layout.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,21 +193,86 @@ def _special_id(tokenizer: Any, *names: str) -> int | None:
     return None
 
 
+#: Tokens buffered in memory before a chunk goes to the ``token_dir`` file.
+FLUSH_TOKENS = 1 << 20
+
+
 def tokenize_documents(
-    docs: Iterator[str], tokenizer: Any, add_special_tokens: bool, separator: int | None
+    docs: Iterator[str],
+    tokenizer: Any,
+    add_special_tokens: bool,
+    separator: int | None,
+    sink: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(tokens int32 [T], offsets int64 [D + 1])``: document ``d`` is
-    ``tokens[offsets[d]:offsets[d + 1]]`` (``separator`` appended to each when given)."""
+    ``tokens[offsets[d]:offsets[d + 1]]`` (``separator`` appended to each when given).
+
+    With ``sink`` (a binary file) the tokens are written to it in chunks of
+    ``FLUSH_TOKENS`` instead of being kept, and the returned token array is empty."""
     tokens = array("i")
     offsets = array("q", [0])
+    written = 0
     for text in docs:
         ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         tokens.extend(ids)
         if separator is not None and ids:
             tokens.append(separator)
         if ids:
-            offsets.append(len(tokens))
+            offsets.append(written + len(tokens))
+        if sink is not None and len(tokens) >= FLUSH_TOKENS:
+            tokens.tofile(sink)
+            written += len(tokens)
+            tokens = array("i")
+    if sink is not None:
+        tokens.tofile(sink)
+        tokens = array("i")
     return np.frombuffer(tokens, dtype=np.int32), np.frombuffer(offsets, dtype=np.int64)
+
+
+def _text_stamp(path: Path) -> list:
+    """What identifies the text at ``path`` without reading it: size and modification
+    time of the file, or of every ``.txt`` file below a folder."""
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path]
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _tokenizer_stamp(tokenizer: Any) -> str:
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    text = json.dumps(sorted(vocab.items()), ensure_ascii=False)
+    name = getattr(tokenizer, "name_or_path", "")
+    return f"{type(tokenizer).__name__}:{name}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def _cached_tokens(directory: Path, key: dict, make: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped ``(tokens, offsets)`` for ``key`` under ``directory``, made by
+    ``make(sink)`` (which writes the tokens and returns the offsets) when not there yet."""
+    text = json.dumps(key, sort_keys=True)
+    folder = directory.expanduser() / hashlib.sha256(text.encode()).hexdigest()[:16]
+    tokens_file, offsets_file, meta = (folder / n for n in ("tokens.int32", "offsets.npy",
+                                                             "key.json"))  # fmt: skip
+    if not (meta.is_file() and meta.read_text() == text):
+        partial = folder / f"tokens.{os.getpid()}.partial"
+        partial_offsets = folder / f"offsets.{os.getpid()}.partial.npy"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with partial.open("wb") as sink:
+                offsets = make(sink)
+            np.save(partial_offsets, offsets)
+            os.replace(partial, tokens_file)
+            os.replace(partial_offsets, offsets_file)
+            meta.write_text(text)  # last: marks the pair complete
+        except OSError as e:
+            raise QCalibError(
+                f"cannot write the token file under {folder} ({e.strerror or e}); free disk "
+                "space or give another --token-dir"
+            ) from None
+        finally:
+            partial.unlink(missing_ok=True)
+            partial_offsets.unlink(missing_ok=True)
+    offsets = np.load(offsets_file)
+    if int(offsets[-1]) == 0:  # np.memmap refuses an empty file
+        return np.zeros(0, dtype=np.int32), offsets
+    return np.memmap(tokens_file, dtype=np.int32, mode="r"), offsets
 
 
 class TokenSamples(Dataset):
@@ -272,23 +345,34 @@ def load_text_pool(
         raise QCalibError(f"--text-mode must be one of {', '.join(TEXT_MODES)}, got {mode!r}")
     if cfg.seq_len < 2:
         raise QCalibError(f"--seq-len must be at least 2, got {cfg.seq_len}")
-    num_docs = sum(1 for _ in iter_documents(path, cfg.field))
-    keep = split_documents(num_docs, cfg, split)
-    kept = iter(keep.tolist())
-    wanted = next(kept, None)
 
     def docs() -> Iterator[str]:
-        nonlocal wanted
+        num_docs = sum(1 for _ in iter_documents(path, cfg.field))
+        kept = iter(split_documents(num_docs, cfg, split).tolist())
+        wanted = next(kept, None)
         for d, text in enumerate(iter_documents(path, cfg.field)):
             if d == wanted:
                 wanted = next(kept, None)
                 yield text
 
     eos = _special_id(tokenizer, "eos_token_id", "sep_token_id")
-    if mode == "chunk":
-        tokens, offsets = tokenize_documents(docs(), tokenizer, False, eos)
+    special, separator = (False, eos) if mode == "chunk" else (True, None)
+    if cfg.token_dir is None:
+        tokens, offsets = tokenize_documents(docs(), tokenizer, special, separator)
     else:
-        tokens, offsets = tokenize_documents(docs(), tokenizer, True, None)
+        source = Path(path).expanduser()
+        if not source.exists():
+            raise QCalibError(
+                f"text data {source} does not exist; point --data text:PATH at a file"
+            )
+        key = {"text": _text_stamp(source.resolve()), "field": cfg.field, "split": split,
+               "eval_fraction": cfg.eval_fraction, "eval_max_docs": cfg.eval_max_docs,
+               "split_seed": cfg.split_seed, "special_tokens": special, "separator": separator,
+               "tokenizer": _tokenizer_stamp(tokenizer)}  # fmt: skip
+        tokens, offsets = _cached_tokens(
+            Path(cfg.token_dir), key,
+            lambda sink: tokenize_documents(docs(), tokenizer, special, separator, sink)[1],
+        )  # fmt: skip
     pad = _special_id(tokenizer, "pad_token_id", "eos_token_id")
     if mode == "doc" and pad is None:
         raise QCalibError(

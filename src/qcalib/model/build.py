@@ -28,6 +28,7 @@ def build_quant_model(model: nn.Module, q: QuantConfig, example_input: torch.Ten
         a_spec,
         first_last_bits=q.first_last_bits,
         lm_head_bits=q.lm_head_bits,
+        embedding_bits=q.embedding_bits,
         allow_float=q.allow_float_layers,
         example_input=example_input,
         fold=q.fold_bn,

@@ -11,7 +11,10 @@ LLM protocol instead (GPTQ, SmoothQuant and their successors): every attention /
 linear is quantized alike, the first one (``q_proj`` of layer 0) included, so
 ``first_last_bits`` does not apply; token embeddings and the output head (``lm_head``,
 found with ``get_output_embeddings()``) stay float. ``lm_head_bits`` quantizes the head
-(weight and input) at that width; embeddings always stay float.
+(weight and input) at that width; ``embedding_bits`` rounds every embedding table to that
+width, per row (a token's vector) on its own min-max range, asymmetric: weight only, since
+an embedding's output is its rows, and data-free (round to nearest, nothing to calibrate).
+A table tied to the head gets its own copy, so a float head keeps the float weights.
 
 What stays float: layers without a quantized twin (Conv1d/3d, ConvTranspose, Embedding,
 ``nn.MultiheadAttention`` with its ``out_proj``, any module holding its own parameters)
@@ -43,7 +46,7 @@ from qcalib.model.qmodules import (
     quant_twin,
     run_example,
 )
-from qcalib.quant.functional import check_bits
+from qcalib.quant.functional import check_bits, fake_quantize, qparams_from_range, qrange
 from qcalib.quant.quantizer import ActQuantizer, DynamicActQuantizer, QuantSpec, WeightQuantizer
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "output_head_name",
     "quant_coverage",
     "quantizable_layers",
+    "quantize_embeddings",
     "quantize_model",
 ]
 
@@ -178,6 +182,24 @@ def _unquantized_with_params(model: nn.Module, text: bool = False) -> list[str]:
     return names
 
 
+def quantize_embeddings(net: nn.Module, bits: int) -> tuple[str, ...]:
+    """Round every ``nn.Embedding`` table of ``net`` in place to ``bits`` per row (module
+    notes); returns their names. Each table gets a new frozen parameter, which unties it
+    from an output head that shared it."""
+    check_bits(bits)
+    qmin, qmax = qrange(bits, symmetric=False)
+    names = []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Embedding):
+            w = m.weight.detach()
+            scale, zero_point = qparams_from_range(w.amin(1), w.amax(1), qmin, qmax, False)
+            with torch.no_grad():
+                rounded = fake_quantize(w.clone(), scale, zero_point, qmin, qmax, ch_axis=0)
+            m.weight = nn.Parameter(rounded, requires_grad=False)
+            names.append(name)
+    return tuple(names)
+
+
 def _no_fastpath(_module: nn.Module, _args: Any) -> None:
     """Forward pre-hook whose presence disables a fused fast path (see below)."""
 
@@ -221,6 +243,8 @@ class QuantModel(nn.Module):
         # Layers left float on purpose (an LM head without lm_head_bits): not counted as
         # missed by quant_coverage.
         self.float_by_option: tuple[str, ...] = ()
+        #: Embedding tables rounded by ``embedding_bits``: name -> bits.
+        self.quantized_embeddings: dict[str, int] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -393,6 +417,7 @@ def quant_coverage(qmodel: QuantModel) -> dict[str, Any]:
         "act_share": a_q / (a_q + a_f) if a_q + a_f else 1.0,
         "float_layers": float_layers,
         "float_by_option": sorted(by_option),
+        "quantized_embeddings": dict(getattr(qmodel, "quantized_embeddings", {})),
     }
 
 
@@ -417,6 +442,7 @@ def quantize_model(
     *,
     first_last_bits: int | None = 8,
     lm_head_bits: int | None = None,
+    embedding_bits: int | None = None,
     allow_float: bool = False,
     w_observer_factory: ObserverFactory | None = None,
     a_observer_factory: ObserverFactory | None = None,
@@ -432,9 +458,9 @@ def quantize_model(
     ``example_input`` (tensor, tuple of args or dict of kwargs) when given, else by
     registration order; ``first_last_bits=None`` quantizes them like the rest. Text
     models ignore ``first_last_bits``: their head stays float unless ``lm_head_bits``
-    is given (see the module docs). Raises :class:`QCalibError` when more than
-    ``MAX_FLOAT_WEIGHT_SHARE`` of the conv/linear-like weights stays float, unless
-    ``allow_float``.
+    is given, their embeddings unless ``embedding_bits`` is (see the module docs).
+    Raises :class:`QCalibError` when more than ``MAX_FLOAT_WEIGHT_SHARE`` of the
+    conv/linear-like weights stays float, unless ``allow_float``.
     """
     if not isinstance(model, nn.Module):
         raise QCalibError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -449,6 +475,8 @@ def quantize_model(
     w_spec = dataclasses.replace(w_spec, ch_axis=0)
     if lm_head_bits is not None:
         check_bits(lm_head_bits)
+    if embedding_bits is not None:
+        check_bits(embedding_bits)
     fl_specs = (w_spec, a_spec)
     if first_last_bits is not None:
         fl_specs = (
@@ -461,6 +489,11 @@ def quantize_model(
     net = fold_bn(model) if fold else copy.deepcopy(model).eval()
     layers = quantizable_layers(net)
     text = is_text_model(net)
+    if embedding_bits is not None and not text:
+        raise QCalibError(
+            "--embedding-bits applies to text models (hf: causal LMs and encoders); drop it "
+            "for this model"
+        )
     head = output_head_name(net)
     kept_float: tuple[str, ...] = ()
     if head is not None and lm_head_bits is None and head in layers:
@@ -507,8 +540,10 @@ def quantize_model(
             else:
                 net = twin  # the model is a single layer
 
+    embeddings = () if embedding_bits is None else quantize_embeddings(net, embedding_bits)
     _disable_fastpaths(net)
     qmodel = QuantModel(net, order)
+    qmodel.quantized_embeddings = dict.fromkeys(embeddings, embedding_bits)
     qmodel.first_layer, qmodel.last_layer = edges if edges else (None, None)
     qmodel.float_by_option = kept_float
     if not allow_float:

@@ -113,6 +113,12 @@ def _hf(name: str, num_classes: int | None) -> nn.Module:
         if num_classes is not None:
             raise QCalibError(f"hf:{name} is a text model; drop num_classes")
         return load_hf_text_model(name)
+    local = Path(name).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise QCalibError(
+            f"{name} is not a transformers model (no config.json); pass the directory "
+            "written by save_pretrained, or a .gguf file"
+        )
     try:
         from transformers import AutoModelForImageClassification
     except ImportError:
@@ -123,11 +129,16 @@ def _hf(name: str, num_classes: int | None) -> nn.Module:
     try:
         model = AutoModelForImageClassification.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if local.exists():
+            raise QCalibError(
+                f"cannot load {name} as a Hugging Face image classifier or text model "
+                f"({reason}); pass the directory written by save_pretrained, or a .gguf file"
+            ) from None
         raise QCalibError(
             f"cannot load Hugging Face model {name!r} from a local path or the local cache "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); qcalib never "
-            f"downloads: fetch it first with `huggingface-cli download {name}` or pass a "
-            "local directory"
+            f"({reason}); qcalib never downloads: fetch it first with `huggingface-cli "
+            f"download {name}` or pass a local directory"
         ) from None
     return HFImageClassifier(model)
 
