@@ -100,6 +100,29 @@ def test_selectq_on_a_text_pool(corpus):
     assert res.quant_metric == pytest.approx(res.fp_metric, rel=0.05)
 
 
+def test_selectq_then_qdrop_over_the_decoder_layers_saves_and_reloads(corpus, tmp_path):
+    from dataclasses import replace
+
+    from qcalib.config import ReconConfig
+
+    tok = tiny_tokenizer(bos=True)
+    bench = Workbench(tiny_llama(tok), f"text:{corpus}", eval_batch_size=4, text=TEXT)
+    base = run_config(corpus, "selectq", num_clusters=2, init_size=8, batch_size=8)
+    base = replace(base, quant=QuantConfig(wbits=4, abits=8))
+    _, minmax = quantize(base, bench=bench, progress=False)
+    recon = ReconConfig(iters=10, batch_size=4)
+    cfg = replace(base, calib=CalibConfig(calibrator="qdrop", num_calib=8, batch_size=4,
+                                          recon=recon))  # fmt: skip
+    _, res = quantize(cfg, bench=bench, out=tmp_path / "run", progress=False)
+    # SelectQ is calibrator-aware: reconstruction gets its own set from the same pool.
+    assert len(res.calib_indices) == 8 and max(res.calib_indices) < len(bench.pool)
+    assert res.quant_metric != minmax.quant_metric  # the blocks were reconstructed
+    assert res.quant_metric == pytest.approx(res.fp_metric, rel=0.2)
+    cfg2, qmodel2, _ = load_run(tmp_path / "run", model=tiny_llama(tok))
+    assert cfg2 == cfg
+    assert perplexity(qmodel2, bench.test_set, 4)[0] == pytest.approx(res.quant_metric)
+
+
 def test_encoder_run_reports_embedding_cosine(corpus):
     tok = tiny_tokenizer()
     text = TextConfig(seq_len=8, mode="doc", eval_fraction=0.2)
