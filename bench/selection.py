@@ -767,6 +767,7 @@ def aware_rows(r: Runner) -> list[dict]:
                 old_min=summarize(old)["min"] if old else float("nan"),
                 random_mismatch=nanmean(per["random"][2]), new_mismatch=nanmean(per["selectq"][2]),
                 old_mismatch=nanmean(per["selectq-old"][2]),
+                random_top1s=rnd, new_top1s=new, old_top1s=old,
             )  # fmt: skip
             pairs = [(-s, acc) for acc, s in zip(*per["random"][:2], strict=True) if s is not None]
             # Lower score is better: the rank correlation of -score with accuracy.
@@ -799,18 +800,18 @@ def write_aware(r: Runner) -> None:
         "Targets (issue 12): mean_ok = new mean >= random mean - max(0.3, 2 SE of random's "
         "mean); where random's std > 1: worst_ok = new worst seed >= random mean, "
         "spearman_ok = Spearman >= 0.6 ('-' where random's std <= 1). mismatch columns: "
-        "mean calibration_mismatch of the sets."
+        "mean calibration_mismatch of the sets. *_top1s: the per-seed accuracies in seed "
+        "order (seeds without a finished cell left out)."
     )
     if r.args.smoke:
         notes = "SMOKE RUN (pool/test subsets, 1 seed): not results. " + notes
     if r.args.check:
         notes = (f"Check model {CHECK_MODEL}: trained for this check, never used to choose "
-                 "a default (the defaults were chosen on the two reference models' "
-                 "validation split). " + notes)  # fmt: skip
+                 "a default. " + notes)  # fmt: skip
     cols = ["model", "calibrator", "bits", "n", "within", "random_mean", "random_std",
             "random_min", "new_mean", "new_std", "new_min", "old_mean", "old_min",
             "score_spearman", "random_mismatch", "new_mismatch", "old_mismatch", "mean_ok",
-            "worst_ok", "spearman_ok"]  # fmt: skip
+            "worst_ok", "spearman_ok", "random_top1s", "new_top1s", "old_top1s"]  # fmt: skip
     fmts = {"score_spearman": ".3f", "random_mismatch": ".4f", "new_mismatch": ".4f",
             "old_mismatch": ".4f"}  # fmt: skip
     write_tables(f"{r.grid}-aware", "Calibrator-aware SelectQ (issue 12): random vs new vs old "
