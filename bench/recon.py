@@ -15,8 +15,11 @@ timing    per-iteration time of each method on one block of each kind (``TIMING_
 main      both models x {adaround, brecq, qdrop} x {W2A4, W2A2, W4A4} x random selection,
           n = 256, 3 seeds, fast profile -> ``recon``. Order: ResNet-20 seed 0 (W2A4,
           W2A2, W4A4; all methods each), MobileNetV2 seed 0, then seeds 1 and 2.
-selector  qdrop at W2A4 / W2A2, random vs selectq (default parameters), 3 seeds,
-          ResNet-20 first -> ``recon-selector`` (the random rows are main-grid cells).
+selector  qdrop and brecq at W2A4 / W2A2, 3 seeds, ResNet-20 first -> ``recon-selector``:
+          random (main-grid cells), ``selectq`` = the old default ``within=nearest``
+          (the cells made before issue 12 keep this name and meaning) and
+          ``selectq:matched`` = the new default for reconstruction (``within=auto``
+          resolves to ``matched`` for every reconstruction calibrator).
 paper     ResNet-20, qdrop, W2A4, seed 0, n = 1024: the fast profile, then the published
           one (``RECON_PROFILES["paper"]``, 20k iterations per block) -> ``recon-paper``.
           The W3A3 main-grid cells ("where time allows") run before the paper cell, which
@@ -89,8 +92,9 @@ METHODS = ("adaround", "brecq", "qdrop")
 BITS = ("W2A4", "W2A2", "W4A4", "W3A3")  # priority order
 LATE_BITS = ("W3A3",)  # run after the selector group and the fast twin, before the paper cell
 N, SEEDS, PROFILE = 256, 3, "fast"
-SELECTORS = ("random", "selectq")
-SELECTOR_METHOD, SELECTOR_BITS = "qdrop", ("W2A4", "W2A2")
+# "selectq:RULE" = SelectQ with within=RULE; plain "selectq" is the old default, nearest.
+SELECTORS = ("random", "selectq", "selectq:matched")
+SELECTOR_METHODS, SELECTOR_BITS = ("qdrop", "brecq"), ("W2A4", "W2A2")
 PAPER = {"model": RESNET, "method": "qdrop", "bits": "W2A4", "n": 1024, "seed": 0}
 # One block of each kind: (plain layer, residual / inverted residual).
 # The timing part's transformer: a random-init Llama of the test models' family (tests/
@@ -163,10 +167,12 @@ def plan(models, methods, bits, seeds, parts, n=N, iters=None) -> list[dict]:
 
     if "main" in parts:
         grid(main_bits)
-    if "selector" in parts and SELECTOR_METHOD in methods:
+    if "selector" in parts:
         sel_bits = [b for b in SELECTOR_BITS if b in bits]
-        for model, seed, b, s in itertools.product(models, seeds, sel_bits, SELECTORS):
-            out.append(make_cell(model, SELECTOR_METHOD, b, n, seed, selector=s, iters=iters))
+        sel_methods = [m for m in SELECTOR_METHODS if m in methods]
+        for m, model, seed, b, s in itertools.product(sel_methods, models, seeds, sel_bits,
+                                                      SELECTORS):  # fmt: skip
+            out.append(make_cell(model, m, b, n, seed, selector=s, iters=iters))
     paper = (
         "paper" in parts
         and PAPER["model"] in models
@@ -193,6 +199,15 @@ def plan(models, methods, bits, seeds, parts, n=N, iters=None) -> list[dict]:
 # -- one grid cell ---------------------------------------------------------------------
 
 
+def selector_config(label: str) -> SelectConfig:
+    """``random`` / ``selectq`` (the old default: within=nearest, which the cells made
+    before within=auto existed used) / ``selectq:RULE`` (within=RULE)."""
+    name, _, rule = label.partition(":")
+    if name != "selectq":
+        return SelectConfig(name)
+    return SelectConfig(name, (("within", rule or "nearest"),))
+
+
 def run_cell(c: dict, bench: Workbench) -> dict:
     # A "contrastive" entry (bench/contrastive.py) adds the CL-Calib term; ReconConfig
     # reads the dict.
@@ -205,7 +220,7 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         model=c["model"],
         quant=QuantConfig(wbits=c["wbits"], abits=c["abits"]),
         calib=CalibConfig(calibrator=c["calibrator"], num_calib=c["n"], recon=recon),
-        select=SelectConfig(c["selector"]),
+        select=selector_config(c["selector"]),
         seed=c["seed"],
         **({"text": TextConfig(**c["text"])} if "text" in c else {}),
     )
@@ -597,8 +612,8 @@ def aggregate(store: CellStore, seeds: range | None = None) -> list[dict]:
 MAIN_COLS = ["model", "method", "bits", "n", "profile_iters", "n_seeds", "accs", "mean", "std",
              "fp_top1", "device", "wall_s", "recon_s", "block_s_mean", "block_s_max", "iter_ms",
              "peak_rss_mb"]
-SELECTOR_COLS = ["model", "bits", "selector", "profile_iters", "n_seeds", "accs", "mean", "std",
-                 "vs_random", "fp_top1", "device", "select_s", "wall_s"]
+SELECTOR_COLS = ["calibrator", "model", "bits", "selector", "profile_iters", "n_seeds", "accs",
+                 "mean", "std", "vs_random", "fp_top1", "device", "select_s", "wall_s"]
 PAPER_COLS = ["model", "method", "bits", "n", "seed", "profile_iters", "quant_top1", "fp_top1",
               "device", "recon_s", "block_s_mean", "block_s_max", "iter_ms", "wall_s",
               "peak_rss_mb"]
@@ -693,20 +708,25 @@ def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int)
     sel = [
         r
         for r in rows
-        if (r["calibrator"], r["n"], r["profile"]) == (SELECTOR_METHOD, n, PROFILE)
+        if r["calibrator"] in SELECTOR_METHODS
+        and (r["n"], r["profile"]) == (n, PROFILE)
         and r["bits"] in SELECTOR_BITS
         and r["selector"] in SELECTORS
     ]
     if any(r["selector"] != "random" for r in sel):
-        base = {(r["model"], r["bits"]): r["mean"] for r in sel if r["selector"] == "random"}
+        base = {(r["calibrator"], r["model"], r["bits"]): r["mean"]
+                for r in sel if r["selector"] == "random"}  # fmt: skip
+        sel.sort(key=lambda r: SELECTOR_METHODS.index(r["calibrator"]))  # stable: keeps order
         for r in sel:
-            b = base.get((r["model"], r["bits"]))
+            b = base.get((r["calibrator"], r["model"], r["bits"]))
             r["vs_random"] = round(r["mean"] - b, 2) if b is not None else float("nan")
-        title = f"QDrop at W2A4 / W2A2: random vs SelectQ calibration sets (n = {n})"
+        title = f"QDrop and BRECQ at W2A4 / W2A2: random vs SelectQ calibration sets (n = {n})"
         notes = (
-            "`vs_random` = mean minus the random-selection mean of the same model and bits "
-            "(same seeds). `select_s` = selection time (SelectQ: two passes over the 60k "
-            "pool with the FP model)."
+            "`selectq` = SelectQ's old default (within=nearest: the cells made before issue "
+            "12); `selectq:matched` = its new default for reconstruction (within=auto "
+            "resolves to matched). `vs_random` = mean minus the random-selection mean of "
+            "the same method, model and bits (same seeds). `select_s` = selection time "
+            "(SelectQ: two passes over the 60k pool with the FP model)."
         )
         write_tables(f"{grid}-selector", title, command, sel, SELECTOR_COLS, notes=notes)
     twins = _paper_twins(store)
