@@ -175,6 +175,15 @@ METHODS: dict[str, tuple[str, dict]] = {
     "minmax-w4a8": ("minmax", {"wbits": 4, "abits": 8}),
     "sq-minmax-w8a8": ("minmax", {"wbits": 8, "abits": 8, "smoothquant_alpha": 0.5}),
     "sq-minmax-w4a8": ("minmax", {"wbits": 4, "abits": 8, "smoothquant_alpha": 0.5}),
+    # SmoothQuant also through v_proj -> o_proj and up_proj -> down_proj (pairs="all").
+    "sqall-minmax-w8a8": (
+        "minmax",
+        {"wbits": 8, "abits": 8, "smoothquant_alpha": 0.5, "smoothquant_pairs": "all"},
+    ),
+    "sqall-minmax-w4a8": (
+        "minmax",
+        {"wbits": 4, "abits": 8, "smoothquant_alpha": 0.5, "smoothquant_pairs": "all"},
+    ),
 }
 DATA_FREE = ("rtn-w4a16-g128", "rtn-w3a16-g128")
 # selector -> seeds; SelectQ's selector parameters are part of the cell.

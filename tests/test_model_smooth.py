@@ -12,7 +12,12 @@ from qcalib.calibrate import CALIBRATORS
 from qcalib.config import CalibConfig, QuantConfig
 from qcalib.data.tokens import pack_tokens
 from qcalib.errors import QCalibError
-from qcalib.model.smooth import apply_smoothquant, channel_abs_max, find_smooth_groups
+from qcalib.model.smooth import (
+    apply_smoothquant,
+    channel_abs_max,
+    find_linear_pairs,
+    find_smooth_groups,
+)
 from qcalib.pipeline import build_quant_model
 
 transformers = pytest.importorskip("transformers")
@@ -246,3 +251,91 @@ def test_calibration_score_smooths_a_copy_with_the_set_like_a_run():
     assert got < 0.7 * score(model, plain)
     for k, v in model.state_dict().items():  # the caller's model is not smoothed
         assert torch.equal(v, state[k])
+
+
+def _tiny_gqa_llama(seed: int = 0) -> nn.Module:
+    """Four query heads sharing two key/value heads (SmolLM2 shares three per head)."""
+    from qcalib.zoo.hf import HFCausalLM
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100,
+    )  # fmt: skip
+    return HFCausalLM(transformers.LlamaForCausalLM(cfg)).eval()
+
+
+def _plant_pair_outliers(model: nn.Module, factor: float = 40.0) -> None:
+    """Huge channels at the inputs of down_proj (up_proj rows 5, 40) and o_proj (v_proj
+    rows 2, 9: every query head of a group reads them)."""
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith("mlp.up_proj"):
+                m.weight[[5, 40]] *= factor
+            if name.endswith("self_attn.v_proj"):
+                m.weight[[2, 9]] *= factor
+
+
+def test_linear_pairs_keep_the_fp_function_with_grouped_query_attention():
+    model = _tiny_gqa_llama()
+    _plant_outliers(model)
+    _plant_pair_outliers(model)
+    pairs, skipped = find_linear_pairs(model)
+    layer0 = "model.model.layers.0"
+    assert [(p.producer, p.consumer, p.group, p.head_dim) for p in pairs[:2]] == [
+        (f"{layer0}.self_attn.v_proj", f"{layer0}.self_attn.o_proj", 2, 8),
+        (f"{layer0}.mlp.up_proj", f"{layer0}.mlp.down_proj", 1, 1),
+    ]
+    assert len(pairs) == 4 and skipped == []
+    x = _tokens()
+    with torch.no_grad():
+        before = model(x)
+    report = apply_smoothquant(model, x, alpha=0.5, pairs="all")
+    with torch.no_grad():
+        after = model(x)
+    assert len(report["groups"]) == 4 and len(report["linear_pairs"]) == 4
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_pair_scales_follow_the_formula_per_kv_channel_and_flatten_the_inputs():
+    model = _tiny_gqa_llama()
+    _plant_pair_outliers(model)
+    x = _tokens()
+    layer = "model.model.layers.1"
+    o, down = (model.get_submodule(f"{layer}.{n}") for n in ("self_attn.o_proj", "mlp.down_proj"))
+    consumers = {"o": o, "down": down}
+    act = channel_abs_max(model, x, {}, inputs=consumers)
+    o_w, down_w = o.weight.detach().clone(), down.weight.detach().clone()
+    report = apply_smoothquant(model, x, alpha=0.5, pairs="all")
+    # up -> down, one to one: s_j = sqrt(max|X_j|) / sqrt(max_i |W_ij|) at alpha 0.5.
+    s_down = act["down"].sqrt() / down_w.abs().amax(0).sqrt()
+    torch.testing.assert_close(down.weight, down_w * s_down[None, :])
+
+    # v -> o with 2 query heads per kv head (head_dim 8): o_proj input channel h*8 + d
+    # reads v channel (h // 2)*8 + d, so one s per v channel from its group's maxima.
+    def per_v(t: torch.Tensor) -> torch.Tensor:
+        return t.view(2, 2, 8).amax(1).reshape(16)
+
+    s_v = per_v(act["o"]).sqrt() / per_v(o_w.abs().amax(0)).sqrt()
+    s_o = s_v.view(2, 1, 8).expand(2, 2, 8).reshape(32)
+    torch.testing.assert_close(o.weight, o_w * s_o[None, :])
+    after = channel_abs_max(model, x, {}, inputs=consumers)
+    for name in ("o", "down"):
+        spread = [float(a.max() / a.median()) for a in (act[name], after[name])]
+        assert spread[1] < spread[0] / 2, (name, spread)
+    rows = {r["consumer"]: r for r in report["linear_pairs"]}
+    assert rows[f"{layer}.mlp.down_proj"]["act_spread_before"] == pytest.approx(
+        float(act["down"].max() / act["down"].median()), rel=1e-3
+    )
+
+
+def test_norm_pairs_only_by_default_and_a_bad_pairs_value_names_the_flag():
+    model = _tiny_gqa_llama()
+    down = model.get_submodule("model.model.layers.0.mlp.down_proj")
+    down_w = down.weight.detach().clone()
+    report = apply_smoothquant(model, _tokens(), alpha=0.5)
+    assert report["linear_pairs"] == [] and torch.equal(down.weight, down_w)
+    with pytest.raises(QCalibError, match="--smoothquant-pairs must be one of norm, all"):
+        apply_smoothquant(model, _tokens(), pairs="some")
+    with pytest.raises(QCalibError, match="--smoothquant-pairs must be norm or all"):
+        QuantConfig(smoothquant_alpha=0.5, smoothquant_pairs="some")

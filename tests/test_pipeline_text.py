@@ -176,3 +176,8 @@ def test_cli_text_flags():
     cfg = config_from_args(args)
     assert cfg.text == TextConfig(seq_len=128, mode="doc", field="extract")
     assert config_from_args(build_parser().parse_args(["quantize"])).text == TextConfig()
+    # A bare --smoothquant is the paper's alpha; pairs default to the norms only.
+    bare = config_from_args(build_parser().parse_args(["quantize", "--smoothquant"])).quant
+    assert (bare.smoothquant_alpha, bare.smoothquant_pairs) == (0.5, "norm")
+    off = config_from_args(build_parser().parse_args(["quantize"])).quant
+    assert off.smoothquant_alpha is None

@@ -144,6 +144,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201
             group_size=args.group_size,
             a_dynamic=args.a_dynamic,
             smoothquant_alpha=args.smoothquant,
+            smoothquant_pairs=args.smoothquant_pairs,
         ),
         calib=CalibConfig(
             calibrator=args.calibrator,
@@ -345,8 +346,12 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--a-dynamic", action="store_true",
                    help="per-token activation ranges computed at run time")  # fmt: skip
     g.add_argument("--smoothquant", type=argtypes.probability, default=None, metavar="ALPHA",
+                   nargs="?", const=0.5,
                    help="SmoothQuant before quantizing, migration strength ALPHA in [0, 1] "
-                        "(the paper's default 0.5); default off")  # fmt: skip
+                        "(bare flag: the paper's 0.5); default off")  # fmt: skip
+    g.add_argument("--smoothquant-pairs", choices=("norm", "all"), default="norm",
+                   help="fold the scales into the norms only (the paper's code), or also "
+                        "through v_proj -> o_proj and up_proj -> down_proj")  # fmt: skip
     g.add_argument("--w-symmetric", action="store_true", help="symmetric weight grid")
     g.add_argument("--a-symmetric", action="store_true", help="symmetric activation grid")
     g.add_argument("--per-tensor-weights", action="store_true")

@@ -28,7 +28,8 @@ class QuantConfig:
     group of that many input channels of a weight row its own scale / zero point (None:
     one per output channel), for every calibrator. ``smoothquant_alpha`` (None: off)
     migrates activation outliers into the weights before wrapping
-    (:mod:`qcalib.model.smooth`).
+    (:mod:`qcalib.model.smooth`), into the norms only (``smoothquant_pairs="norm"``) or
+    also through the v -> o and up -> down linear pairs (``"all"``).
     """
 
     wbits: int = 4
@@ -54,6 +55,7 @@ class QuantConfig:
     group_size: int | None = None
     a_dynamic: bool = False
     smoothquant_alpha: float | None = None
+    smoothquant_pairs: str = "norm"
 
     def __post_init__(self) -> None:
         if self.abits is None:
@@ -88,6 +90,10 @@ class QuantConfig:
         alpha = self.smoothquant_alpha
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise QCalibError(f"--smoothquant ALPHA must be in [0, 1], got {alpha}")
+        if self.smoothquant_pairs not in ("norm", "all"):
+            raise QCalibError(
+                f"--smoothquant-pairs must be norm or all, got {self.smoothquant_pairs!r}"
+            )
 
     @property
     def quantize_activations(self) -> bool:

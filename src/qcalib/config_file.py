@@ -45,6 +45,7 @@ flag                        YAML key
 ``--group-size``            ``quant.group_size``
 ``--a-dynamic``             ``quant.a_dynamic: true``
 ``--smoothquant``           ``quant.smoothquant_alpha``
+``--smoothquant-pairs``     ``quant.smoothquant_pairs``
 ``--w-symmetric``           ``quant.w_symmetric: true``
 ``--a-symmetric``           ``quant.a_symmetric: true``
 ``--per-tensor-weights``    ``quant.w_per_channel: false``
@@ -135,6 +136,7 @@ FLAG_KEYS: dict[str, str] = {
     "--group-size": "quant.group_size",
     "--a-dynamic": "quant.a_dynamic",
     "--smoothquant": "quant.smoothquant_alpha",
+    "--smoothquant-pairs": "quant.smoothquant_pairs",
     "--w-symmetric": "quant.w_symmetric",
     "--a-symmetric": "quant.a_symmetric",
     "--per-tensor-weights": "quant.w_per_channel",

@@ -379,7 +379,9 @@ def quantize(
             from qcalib.model.smooth import apply_smoothquant
 
             fp_model = copy.deepcopy(bench.model)
-            smooth_report = apply_smoothquant(fp_model, calib, cfg.quant.smoothquant_alpha)
+            smooth_report = apply_smoothquant(
+                fp_model, calib, cfg.quant.smoothquant_alpha, pairs=cfg.quant.smoothquant_pairs
+            )
         # --- end SmoothQuant ---
         qmodel = build_quant_model(fp_model, cfg.quant, bench.example_input())
         work_dir = Path(out) / "calib_state" if writes else None

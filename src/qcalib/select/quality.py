@@ -592,7 +592,8 @@ def calibration_score(
             # The set also decides SmoothQuant's scales: scoring the unsmoothed model
             # would rank sets for a different quantized model than the run builds.
             base = copy.deepcopy(model)
-            apply_smoothquant(base, set_data, quant_config.smoothquant_alpha)
+            apply_smoothquant(base, set_data, quant_config.smoothquant_alpha,
+                              pairs=quant_config.smoothquant_pairs)  # fmt: skip
         qmodel = build_quant_model(base, quant_config, pool.example().to(device)).eval()
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(pool), generator=gen)
