@@ -449,8 +449,14 @@ def test_an_interrupted_gptq_walk_resumes_at_its_first_unfinished_block(tmp_path
     with pytest.raises(_Interrupt):
         run(tmp_path)
     monkeypatch.setattr(GPTQCalibrator, "_quantize_layer", staticmethod(solve))
-    resumed, report = run(tmp_path)
+    with caplog.at_level("INFO", logger="qcalib.calibrate.gptq"):
+        resumed, report = run(tmp_path)
     assert report["resumed_blocks"] == 1 and report["gptq_layers"] == 14
+    # One log line for the resume, one per block solved (only block 2 of 2 this time).
+    lines = [r.getMessage() for r in caplog.records if r.name == "qcalib.calibrate.gptq"]
+    assert lines[0] == "gptq: resuming at block 2/2"
+    assert [line.split(" in ")[0] for line in lines[1:]] == ["gptq: block 2/2 (7 layers)"]
+    caplog.clear()
     assert "model.model.layers.0" in report["hessian_seconds"]  # the finished block's timing
     assert resumed.keys() == reference.keys()
     for name, w in reference.items():  # block 1 got block 0's GPTQ outputs as its inputs

@@ -37,13 +37,21 @@ def run_config(path, selector: str = "random", **select_params) -> RunConfig:  #
     )
 
 
-def test_causal_lm_run_reports_perplexity_and_saves(corpus, tmp_path):
+def test_causal_lm_run_reports_perplexity_and_saves(corpus, tmp_path, caplog):
     tok = tiny_tokenizer(bos=True)
     bench = Workbench(tiny_llama(tok), f"text:{corpus}", eval_batch_size=4, text=TEXT)
     assert bench.metric == "perplexity"
     assert bench.example_input().shape == (1, 2, 8)
     cfg = run_config(corpus)
-    qmodel, res = quantize(cfg, bench=bench, out=tmp_path / "run", progress=False)
+    with caplog.at_level("INFO", logger="qcalib"):
+        qmodel, res = quantize(cfg, bench=bench, out=tmp_path / "run", progress=False)
+    # Without progress bars the stages still show, in the log and in OUT/qcalib.log.
+    stages = [r.getMessage() for r in caplog.records if r.name == "qcalib.pipeline"]
+    assert stages[0].startswith(f"calibration set: 8 of {len(bench.pool)} pool samples (random)")
+    assert stages[1].startswith("calibrated with minmax in ")
+    assert stages[2].startswith(
+        f"evaluated: perplexity FP {res.fp_metric:.4g}, quantized {res.quant_metric:.4g}"
+    )
     assert res.metric == "perplexity" and res.fp_top1 is None and res.quant_top1 is None
     fp_ppl, scored = perplexity(bench.model, bench.test_set, 4)
     assert res.fp_metric == pytest.approx(fp_ppl) and res.eval_tokens == scored > 0

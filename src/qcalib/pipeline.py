@@ -365,6 +365,9 @@ def quantize(
         else:
             indices = check_indices(indices, len(bench.pool), cfg.calib.num_calib)
     seconds["select"], rss["select"] = m.seconds, m.peak_rss_mb
+    # Stage lines in the log (and OUT/qcalib.log): what a run without progress bars shows.
+    log.info("calibration set: %d of %d pool samples (%s) in %.1fs", len(indices),
+             len(bench.pool), cfg.select.selector, m.seconds)  # fmt: skip
     # Data-parallel runs: every rank selects and calibrates the same model; only rank 0
     # writes, evaluates and reports (the others' results carry no metric).
     writes = out is not None and is_main()
@@ -387,6 +390,7 @@ def quantize(
         work_dir = Path(out) / "calib_state" if writes else None
         calibrator.calibrate(qmodel, calib, seed=cfg.seed, progress=progress, work_dir=work_dir)
     seconds["calibrate"], rss["calibrate"] = m.seconds, m.peak_rss_mb
+    log.info("calibrated with %s in %.1fs", cfg.calib.calibrator, m.seconds)
 
     fp = q_metric = eval_tokens = None
     if bench.evaluates and is_main():
@@ -398,7 +402,8 @@ def quantize(
             else:
                 q_metric, eval_tokens = bench.evaluate(qmodel, progress), bench.eval_tokens
         seconds["eval"], rss["eval"] = m.seconds, m.peak_rss_mb
-        log.debug("FP evaluation took %.1fs", time.perf_counter() - t0 - m.seconds)
+        log.info("evaluated: %s FP %.4g, quantized %.4g (%.1fs; FP %.1fs)", bench.metric, fp,
+                 q_metric, m.seconds, time.perf_counter() - t0 - m.seconds)  # fmt: skip
     top1 = bench.metric == "top1"
 
     result = RunResult(

@@ -448,9 +448,12 @@ class GPTQCalibrator(ObserverCalibrator):
                         for name, w in saved[i].items():
                             qmodel.model.get_submodule(name).weight.copy_(w)
                 else:
+                    t0 = time.perf_counter()
                     layers = self._solve_block(
                         qmodel, block, prefix, calib_data, inputs, fallback, hessian_s, layer_s
                     )
+                    log.info("gptq: block %d/%d (%d layers) in %.1fs", i + 1, len(blocks),
+                             len(layers), time.perf_counter() - t0)  # fmt: skip
                     if checkpoint is not None:
                         checkpoint.save(
                             i,
