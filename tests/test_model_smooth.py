@@ -24,12 +24,14 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:qcalib. these modules")
 
 
-def _tiny_llama(seed: int = 0) -> nn.Module:
+def _tiny_llama(seed: int = 0, heads: int = 2) -> nn.Module:
+    """``heads`` query heads over two key/value heads (4: grouped-query attention, as
+    SmolLM2's three query heads per key/value head)."""
     from qcalib.zoo.hf import HFCausalLM
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=2, vocab_size=100,
     )  # fmt: skip
     return HFCausalLM(transformers.LlamaForCausalLM(cfg)).eval()
@@ -254,15 +256,7 @@ def test_calibration_score_smooths_a_copy_with_the_set_like_a_run():
 
 
 def _tiny_gqa_llama(seed: int = 0) -> nn.Module:
-    """Four query heads sharing two key/value heads (SmolLM2 shares three per head)."""
-    from qcalib.zoo.hf import HFCausalLM
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100,
-    )  # fmt: skip
-    return HFCausalLM(transformers.LlamaForCausalLM(cfg)).eval()
+    return _tiny_llama(seed, heads=4)
 
 
 def _plant_pair_outliers(model: nn.Module, factor: float = 40.0) -> None:
