@@ -53,6 +53,38 @@ def test_uniform_logits_give_perplexity_equal_to_the_vocabulary_size():
     assert ppl == pytest.approx(50.0, rel=1e-12)
 
 
+class CountingLM(UniformLM):
+    """A uniform LM that records how many windows each forward received."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__(vocab)
+        self.rows: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.shape[0])
+        return super().forward(x)
+
+
+def test_a_large_batch_is_forwarded_in_windows_whose_logits_fit_the_budget(monkeypatch):
+    from qcalib.evaluate import language
+
+    # Room for 3 windows of 9 tokens x 50 words: the 500-window default batch of a CLI
+    # run would otherwise return all its logits at once (50 GB on SmolLM2).
+    monkeypatch.setattr(language, "_LOGITS_ELEMS", 3 * 9 * 50)
+    x = pack_tokens(torch.randint(0, 50, (10, 9)))
+    model = CountingLM(50)
+    ppl, n = perplexity(model, x, batch_size=500)
+    assert model.rows == [1, 3, 3, 3]  # one window until the vocabulary is known
+    assert (ppl, n) == (pytest.approx(50.0, rel=1e-12), 10 * 8)
+    tok = tiny_tokenizer()
+    lm = tiny_llama(tok)
+    windows = pack_tokens(torch.randint(4, len(tok), (5, 6), generator=torch.Generator()))
+    monkeypatch.setattr(language, "_LOGITS_ELEMS", 2 * 6 * len(tok))
+    split = perplexity(lm, windows, batch_size=5)
+    monkeypatch.setattr(language, "_LOGITS_ELEMS", 1 << 28)
+    assert split == (pytest.approx(perplexity(lm, windows, batch_size=5)[0], rel=1e-9), 25)
+
+
 def test_padding_is_never_scored():
     tok = tiny_tokenizer()
     model = tiny_llama(tok)

@@ -28,6 +28,10 @@ from qcalib.errors import QCalibError
 # Elements of the float64 logits block scored at once (128 MB): float32 log-softmax would
 # carry ~1e-7 relative error into every token, float64 keeps a uniform model at exactly V.
 _BLOCK_ELEMS = 1 << 24
+# Logits one forward may return (1 GiB of float32): a batch is forwarded in as many
+# windows at a time as fit. The batch size alone cannot bound them: 500 windows of 512
+# tokens over SmolLM2's 49,152-word vocabulary are 50 GB of logits.
+_LOGITS_ELEMS = 1 << 28
 
 
 def _nll_sum(logits: Tensor, target: Tensor) -> Tensor:
@@ -74,22 +78,28 @@ def perplexity(
     model.eval()
     nll = torch.zeros((), dtype=torch.float64)
     count = 0
+    rows = 1  # windows per forward: one until the vocabulary size is known
     batches = token_batches(data, batch_size, "perplexity" if progress else None)
-    for x in batches:
-        x = x.to(device)
-        ids, mask = unpack_tokens(x)
-        logits = model(x)
-        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
-            raise QCalibError(
-                f"perplexity needs next-token logits [B, L, V] for input ids "
-                f"{tuple(ids.shape)}, got {tuple(logits.shape)}; use a causal LM "
-                "(HFCausalLM), not an encoder"
-            )
-        valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        target = ids[:, 1:][valid]
-        scored = logits[:, :-1][valid]
-        nll += _nll_sum(scored, target).cpu()
-        count += int(target.numel())
+    for batch in batches:
+        start = 0
+        while start < batch.shape[0]:
+            x = batch[start : start + rows].to(device)
+            start += x.shape[0]
+            ids, mask = unpack_tokens(x)
+            logits = model(x)
+            if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+                raise QCalibError(
+                    f"perplexity needs next-token logits [B, L, V] for input ids "
+                    f"{tuple(ids.shape)}, got {tuple(logits.shape)}; use a causal LM "
+                    "(HFCausalLM), not an encoder"
+                )
+            rows = max(1, _LOGITS_ELEMS // (logits.shape[1] * logits.shape[2]))
+            valid = (mask[:, 1:] * mask[:, :-1]).bool()
+            target = ids[:, 1:][valid]
+            scored = logits[:, :-1][valid]
+            nll += _nll_sum(scored, target).cpu()
+            count += int(target.numel())
+            del logits, scored
     if count == 0:
         raise QCalibError(
             "no token was scored for perplexity (empty evaluation set or sequences of one "
