@@ -119,6 +119,24 @@ def test_embedding_cosine():
 
     assert embedding_cosine(enc, Negated(), x) == pytest.approx(-1.0, abs=1e-12)
 
+
+def test_embedding_cosine_forwards_at_most_the_token_budget(monkeypatch):
+    from qcalib.evaluate import language
+
+    tok = tiny_tokenizer()
+    enc = tiny_bert(tok)
+    x = pack_tokens(torch.randint(4, len(tok), (5, 7)))
+    sizes: list[int] = []
+
+    class Recorded(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            sizes.append(x.shape[0])
+            return -enc(x)
+
+    monkeypatch.setattr(language, "FORWARD_TOKENS", 2 * 7)  # two windows of 7 tokens
+    assert embedding_cosine(enc, Recorded(), x, batch_size=500) == pytest.approx(-1.0)
+    assert sizes == [2, 2, 1]
+
     class Fixed(nn.Module):
         def __init__(self, rows: list[list[float]]) -> None:
             super().__init__()

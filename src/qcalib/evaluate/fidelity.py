@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from qcalib.data.pool import Pool
 from qcalib.errors import QCalibError
-from qcalib.evaluate.language import token_batches
+from qcalib.evaluate.language import token_batches, token_budget_split
 
 
 def paired_outputs(
@@ -56,7 +56,9 @@ def embedding_cosine(
     """Mean cosine similarity of ``model_q``'s and ``model_fp``'s embeddings on ``data``."""
     total = torch.zeros((), dtype=torch.float64)
     n = 0
-    batches = token_batches(data, batch_size, "embedding cosine" if progress else None)
+    batches = token_budget_split(
+        token_batches(data, batch_size, "embedding cosine" if progress else None)
+    )
     for ref, out in paired_outputs(
         model_fp, model_q, batches, device,
         "embedding_cosine needs [B, H] embeddings", "use an encoder (HFEncoder)",

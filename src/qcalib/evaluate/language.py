@@ -32,6 +32,19 @@ _BLOCK_ELEMS = 1 << 24
 # windows at a time as fit. The batch size alone cannot bound them: 500 windows of 512
 # tokens over SmolLM2's 49,152-word vocabulary are 50 GB of logits.
 _LOGITS_ELEMS = 1 << 28
+# Tokens one forward may carry (32 windows of 512): activations and, with eager attention,
+# the B x heads x L x L score matrices grow with it, whatever --eval-batch-size says.
+FORWARD_TOKENS = 1 << 14
+
+
+def token_budget_split(
+    batches: Iterator[Tensor], max_tokens: int | None = None
+) -> Iterator[Tensor]:
+    """Each ``[B, 2, L]`` batch in pieces of at most ``max_tokens`` tokens (default
+    ``FORWARD_TOKENS``; at least one window each)."""
+    budget = FORWARD_TOKENS if max_tokens is None else max_tokens
+    for x in batches:
+        yield from torch.split(x, max(1, budget // x.shape[-1]))
 
 
 def _nll_sum(logits: Tensor, target: Tensor) -> Tensor:
@@ -93,7 +106,8 @@ def perplexity(
                     f"{tuple(ids.shape)}, got {tuple(logits.shape)}; use a causal LM "
                     "(HFCausalLM), not an encoder"
                 )
-            rows = max(1, _LOGITS_ELEMS // (logits.shape[1] * logits.shape[2]))
+            length, vocab = logits.shape[1], logits.shape[2]
+            rows = max(1, min(_LOGITS_ELEMS // (length * vocab), FORWARD_TOKENS // length))
             valid = (mask[:, 1:] * mask[:, :-1]).bool()
             target = ids[:, 1:][valid]
             scored = logits[:, :-1][valid]
