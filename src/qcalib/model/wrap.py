@@ -14,7 +14,9 @@ found with ``get_output_embeddings()``) stay float. ``lm_head_bits`` quantizes t
 (weight and input) at that width; ``embedding_bits`` rounds every embedding table to that
 width, per row (a token's vector) on its own min-max range, asymmetric: weight only, since
 an embedding's output is its rows, and data-free (round to nearest, nothing to calibrate).
-A table tied to the head gets its own copy, so a float head keeps the float weights.
+A table tied to the head gets its own copy, so a float head keeps the float weights. The
+rounded table is part of the wrapped model, not a quantizer: ``set_quant_state`` does
+not switch it off (the FP reference of a run is the unwrapped model).
 
 What stays float: layers without a quantized twin (Conv1d/3d, ConvTranspose, Embedding,
 ``nn.MultiheadAttention`` with its ``out_proj``, any module holding its own parameters)
