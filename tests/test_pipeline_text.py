@@ -74,6 +74,25 @@ def tied_llama(tok):  # noqa: ANN001, ANN201
     return model
 
 
+def test_a_tied_lm_head_is_saved_once_and_reloaded_tied(corpus, tmp_path):
+    import json as json_module
+
+    from safetensors import safe_open
+
+    tok = tiny_tokenizer(bos=True)
+    bench = Workbench(tied_llama(tok), f"text:{corpus}", eval_batch_size=4, text=TEXT)
+    cfg = run_config(corpus)
+    _, res = quantize(cfg, bench=bench, out=tmp_path / "run", progress=False)
+    with safe_open(str(tmp_path / "run" / "quant_state.safetensors"), "pt") as f:
+        names, meta = set(f.keys()), f.metadata()
+    head, table = "model.model.lm_head.weight", "model.model.model.embed_tokens.weight"
+    assert json_module.loads(meta["aliases"]) == {head: table} and head not in names
+    _, qmodel2, _ = load_run(tmp_path / "run", model=tied_llama(tok))
+    loaded = qmodel2.model.model
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still one tensor
+    assert perplexity(qmodel2, bench.test_set, 4)[0] == pytest.approx(res.quant_metric)
+
+
 def test_embedding_bits_and_token_dir_run_saves_and_reloads(corpus, tmp_path):
     from dataclasses import replace
 

@@ -28,6 +28,7 @@ wrong with it (see :mod:`qcalib.files`).
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -111,12 +112,38 @@ def layer_table(qmodel: QuantModel) -> list[dict]:
     return rows
 
 
+def _unaliased(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, {alias: name})``: a tensor that several names share (an LM head tied to
+    its embedding table, as SmolLM2's) once, under its first name; safetensors refuses to
+    write shared memory. Distinct views of one storage are copied apart."""
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                t.stride(), t.dtype)  # fmt: skip
+        if t.numel() and view in first:
+            aliases[name] = first[view]
+            continue
+        first.setdefault(view, name)
+        kept[name] = t.detach().cpu()
+    storages = collections.Counter(t.untyped_storage().data_ptr() for t in kept.values())
+    tensors = {
+        k: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else t.contiguous()
+        for k, t in kept.items()
+    }
+    return tensors, aliases
+
+
 def save_run(out: Path, result: RunResult, qmodel: QuantModel) -> None:
     writable_dir(out)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
+    tensors, aliases = _unaliased(qmodel.state_dict())
     tmp = out / (STATE_FILE + ".tmp")
+    metadata = {"format": STATE_FORMAT}
+    if aliases:
+        metadata["aliases"] = json.dumps(aliases)
     try:
-        save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT})
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, out / STATE_FILE)
     except OSError as e:
         raise write_failed(out / STATE_FILE, e) from None
@@ -266,6 +293,11 @@ def load_quant_state(run_dir: str | Path, qmodel: QuantModel, result: dict | Non
             f"{path} is a safetensors file but not a qcalib quantization state (format "
             f"{metadata.get('format')!r}, expected {STATE_FORMAT!r}); {fix}"
         )
+    try:
+        aliases = json.loads(metadata.get("aliases", "{}"))
+        tensors.update({alias: tensors[name] for alias, name in aliases.items()})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise QCalibError(f"{path} has a damaged alias table in its metadata; {fix}") from None
     expected = qmodel.state_dict()
     # A fresh quantizer holds scalar scale / zero point until calibrated or loaded.
     placeholders = {
