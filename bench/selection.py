@@ -27,7 +27,8 @@ headline question:
    ``results/<grid>-aware.{json,md}``. ``--val-split N`` evaluates on N training images
    carved out of the pool (seeded; the pool is the rest) instead of the test set, the
    split defaults are chosen on (issue 12); its cells carry ``eval: valN`` and never mix
-   with test-set cells (random then runs here, not from the baseline store).
+   with test-set cells (random then runs here, not from the baseline store); its table
+   is ``results/<grid>-aware-valN.{json,md}`` and it rewrites no other table.
 
 The issue-3 sections (main, grid, ablation) measure the old default: their SelectQ sets
 (``params`` ``{}``) are built with ``within="nearest"`` explicitly, so their cached sets
@@ -494,6 +495,9 @@ class Runner:
 
     # ----------------------------------------------------------------- tables
     def write(self) -> None:
+        if self.args.val_split:  # only the aware section runs on a validation split
+            write_aware(self)
+            return
         write_grid(self)
         write_cost(self)
         write_ablation(self)
@@ -814,7 +818,9 @@ def write_aware(r: Runner) -> None:
             "worst_ok", "spearman_ok", "random_top1s", "new_top1s", "old_top1s"]  # fmt: skip
     fmts = {"score_spearman": ".3f", "random_mismatch": ".4f", "new_mismatch": ".4f",
             "old_mismatch": ".4f"}  # fmt: skip
-    write_tables(f"{r.grid}-aware", "Calibrator-aware SelectQ (issue 12): random vs new vs old "
+    # A validation-split run has its own table; its cells share the stores (eval-tagged).
+    name = f"{r.grid}-aware" + (f"-val{r.args.val_split}" if r.args.val_split else "")
+    write_tables(name, "Calibrator-aware SelectQ (issue 12): random vs new vs old "
                  "default, and the quality score's rank correlation", command(r), rows, cols,
                  notes, formats=fmts)  # fmt: skip
 
