@@ -425,7 +425,10 @@ class GPTQCalibrator(ObserverCalibrator):
         resumed, info, saved = checkpoint.load() if checkpoint is not None else (0, {}, {})
         if is_distributed():  # every rank skips the blocks rank 0 found finished
             resumed, info, saved = broadcast_object((resumed, info, saved))
-        if resumed:
+        if resumed == len(blocks):
+            log.info("gptq: all %d blocks were finished before: their weights are restored",
+                     len(blocks))  # fmt: skip
+        elif resumed:
             log.info("gptq: resuming at block %d/%d", resumed + 1, len(blocks))
         qmodel.set_quant_state(weight=True, act=False)
         fallback: list[str] = list(info.get("rtn_layers", []))
