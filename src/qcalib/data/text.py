@@ -99,9 +99,7 @@ def _doc_of(item: Any, field: str, where: str) -> str:
 
 def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
     """The non-blank documents of ``path`` in file order (see the module notes)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise QCalibError(f"text data {path} does not exist; point --data text:PATH at a file")
+    path = _existing(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
@@ -227,6 +225,13 @@ def tokenize_documents(
         tokens.tofile(sink)
         tokens = array("i")
     return np.frombuffer(tokens, dtype=np.int32), np.frombuffer(offsets, dtype=np.int64)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise QCalibError(f"text data {path} does not exist; point --data text:PATH at a file")
+    return path
 
 
 def _text_stamp(path: Path) -> list:
@@ -360,12 +365,7 @@ def load_text_pool(
     if cfg.token_dir is None:
         tokens, offsets = tokenize_documents(docs(), tokenizer, special, separator)
     else:
-        source = Path(path).expanduser()
-        if not source.exists():
-            raise QCalibError(
-                f"text data {source} does not exist; point --data text:PATH at a file"
-            )
-        key = {"text": _text_stamp(source.resolve()), "field": cfg.field, "split": split,
+        key = {"text": _text_stamp(_existing(path).resolve()), "field": cfg.field, "split": split,
                "eval_fraction": cfg.eval_fraction, "eval_max_docs": cfg.eval_max_docs,
                "split_seed": cfg.split_seed, "special_tokens": special, "separator": separator,
                "tokenizer": _tokenizer_stamp(tokenizer)}  # fmt: skip
