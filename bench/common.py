@@ -334,6 +334,15 @@ def main_device(rows: Iterable[dict]) -> str:
     return collections.Counter(row_device(r) for r in rows).most_common(1)[0][0]
 
 
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (scipy; average ranks for ties); NaN when undefined."""
+    from scipy.stats import spearmanr
+
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return float("nan")
+    return round(float(spearmanr(xs, ys).statistic), 3)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std (0 for one value), unrounded: what a target is decided on, where
     :func:`summarize`'s rounded figures are for the tables (a std of 1.0047 shows as 1.00)."""

@@ -80,6 +80,7 @@ from common import (
     interleaved_timing,
     mean_std,
     package_file,
+    spearman,
     stated_command,
     summarize,
     write_tables,
@@ -110,7 +111,7 @@ from qcalib.select.ranges import ExtremesSketch, range_mismatch, set_ranges
 from qcalib.select.selectq import auto_ranges, auto_within
 from qcalib.select.stats import ActivationStatsCollector, StatRowCache, extremes_key, stat_batches
 from qcalib.zoo.external import load_model
-from selection import interleaved_cost_rows, spearman
+from selection import interleaved_cost_rows
 
 GRID = "llm"
 SEQ_LEN = 512

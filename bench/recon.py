@@ -39,6 +39,7 @@ import collections
 import hashlib
 import itertools
 import logging
+import math
 import statistics
 import sys
 import time
@@ -63,8 +64,10 @@ from common import (
     host_id,
     interleaved_timing,
     main_device,
+    mean_std,
     positive_int,
     row_device,
+    spearman,
     stated_command,
     summarize,
     uncontended_rounds,
@@ -85,6 +88,8 @@ from qcalib.data.text import TokenSamples
 from qcalib.model.partition import partition_blocks
 from qcalib.model.qmodules import first_tensor
 from qcalib.pipeline import Workbench, build_quant_model, quantize, select_indices
+from qcalib.select.quality import calibration_mismatch, calibration_score, pool_reference
+from qcalib.select.stats import StatRowCache
 
 RESNET, MOBILENET = "zoo:fmnist-resnet20", "zoo:fmnist-mobilenetv2"
 MODELS = (RESNET, MOBILENET)
@@ -116,7 +121,7 @@ PARTS = ("timing", "main", "selector", "paper")
 # Not in the default run: committed main-grid cells rerun with the current code (issue 14:
 # the fused ops must land within seed noise of the cells made before them).
 RERUN = {"model": RESNET, "bits": "W2A4", "seeds": (0, 1, 2)}
-EXTRA_PARTS = ("rerun",)
+EXTRA_PARTS = ("rerun", "sets")
 RERUN_COLS = ["model", "method", "bits", "seeds", "committed", "rerun", "committed_mean",
               "committed_std", "rerun_mean", "rerun_std", "diff", "noise_2se", "within_noise",
               "committed_device", "rerun_device", "rerun_s"]  # fmt: skip
@@ -263,6 +268,8 @@ def run_cell(c: dict, bench: Workbench) -> dict:
     return {
         "fp_top1": res.fp_top1,
         "quant_top1": res.quant_top1,
+        # A selection that reused cached statistic rows did not pay for its passes.
+        **({"row_cache": True} if bench.stat_rows is not None else {}),
         "metric": res.metric,
         "fp_metric": res.fp_metric,
         "quant_metric": res.quant_metric,
@@ -594,9 +601,7 @@ def aggregate(store: CellStore, seeds: range | None = None) -> list[dict]:
                 "block_s_mean": mean("block_s_mean"),
                 "block_s_max": mean("block_s_max"),
                 "iter_ms": mean("iter_ms"),
-                "select_s": round(
-                    statistics.fmean(r["seconds"].get("select", 0.0) for r in timed), 2
-                ),
+                "select_s": select_seconds(timed),
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
                 "threads": sorted({r["threads"] for r in rows}),
                 "device": ", ".join(
@@ -613,7 +618,8 @@ MAIN_COLS = ["model", "method", "bits", "n", "profile_iters", "n_seeds", "accs",
              "fp_top1", "device", "wall_s", "recon_s", "block_s_mean", "block_s_max", "iter_ms",
              "peak_rss_mb"]
 SELECTOR_COLS = ["calibrator", "model", "bits", "selector", "profile_iters", "n_seeds", "accs",
-                 "mean", "std", "vs_random", "fp_top1", "device", "select_s", "wall_s"]
+                 "mean", "std", "vs_random", "mean_ok", "worst_ok", "mismatch",
+                 "score_spearman", "spearman_ok", "fp_top1", "device", "select_s", "wall_s"]
 PAPER_COLS = ["model", "method", "bits", "n", "seed", "profile_iters", "quant_top1", "fp_top1",
               "device", "recon_s", "block_s_mean", "block_s_max", "iter_ms", "wall_s",
               "peak_rss_mb"]
@@ -700,6 +706,7 @@ def _allocator(r: dict) -> str:
 
 def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int) -> None:
     rows = aggregate(store, seeds=range(SEEDS))
+    sets = CellStore(f"{grid}-selector", kind="sets")
     base_command, command = command, stated_command(command, store.rows.values())
     main = [r for r in rows if r["selector"] == "random" and r["n"] == n]
     if main:
@@ -720,13 +727,26 @@ def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int)
         for r in sel:
             b = base.get((r["calibrator"], r["model"], r["bits"]))
             r["vs_random"] = round(r["mean"] - b, 2) if b is not None else float("nan")
+        add_selector_targets(sel, store, sets)
         title = f"QDrop and BRECQ at W2A4 / W2A2: random vs SelectQ calibration sets (n = {n})"
         notes = (
             "`selectq` = SelectQ's old default (within=nearest: the cells made before issue "
             "12); `selectq:matched` = its new default for reconstruction (within=auto "
             "resolves to matched). `vs_random` = mean minus the random-selection mean of "
             "the same method, model and bits (same seeds). `select_s` = selection time "
-            "(SelectQ: two passes over the 60k pool with the FP model)."
+            "(SelectQ: two passes over the 60k pool with the FP model); cells run with "
+            "`--row-cache` (statistic rows reused from the model's first selection) are "
+            "left out of it ('nan' where every cell of a row was). Issue 12's targets, on "
+            "the SelectQ rows against the random row: `mean_ok` = mean >= random's mean - "
+            "max(0.3, 2 SE of random's mean); where random's std > 1, `worst_ok` = worst "
+            "seed >= random's mean ('-' elsewhere). From `recon-selector.sets.jsonl` "
+            "(`--parts sets`: the cells' sets selected again, same seeds): `mismatch` = "
+            "mean calibration_mismatch of the sets against the pool; on random rows "
+            "`score_spearman` = Spearman rank correlation of -calibration_score (label-free "
+            "output KL to FP on 512 pool samples of the model calibrated on the set with "
+            "the MSE observers that initialize QDrop and BRECQ, at the row's bits) with "
+            "accuracy over the row's seeds (3 seeds: rho is one of +-1, +-0.5), "
+            "`spearman_ok` where random's std > 1."
         )
         write_tables(f"{grid}-selector", title, command, sel, SELECTOR_COLS, notes=notes)
     twins = _paper_twins(store)
@@ -804,6 +824,83 @@ def write_rerun(grid: str, store: CellStore, rerun: CellStore) -> None:
     )
 
 
+def add_selector_targets(rows: list[dict], store: CellStore, sets: CellStore) -> None:
+    """Issue 12's target columns, the sets' mismatch and the score's rank correlation on
+    the rows of the selector table (in place)."""
+    cells = {(c["model"], c["calibrator"], bits_label(c), c["selector"], c["seed"]): r
+             for r in store.rows.values() for c in [r["cell"]]
+             if (c["n"], c["profile"]) == (N, PROFILE)}  # fmt: skip
+    random_rows = {(r["calibrator"], r["model"], r["bits"]): r
+                   for r in rows if r["selector"] == "random"}  # fmt: skip
+    for r in rows:
+        found = [(cells.get((r["model"], r["calibrator"], r["bits"], r["selector"], s)), s)
+                 for s in r["seeds"]]  # fmt: skip
+        info = [sets.rows.get(cell_key(c["cell"])) if c else None for c, _ in found]
+        mism = [i["mismatch"] for i in info if i]
+        r["mismatch"] = round(statistics.fmean(mism), 4) if len(mism) == len(info) else NA
+        rnd = random_rows.get((r["calibrator"], r["model"], r["bits"]))
+        std = mean_std(rnd["accs"])[1] if rnd and len(rnd["accs"]) > 1 else float("nan")
+        unstable = std > 1.0
+        r["mean_ok"] = r["worst_ok"] = r["score_spearman"] = r["spearman_ok"] = "-"
+        if r["selector"] == "random":
+            if all(info):
+                rho = spearman([-i["score"] for i in info], r["accs"])
+                r["score_spearman"] = rho
+                if unstable:
+                    r["spearman_ok"] = "yes" if rho >= 0.6 else "no"
+            continue
+        if rnd is None:
+            continue
+        tol = max(0.3, 2 * std / math.sqrt(len(rnd["accs"])))
+        r["mean_ok"] = "yes" if r["mean"] >= rnd["mean"] - tol else "no"
+        if unstable:
+            r["worst_ok"] = "yes" if min(r["accs"]) >= rnd["mean"] else "no"
+
+
+def set_quality(c: dict, bench: Workbench, refs: dict) -> dict:
+    """The calibration set of cell ``c`` selected again (same config and seed: the same
+    set), its mismatch against the pool and its label-free score."""
+    cfg = RunConfig(
+        model=c["model"],
+        quant=QuantConfig(wbits=c["wbits"], abits=c["abits"]),
+        calib=CalibConfig(calibrator=c["calibrator"], num_calib=c["n"]),
+        select=selector_config(c["selector"]),
+        seed=c["seed"],
+    )
+    stamp = CellStamp(bench.device)
+    t0 = time.perf_counter()
+    idx = select_indices(cfg, bench, progress=False)
+    t1 = time.perf_counter()
+    if c["model"] not in refs:
+        refs[c["model"]] = pool_reference(bench.model, bench.pool, batch_size=256)
+    mismatch = calibration_mismatch(bench.model, bench.pool, idx, reference=refs[c["model"]])
+    t2 = time.perf_counter()
+    # The observers that initialize QDrop / BRECQ's quantizers (ReconConfig's w_observer
+    # and a_observer), not the reconstruction itself: that would cost the cell again.
+    score = calibration_score(
+        bench.model, bench.pool, idx, cfg.quant, cfg.calib.recon.a_observer,
+        device=bench.device, seed=0,
+    )  # fmt: skip
+    return {
+        "indices": idx.tolist(),
+        "mismatch": mismatch.average["mismatch"],
+        "score": score,
+        "row_cache": bench.stat_rows is not None,
+        "seconds": {
+            "select": round(t1 - t0, 3),
+            "mismatch": round(t2 - t1, 3),
+            "score": round(time.perf_counter() - t2, 3),
+        },  # fmt: skip
+        **stamp.finish(),
+    }
+
+
+def select_seconds(rows: list[dict]) -> float:
+    """Mean selection time of the cells that paid for their passes (no ``row_cache``)."""
+    paid = [r["seconds"].get("select", 0.0) for r in rows if not r.get("row_cache")]
+    return round(statistics.fmean(paid), 2) if paid else float("nan")
+
+
 # -- main -------------------------------------------------------------------------------
 
 
@@ -819,6 +916,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="rerun (not a default): main-grid cells again with this code")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--report-only", action="store_true", help="only rewrite the tables")
+    p.add_argument("--row-cache", action="store_true",
+                   help="keep SelectQ's statistic rows in memory across the cells of a model "
+                        "(StatRowCache): the same sets, far less time; such cells record "
+                        "row_cache and stay out of the select_s column")  # fmt: skip
     add_runner_args(p)
     p.add_argument("--timing-rounds", type=positive_int, default=3,
                    help="rounds of the interleaved timing (part timing)")  # fmt: skip
@@ -879,6 +980,8 @@ def main(argv: list[str] | None = None) -> int:
             benches[model] = Workbench(
                 model, "fashion-mnist", data_root=args.data_root, device=args.device
             )
+            if args.row_cache:
+                benches[model].stat_rows = StatRowCache()
             logging.info("%s: FP top-1 %.2f%%", model, benches[model].fp_top1)  # outside timings
         return benches[model]
 
@@ -922,6 +1025,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['quant_top1']:.2f}% ({res['wall_s']:.0f}s, recon {res['recon_s']:.0f}s, "
             f"{res['iter_ms']:.1f} ms/iter)"
         )
+    if "sets" in parts and not stopped and not args.report_only:
+        sets = CellStore(f"{grid}-selector", kind="sets")
+        refs: dict = {}
+        scells = [c for c in plan(models, args.methods, args.bits, range(args.seeds),
+                                  ["selector"], n=n, iters=iters)
+                  if not sets.done(c)]  # fmt: skip
+        for i, c in enumerate(scells):
+            if stopped := out_of_time():
+                break
+            if not claims.take({**c, "part": "sets"}):
+                continue
+            res = set_quality(c, workbench(c["model"]), refs)
+            sets.add(c, res)
+            logging.info(f"[sets {i + 1}/{len(scells)}] {c['model']} {c['calibrator']} "
+                         f"{bits_label(c)} {c['selector']} seed={c['seed']}: mismatch "
+                         f"{res['mismatch']:.4f}, score {res['score']:.5f}")  # fmt: skip
     if "rerun" in parts and not stopped and not args.smoke:
         rerun_store = CellStore(f"{grid}-rerun")
         rcells = [make_cell(RERUN["model"], m, RERUN["bits"], N, seed)

@@ -82,6 +82,7 @@ from common import (
     interleaved_timing,
     mean_std,
     positive_int,
+    spearman,
     summarize,
     target_claim,
     uncontended_rounds,
@@ -171,15 +172,6 @@ def aware_params(label: str, calibrator: str) -> dict:
     if label == "selectq-old":
         return {"within": "nearest"}
     return {"within": AUTO_WITHIN[CALIBRATOR_CLASSES.get(calibrator).reads]}
-
-
-def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman's rank correlation (scipy; average ranks for ties); NaN when undefined."""
-    from scipy.stats import spearmanr
-
-    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
-        return float("nan")
-    return round(float(spearmanr(xs, ys).statistic), 3)
 
 
 def params_key(params: dict) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -407,3 +409,66 @@ def test_contrastive_gaps_run_the_library_default_and_paired_cells_keep_issue5s(
     ablation = {c["variant"]: c for c in contrastive.ablation_cells(1)}
     assert ablation["default"]["contrastive"]["weight"] == 1.0
     assert ablation["lambda=0.1"]["contrastive"]["weight"] == 0.1
+
+
+def test_recon_select_seconds_leave_out_cells_that_reused_statistic_rows():
+    import recon
+
+    rows = [{"seconds": {"select": 200.0}}, {"seconds": {"select": 100.0}},
+            {"seconds": {"select": 1.5}, "row_cache": True}]  # fmt: skip
+    assert recon.select_seconds(rows) == 150.0
+    assert math.isnan(recon.select_seconds(rows[2:]))
+
+
+def test_recon_selector_targets_scores_and_mismatch_on_hand_built_rows():
+    import recon
+
+    model = recon.MOBILENET
+    cells = {(sel, s): recon.make_cell(model, "qdrop", "W2A2", recon.N, s, selector=sel)
+             for sel in ("random", "selectq:matched") for s in range(3)}  # fmt: skip
+    store = types.SimpleNamespace(rows={common.cell_key(c): {"cell": c} for c in cells.values()})
+    scores = {0: 0.3, 1: 0.2, 2: 0.1}  # lower is better: seed 2's set is the best
+    sets = types.SimpleNamespace(rows={
+        common.cell_key(c): {"mismatch": 0.1 if sel == "random" else 0.2, "score": scores[s]}
+        for (sel, s), c in cells.items()})  # fmt: skip
+    base = {"calibrator": "qdrop", "model": model, "bits": "W2A2", "seeds": [0, 1, 2]}
+    rows = [
+        {**base, "selector": "random", "accs": [70.0, 72.0, 74.0], "mean": 72.0},
+        {**base, "selector": "selectq:matched", "accs": [73.0, 71.5, 72.5], "mean": 72.33},
+    ]
+    recon.add_selector_targets(rows, store, sets)
+    rnd, new = rows
+    # -score ranks the random sets exactly as their accuracies: rho = 1; std 2 > 1.
+    assert (rnd["score_spearman"], rnd["spearman_ok"], rnd["mismatch"]) == (1.0, "yes", 0.1)
+    assert rnd["mean_ok"] == rnd["worst_ok"] == "-"
+    # tol = max(0.3, 2 * 2 / sqrt(3)) = 2.31: mean kept; worst seed 71.5 < random's 72.
+    assert (new["mean_ok"], new["worst_ok"], new["mismatch"]) == ("yes", "no", 0.2)
+    assert new["score_spearman"] == "-"
+    del sets.rows[common.cell_key(cells[("random", 1)])]  # a set not yet scored
+    rows[0].pop("score_spearman")
+    recon.add_selector_targets(rows, store, sets)
+    assert rows[0]["score_spearman"] == "-" and rows[0]["mismatch"] == common.NA
+
+
+def test_recon_set_quality_selects_the_cells_set_again_and_scores_it(trained_tiny):
+    """``--parts sets`` on digits: the set is the one the cell's run selects (same seed,
+    same rule), with and without cached statistic rows; mismatch and score are finite."""
+    import recon
+    from qcalib.pipeline import Workbench
+    from qcalib.select.stats import StatRowCache
+
+    bench = Workbench(trained_tiny, "digits")
+    cell = recon.make_cell("tiny", "qdrop", "W2A4", 32, 1, selector="selectq:matched")
+    cfg = recon.RunConfig(model="tiny", calib=recon.CalibConfig(calibrator="qdrop", num_calib=32),
+                          select=recon.selector_config(cell["selector"]), seed=1)  # fmt: skip
+    want = recon.select_indices(cfg, bench, progress=False).tolist()
+    refs: dict = {}
+    first = recon.set_quality(cell, bench, refs)
+    assert first["indices"] == want and not first["row_cache"]
+    assert 0.0 <= first["mismatch"] < 10 and 0.0 < first["score"] < 10
+    bench.stat_rows = StatRowCache()
+    again = recon.set_quality(cell, bench, refs)
+    assert again["indices"] == want and again["row_cache"]
+    assert again["score"] == pytest.approx(first["score"], rel=1e-6)
+    other = recon.set_quality({**cell, "selector": "random"}, bench, refs)
+    assert other["indices"] != want and len(other["indices"]) == 32
