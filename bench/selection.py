@@ -134,8 +134,10 @@ VARIANTS = (
     ("stats", "mean", {"stats": "mean"}),
 )
 
-# Section "aware" (issue 12): random, the new default, the old default.
-AWARE_LABELS = ("random", "selectq", "selectq-old")
+# Section "aware" (issue 12): random, the new default, the old default (nearest), and
+# matched (the rule auto gives fitting calibrators; for the range calibrators, whose new
+# default is nearest, it is the alternative a default is chosen against).
+AWARE_LABELS = ("random", "selectq", "selectq-old", "selectq-matched")
 
 MISMATCH_FMT = {"mismatch": ".4f", "selectq_mismatch": ".4f", "random_mismatch": ".4f"}
 
@@ -171,6 +173,8 @@ def aware_params(label: str, calibrator: str) -> dict:
         return {}
     if label == "selectq-old":
         return {"within": "nearest"}
+    if label == "selectq-matched":
+        return {"within": "matched"}
     return {"within": AUTO_WITHIN[CALIBRATOR_CLASSES.get(calibrator).reads]}
 
 
@@ -369,14 +373,18 @@ class Runner:
         random cells or the grid's SelectQ cells with the same set."""
         row = self.aware_store.rows.get(json.dumps(cell, sort_keys=True))
         if row is None and cell["label"] != "random":
-            # For range calibrators the new default is the old one: one cell serves both.
-            twin = {**cell, "label": "selectq-old" if cell["label"] == "selectq" else "selectq"}
-            row = self.aware_store.rows.get(json.dumps(twin, sort_keys=True))
+            # Labels with the same rule share one set (for range calibrators the new
+            # default is the old one; for fitting ones it is matched): one cell serves all.
+            for other in AWARE_LABELS[1:]:
+                if row is None and aware_params(other, cell["calibrator"]) == cell["params"]:
+                    twin = {**cell, "label": other}
+                    row = self.aware_store.rows.get(json.dumps(twin, sort_keys=True))
         if row:
             return row["quant_top1"]
+        # The grid's SelectQ cells used nearest: they serve no other rule.
         if (
             self.args.val_split
-            or cell["label"] == "selectq"
+            or cell["selector"] == "selectq"
             and cell["params"] != {"within": "nearest"}
         ):
             return None
@@ -751,7 +759,7 @@ def aware_rows(r: Runner) -> list[dict]:
                     srow = selection_row(r, model, cell["selector"], cell["params"], seed, n)
                     mism.append(srow["mismatch"]["mismatch"] if srow else None)
                 per[label] = (accs, scores, mism)
-            rnd, new, old = (per[k][0] for k in AWARE_LABELS)
+            rnd, new, old, matched = (per[k][0] for k in AWARE_LABELS)
             if not rnd or not new:
                 continue
             rs, ns = summarize(rnd), summarize(new)
@@ -761,9 +769,11 @@ def aware_rows(r: Runner) -> list[dict]:
                 new_seeds=len(new), new_mean=ns["mean"], new_std=ns["std"], new_min=ns["min"],
                 old_mean=summarize(old)["mean"] if old else float("nan"),
                 old_min=summarize(old)["min"] if old else float("nan"),
+                matched_mean=summarize(matched)["mean"] if matched else float("nan"),
+                matched_min=summarize(matched)["min"] if matched else float("nan"),
                 random_mismatch=nanmean(per["random"][2]), new_mismatch=nanmean(per["selectq"][2]),
                 old_mismatch=nanmean(per["selectq-old"][2]),
-                random_top1s=rnd, new_top1s=new, old_top1s=old,
+                random_top1s=rnd, new_top1s=new, old_top1s=old, matched_top1s=matched,
             )  # fmt: skip
             pairs = [(-s, acc) for acc, s in zip(*per["random"][:2], strict=True) if s is not None]
             # Lower score is better: the rank correlation of -score with accuracy.
@@ -790,7 +800,9 @@ def write_aware(r: Runner) -> None:
     notes = (
         f"Top-1 (%) on {where}. random = uniform sets; new = SelectQ's default "
         "(within=auto, resolved per calibrator: `within` column); old = within=nearest (the "
-        "default before issue 12). score_spearman = Spearman rank correlation of "
+        "default before issue 12); matched = within=matched (for fitting calibrators the "
+        "new default itself; for range calibrators the rule it is chosen against). "
+        "score_spearman = Spearman rank correlation of "
         "-calibration_score (label-free: output KL of the set-calibrated model from FP on "
         f"{r.args.score_samples} pool samples) with accuracy over the row's random sets. "
         "Targets (issue 12): mean_ok = new mean >= random mean - max(0.3, 2 SE of random's "
@@ -806,8 +818,9 @@ def write_aware(r: Runner) -> None:
                  "a default. " + notes)  # fmt: skip
     cols = ["model", "calibrator", "bits", "n", "within", "random_mean", "random_std",
             "random_min", "new_mean", "new_std", "new_min", "old_mean", "old_min",
-            "score_spearman", "random_mismatch", "new_mismatch", "old_mismatch", "mean_ok",
-            "worst_ok", "spearman_ok", "random_top1s", "new_top1s", "old_top1s"]  # fmt: skip
+            "matched_mean", "matched_min", "score_spearman", "random_mismatch",
+            "new_mismatch", "old_mismatch", "mean_ok", "worst_ok", "spearman_ok",
+            "random_top1s", "new_top1s", "old_top1s", "matched_top1s"]  # fmt: skip
     fmts = {"score_spearman": ".3f", "random_mismatch": ".4f", "new_mismatch": ".4f",
             "old_mismatch": ".4f"}  # fmt: skip
     # A validation-split run has its own table; its cells share the stores (eval-tagged).
@@ -1158,7 +1171,11 @@ def main(argv: list[str] | None = None) -> int:
             r.run_block(b) for b in sorted(blocks[1:], key=lambda b: (b[1:] != blocks[0][1:],))
         ],
         "ablation": r.run_ablation,
-        "aware": lambda: [r.run_aware_block(b) for b in blocks],
+        # The lowest bits first: where the defaults differ (a run stopped early on a
+        # validation split has then measured the rows that decide them).
+        "aware": lambda: [
+            r.run_aware_block(b) for b in sorted(blocks, key=lambda b: b[0] != min(r.args.bits))
+        ],
     }
     try:
         for name in SECTIONS:
