@@ -409,6 +409,11 @@ def test_bench_aware_helpers():
     assert selection.aware_params("selectq", "percentile") == {"within": "nearest"}
     assert selection.aware_params("selectq", "mse") == {"within": "matched"}
     assert selection.aware_params("selectq", "qdrop") == {"within": "matched"}
+    # matched: the new default of fitting calibrators, the alternative for range ones.
+    assert selection.aware_params("selectq-matched", "minmax") == {"within": "matched"}
+    assert selection.aware_params("selectq-matched", "mse") == selection.aware_params(
+        "selectq", "mse"
+    )
     # Spearman: a reversed order is -1; with ranks (1, 2, 3, 4) vs (1, 2, 4, 3):
     # 1 - 6 * (0 + 0 + 1 + 1) / (4 * 15) = 0.8.
     assert selection.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
