@@ -857,6 +857,23 @@ def add_selector_targets(rows: list[dict], store: CellStore, sets: CellStore) ->
             r["worst_ok"] = "yes" if min(r["accs"]) >= rnd["mean"] else "no"
 
 
+def selection_needs(c: dict) -> tuple:
+    """What the selection of cell ``c`` is told about its calibrator: cells of methods
+    that agree on it get the same set (and, at the same bits, the same score)."""
+    cls = CALIBRATORS.get(c["calibrator"])
+    quant = QuantConfig(wbits=c["wbits"], abits=c["abits"])
+    return cls.reads, cls.activation_reads(quant, CalibConfig(calibrator=c["calibrator"]))
+
+
+def same_set_row(c: dict, sets: CellStore) -> dict | None:
+    """A finished sets row of another method whose cell selects the same set as ``c``."""
+    for m in SELECTOR_METHODS:
+        twin = {**c, "calibrator": m}
+        if m != c["calibrator"] and sets.done(twin) and selection_needs(twin) == selection_needs(c):
+            return sets.rows[cell_key(twin)]
+    return None
+
+
 def set_quality(c: dict, bench: Workbench, refs: dict) -> dict:
     """The calibration set of cell ``c`` selected again (same config and seed: the same
     set), its mismatch against the pool and its label-free score."""
@@ -1036,7 +1053,12 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if not claims.take({**c, "part": "sets"}):
                 continue
-            res = set_quality(c, workbench(c["model"]), refs)
+            twin = same_set_row(c, sets)
+            if twin is not None:  # the same set and bits: nothing to compute again
+                res = {k: v for k, v in twin.items() if k != "cell"}
+                res["same_set_as"] = twin["cell"]["calibrator"]
+            else:
+                res = set_quality(c, workbench(c["model"]), refs)
             sets.add(c, res)
             logging.info(f"[sets {i + 1}/{len(scells)}] {c['model']} {c['calibrator']} "
                          f"{bits_label(c)} {c['selector']} seed={c['seed']}: mismatch "

@@ -472,3 +472,17 @@ def test_recon_set_quality_selects_the_cells_set_again_and_scores_it(trained_tin
     assert again["score"] == pytest.approx(first["score"], rel=1e-6)
     other = recon.set_quality({**cell, "selector": "random"}, bench, refs)
     assert other["indices"] != want and len(other["indices"]) == 32
+
+
+def test_recon_sets_of_qdrop_serve_brecq_cells_with_the_same_selection():
+    import recon
+
+    q = recon.make_cell(recon.RESNET, "qdrop", "W2A2", recon.N, 1, selector="selectq:matched")
+    b = {**q, "calibrator": "brecq"}
+    rows = {common.cell_key(q): {"cell": q, "score": 0.5}}
+    sets = types.SimpleNamespace(rows=rows, done=lambda c: common.cell_key(c) in rows)
+    # Both reconstruct: the selector is told the same needs, so the set is the same.
+    assert recon.selection_needs(q) == recon.selection_needs(b)
+    assert recon.same_set_row(b, sets)["score"] == 0.5
+    assert recon.same_set_row({**b, "seed": 2}, sets) is None
+    assert recon.same_set_row(q, sets) is None  # never its own row
