@@ -748,7 +748,8 @@ def report(grid: str, store: CellStore, tstore: CellStore, command: str, n: int)
             "accuracy over the row's seeds (3 seeds: rho is one of +-1, +-0.5), "
             "`spearman_ok` where random's std > 1."
         )
-        write_tables(f"{grid}-selector", title, command, sel, SELECTOR_COLS, notes=notes)
+        write_tables(f"{grid}-selector", title, command, sel, SELECTOR_COLS, notes=notes,
+                     formats={"mismatch": ".4f", "score_spearman": ".2f"})  # fmt: skip
     twins = _paper_twins(store)
     if twins:
         title = "Published 20k-iteration profile vs the fast profile (ResNet-20, QDrop, W2A4)"
