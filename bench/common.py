@@ -350,6 +350,22 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def selection_targets(random_accs: Sequence[float], new_accs: Sequence[float]) -> dict:
+    """Issue 12's targets for a selector's per-seed accuracies against random's:
+    ``mean_ok`` (mean >= random's mean - max(0.3, 2 SE of random's mean)), and where
+    random's std exceeds 1 point (``unstable``) ``worst_ok`` (worst seed >= random's mean;
+    '-' elsewhere). The std is the unrounded one (1.003 shows as 1.00)."""
+    std = mean_std(random_accs)[1]
+    tol = max(0.3, 2 * std / math.sqrt(len(random_accs)))
+    rnd, new = summarize(random_accs)["mean"], summarize(new_accs)
+    unstable = std > 1.0
+    return {
+        "mean_ok": "yes" if new["mean"] >= rnd - tol else "no",
+        "worst_ok": ("yes" if new["min"] >= rnd else "no") if unstable else "-",
+        "unstable": unstable,
+    }
+
+
 def summarize(values: Sequence[float], digits: int = 2) -> dict:
     """Mean, sample std, min and max rounded to ``digits`` (2 suits points of top-1 and
     perplexities; cosines near 1 need more)."""

@@ -39,7 +39,6 @@ import collections
 import hashlib
 import itertools
 import logging
-import math
 import statistics
 import sys
 import time
@@ -64,9 +63,9 @@ from common import (
     host_id,
     interleaved_timing,
     main_device,
-    mean_std,
     positive_int,
     row_device,
+    selection_targets,
     spearman,
     stated_command,
     summarize,
@@ -213,7 +212,8 @@ def selector_config(label: str) -> SelectConfig:
     return SelectConfig(name, (("within", rule or "nearest"),))
 
 
-def run_cell(c: dict, bench: Workbench) -> dict:
+def cell_config(c: dict) -> RunConfig:
+    """The run config of grid cell ``c``."""
     # A "contrastive" entry (bench/contrastive.py) adds the CL-Calib term; ReconConfig
     # reads the dict.
     recon = ReconConfig(
@@ -221,7 +221,7 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         batch_size=c["batch_size"], contrastive=c.get("contrastive"),
     )  # fmt: skip
     # A "text" entry (bench/contrastive.py's LLM rows) is the TextConfig of a text pool.
-    cfg = RunConfig(
+    return RunConfig(
         model=c["model"],
         quant=QuantConfig(wbits=c["wbits"], abits=c["abits"]),
         calib=CalibConfig(calibrator=c["calibrator"], num_calib=c["n"], recon=recon),
@@ -229,6 +229,10 @@ def run_cell(c: dict, bench: Workbench) -> dict:
         seed=c["seed"],
         **({"text": TextConfig(**c["text"])} if "text" in c else {}),
     )
+
+
+def run_cell(c: dict, bench: Workbench) -> dict:
+    cfg = cell_config(c)
     calibrator = CALIBRATORS.get(c["calibrator"])(cfg.calib)
     stamps: dict[tuple[int, int], list] = {}  # (block, stage) -> [first, last, count]
 
@@ -834,36 +838,30 @@ def add_selector_targets(rows: list[dict], store: CellStore, sets: CellStore) ->
     random_rows = {(r["calibrator"], r["model"], r["bits"]): r
                    for r in rows if r["selector"] == "random"}  # fmt: skip
     for r in rows:
-        found = [(cells.get((r["model"], r["calibrator"], r["bits"], r["selector"], s)), s)
+        found = [cells.get((r["model"], r["calibrator"], r["bits"], r["selector"], s))
                  for s in r["seeds"]]  # fmt: skip
-        info = [sets.rows.get(cell_key(c["cell"])) if c else None for c, _ in found]
+        info = [sets.rows.get(cell_key(c["cell"])) if c else None for c in found]
         mism = [i["mismatch"] for i in info if i]
         r["mismatch"] = round(statistics.fmean(mism), 4) if len(mism) == len(info) else NA
         rnd = random_rows.get((r["calibrator"], r["model"], r["bits"]))
-        std = mean_std(rnd["accs"])[1] if rnd and len(rnd["accs"]) > 1 else float("nan")
-        unstable = std > 1.0
         r["mean_ok"] = r["worst_ok"] = r["score_spearman"] = r["spearman_ok"] = "-"
-        if r["selector"] == "random":
-            if all(info):
-                rho = spearman([-i["score"] for i in info], r["accs"])
-                r["score_spearman"] = rho
-                if unstable:
-                    r["spearman_ok"] = "yes" if rho >= 0.6 else "no"
-            continue
         if rnd is None:
             continue
-        tol = max(0.3, 2 * std / math.sqrt(len(rnd["accs"])))
-        r["mean_ok"] = "yes" if r["mean"] >= rnd["mean"] - tol else "no"
-        if unstable:
-            r["worst_ok"] = "yes" if min(r["accs"]) >= rnd["mean"] else "no"
+        targets = selection_targets(rnd["accs"], r["accs"])
+        if r["selector"] != "random":
+            r["mean_ok"], r["worst_ok"] = targets["mean_ok"], targets["worst_ok"]
+        elif all(info):
+            rho = spearman([-i["score"] for i in info], r["accs"])
+            r["score_spearman"] = rho
+            if targets["unstable"]:
+                r["spearman_ok"] = "yes" if rho >= 0.6 else "no"
 
 
 def selection_needs(c: dict) -> tuple:
     """What the selection of cell ``c`` is told about its calibrator: cells of methods
     that agree on it get the same set (and, at the same bits, the same score)."""
-    cls = CALIBRATORS.get(c["calibrator"])
-    quant = QuantConfig(wbits=c["wbits"], abits=c["abits"])
-    return cls.reads, cls.activation_reads(quant, CalibConfig(calibrator=c["calibrator"]))
+    cfg, cls = cell_config(c), CALIBRATORS.get(c["calibrator"])
+    return cls.reads, cls.activation_reads(cfg.quant, cfg.calib)
 
 
 def same_set_row(c: dict, sets: CellStore) -> dict | None:
@@ -878,13 +876,7 @@ def same_set_row(c: dict, sets: CellStore) -> dict | None:
 def set_quality(c: dict, bench: Workbench, refs: dict) -> dict:
     """The calibration set of cell ``c`` selected again (same config and seed: the same
     set), its mismatch against the pool and its label-free score."""
-    cfg = RunConfig(
-        model=c["model"],
-        quant=QuantConfig(wbits=c["wbits"], abits=c["abits"]),
-        calib=CalibConfig(calibrator=c["calibrator"], num_calib=c["n"]),
-        select=selector_config(c["selector"]),
-        seed=c["seed"],
-    )
+    cfg = cell_config(c)
     stamp = CellStamp(bench.device)
     t0 = time.perf_counter()
     idx = select_indices(cfg, bench, progress=False)

@@ -82,6 +82,7 @@ from common import (
     interleaved_timing,
     mean_std,
     positive_int,
+    selection_targets,
     spearman,
     summarize,
     target_claim,
@@ -778,15 +779,10 @@ def aware_rows(r: Runner) -> list[dict]:
             pairs = [(-s, acc) for acc, s in zip(*per["random"][:2], strict=True) if s is not None]
             # Lower score is better: the rank correlation of -score with accuracy.
             row["score_spearman"] = spearman([p[0] for p in pairs], [p[1] for p in pairs])
-            # From the seeds, not the rounded std (1.003 shows as 1.00).
-            std = mean_std(rnd)[1]
-            se = std / math.sqrt(len(rnd))
-            tol = max(0.3, 2 * se)
-            row["mean_ok"] = "yes" if ns["mean"] >= rs["mean"] - tol else "no"
-            unstable = std > 1.0
-            row["worst_ok"] = ("yes" if ns["min"] >= rs["mean"] else "no") if unstable else "-"
+            targets = selection_targets(rnd, new)
+            row["mean_ok"], row["worst_ok"] = targets["mean_ok"], targets["worst_ok"]
             rho = row["score_spearman"]
-            row["spearman_ok"] = ("yes" if rho >= 0.6 else "no") if unstable else "-"
+            row["spearman_ok"] = ("yes" if rho >= 0.6 else "no") if targets["unstable"] else "-"
             out.append(row)
     return out
 
